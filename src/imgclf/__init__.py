@@ -1,0 +1,68 @@
+"""imgclf: from a folder of labelled images to a trained, evaluated image classifier.
+
+Example:
+    >>> import imgclf
+    >>> result = imgclf.train("data/", {"train": {"epochs": 10}})
+    >>> imgclf.evaluate(result.run_dir).metrics["accuracy"]
+    >>> imgclf.predict(result.run_dir, ["photo.jpg"], top_k=3)
+
+Importing imgclf is cheap: the API below is loaded on first use (torch is imported only then).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "train": "imgclf.workflow",
+    "evaluate": "imgclf.workflow",
+    "predict": "imgclf.workflow",
+    "load_model": "imgclf.workflow",
+    "split": "imgclf.workflow",
+    "TrainResult": "imgclf.workflow",
+    "EvalResult": "imgclf.workflow",
+    "Predictor": "imgclf.deploy.predict",
+    "Prediction": "imgclf.deploy.predict",
+    "RunConfig": "imgclf.config",
+    "DataConfig": "imgclf.config",
+    "AugmentConfig": "imgclf.config",
+    "ModelConfig": "imgclf.config",
+    "TrainConfig": "imgclf.config",
+    "EarlyStoppingConfig": "imgclf.config",
+    "ImgclfError": "imgclf.errors",
+    "DataError": "imgclf.errors",
+    "ConfigError": "imgclf.errors",
+    "ImageError": "imgclf.errors",
+    "CheckpointError": "imgclf.errors",
+}
+
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+if TYPE_CHECKING:
+    from imgclf.config import (
+        AugmentConfig,
+        DataConfig,
+        EarlyStoppingConfig,
+        ModelConfig,
+        RunConfig,
+        TrainConfig,
+    )
+    from imgclf.deploy.predict import Prediction, Predictor
+    from imgclf.errors import CheckpointError, ConfigError, DataError, ImageError, ImgclfError
+    from imgclf.workflow import EvalResult, TrainResult, evaluate, load_model, predict, split, train
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'imgclf' has no attribute '{name}'")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,318 @@
+"""`imgclf` command line: each command parses its flags, builds a config, calls `imgclf.workflow`, and maps
+errors to exit codes (0 ok, 1 failure, 2 usage error, 130 interrupted).
+
+Heavy modules (torch, the workflow) are imported inside the commands, so `imgclf --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.table import Table
+
+from imgclf.config import RunConfig, build_config, dump_config, load_config, parse_assignments
+from imgclf.errors import ImgclfError
+from imgclf.progress import Progress, Task
+
+app = typer.Typer(
+    name="imgclf",
+    help="From a folder of labelled images to a trained, evaluated image classifier.\n\n"
+    "Start with `imgclf demo`, then `imgclf train data/`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+console = Console(stderr=True)
+out_console = Console()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handles_errors(command: F) -> F:
+    """Turn imgclf errors into a one-line message and an exit code instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _setup_logging()
+        try:
+            return command(*args, **kwargs)
+        except ImgclfError as exc:
+            console.print(f"[bold red]error:[/] {escape(str(exc))}")
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class RichProgress(Progress):
+    """Progress bars on stderr that disappear when their task ends (the log keeps a summary line)."""
+
+    @contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Task]:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import Progress as Bars
+
+        columns = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        ]
+        with Bars(*columns, console=console, transient=True) as bar:
+            task_id = bar.add_task(description, total=total, info="")
+            yield _RichTask(bar, task_id)
+
+
+class _RichTask:
+    def __init__(self, bar: Any, task_id: Any) -> None:
+        self.bar, self.task_id = bar, task_id
+
+    def advance(self, amount: int = 1, **fields: object) -> None:
+        info = "  ".join(f"{key} {value}" for key, value in fields.items())
+        self.bar.update(self.task_id, advance=amount, **({"info": info} if info else {}))
+
+
+# --- commands --------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@handles_errors
+def train(
+    data: Annotated[Path | None, typer.Argument(help="root/{train,val,test}/<class>/ or root/<class>/")] = None,
+    model: Annotated[str | None, typer.Option(help="small_cnn or a timm model name")] = None,
+    epochs: Annotated[int | None, typer.Option(help="maximum epochs")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="images per step")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adamw | adam | sgd")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="cosine | step | plateau | none")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="weight decay")] = None,
+    label_smoothing: Annotated[float | None, typer.Option(help="label smoothing")] = None,
+    augment: Annotated[str | None, typer.Option(help="none | light | standard | strong")] = None,
+    hflip: Annotated[bool | None, typer.Option("--hflip/--no-hflip", help="random horizontal flips")] = None,
+    img_size: Annotated[int | None, typer.Option(help="training resolution (default: from the data)")] = None,
+    color: Annotated[str | None, typer.Option(help="auto | rgb | gray")] = None,
+    patience: Annotated[int | None, typer.Option(help="early-stopping patience in epochs")] = None,
+    class_weights: Annotated[str | None, typer.Option(help="none | auto (inverse frequency)")] = None,
+    seed: Annotated[int | None, typer.Option(help="training seed")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: auto)")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config; flags override it")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="any config key, e.g. --set train.warmup_epochs=2")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="folder that receives the run folder")] = Path("runs"),
+    name: Annotated[str | None, typer.Option(help="run folder name (default: <model>-<time>)")] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue runs/<name> from its last checkpoint")] = None,
+) -> None:
+    """Train a classifier, keep the best epoch by validation, and evaluate it on the test split."""
+    from imgclf import workflow
+
+    if resume is not None:
+        result = workflow.train(None, resume=resume, epochs=epochs, progress=RichProgress())
+    else:
+        flags = {
+            "model.name": model,
+            "train.epochs": epochs,
+            "train.batch_size": batch_size,
+            "train.lr": lr,
+            "train.optimizer": optimizer,
+            "train.scheduler": scheduler,
+            "train.weight_decay": weight_decay,
+            "train.label_smoothing": label_smoothing,
+            "augment.preset": augment,
+            "augment.hflip": hflip,
+            "data.img_size": img_size,
+            "data.color": color,
+            "train.early_stopping.patience": patience,
+            "train.class_weights": class_weights,
+            "train.seed": seed,
+            "train.device": device,
+            "data.num_workers": workers,
+            **parse_assignments(set_ or []),
+        }
+        run_config = load_config(config, flags) if config else build_config(None, flags)
+        result = workflow.train(data, run_config, out=out, name=name, progress=RichProgress())
+    if result.metrics:
+        print_metrics(result.metrics)
+    out_console.print(f"run folder: [bold]{escape(str(result.run_dir))}[/]")
+
+
+@app.command()
+@handles_errors
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="runs/<name>")],
+    data: Annotated[Path | None, typer.Option(help="evaluate on another labelled folder")] = None,
+    split: Annotated[str, typer.Option(help="train | val | test (of the run, or of --data)")] = "test",
+    batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 64,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="folder for metrics.json etc.")] = None,
+) -> None:
+    """Metrics of the run's best model on its test split (or another folder): accuracy, top-k, per-class
+    precision/recall/F1, balanced accuracy, confusion matrix, predictions.csv."""
+    from imgclf import workflow
+
+    result = workflow.evaluate(
+        run, data=data, split=split, batch_size=batch_size, device=device, out=out, progress=RichProgress()
+    )
+    print_metrics(result.metrics)
+    out_console.print(f"written to [bold]{escape(str(result.out_dir))}[/]")
+
+
+@app.command()
+@handles_errors
+def predict(
+    run: Annotated[Path, typer.Argument(help="runs/<name> or its model/ folder")],
+    inputs: Annotated[list[str], typer.Argument(help="image files, folders (recursive) or glob patterns")],
+    out: Annotated[Path | None, typer.Option(help="CSV file to write (default: print a table)")] = None,
+    top_k: Annotated[int, typer.Option(min=1, help="classes per image")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 64,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
+) -> None:
+    """Predict images; unreadable files get a row with the error instead of stopping the run."""
+    from imgclf import workflow
+
+    predictions = workflow.predict(
+        run, inputs, top_k=top_k, batch_size=batch_size, device=device, progress=RichProgress()
+    )
+    failed = sum(1 for p in predictions if p.error)
+    if out is not None:
+        workflow.write_predictions_csv(predictions, out, top_k)
+        out_console.print(f"{len(predictions)} predictions written to [bold]{escape(str(out))}[/]")
+    else:
+        table = Table("path", "class", "probability", "error")
+        for p in predictions:
+            table.add_row(
+                escape(p.source),
+                escape(p.label or ""),
+                f"{p.probabilities[0]:.3f}" if p.classes else "",
+                escape(p.error or ""),
+            )
+        out_console.print(table)
+    if failed:
+        console.print(f"[yellow]{failed} file(s) could not be read; see the error column[/]")
+
+
+@app.command()
+@handles_errors
+def split(
+    source: Annotated[Path, typer.Argument(help="source/<class>/ images")],
+    target: Annotated[Path, typer.Argument(help="new folder for {train,val,test}/<class>/")],
+    ratios: Annotated[tuple[float, float, float], typer.Option(help="train val test fractions")] = (
+        0.8,
+        0.1,
+        0.1,
+    ),
+    seed: Annotated[int, typer.Option(help="same seed, same split")] = 0,
+    copy: Annotated[bool, typer.Option("--copy", help="copy files instead of hard-linking")] = False,
+    symlink: Annotated[bool, typer.Option("--symlink", help="symlink files instead of hard-linking")] = False,
+) -> None:
+    """Write a seeded, stratified train/val/test split of a class-folder dataset (source files untouched)."""
+    from imgclf import workflow
+
+    if copy and symlink:
+        raise typer.BadParameter("choose one of --copy and --symlink")
+    mode = "copy" if copy else "symlink" if symlink else "hardlink"
+    result = workflow.split(source, target, ratios=ratios, seed=seed, mode=mode, progress=RichProgress())
+    summary = ", ".join(f"{name} {count}" for name, count in result.counts.items())
+    out_console.print(f"wrote {summary} images to [bold]{escape(str(result.target))}[/] ({mode})")
+    if result.problems:
+        console.print(f"[yellow]{len(result.problems)} file(s) skipped:[/]")
+        for problem in result.problems:
+            console.print(f"  {escape(str(problem.path))}: {escape(problem.reason)}")
+
+
+@app.command()
+@handles_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="folder that receives the run folder")] = Path("runs"),
+    data_dir: Annotated[Path, typer.Option(help="where the digit images are written")] = Path("demo_data/digits"),
+    epochs: Annotated[int | None, typer.Option(help="override the demo's epochs")] = None,
+) -> None:
+    """Write scikit-learn's handwritten digits as an image folder, train small_cnn, evaluate on test."""
+    from imgclf import workflow
+    from imgclf.demo import DEMO_CONFIG, write_digits
+
+    folder = write_digits(data_dir)
+    run_config = build_config(DEMO_CONFIG, {"train.epochs": epochs})
+    result = workflow.train(folder, run_config, out=out, progress=RichProgress())
+    if result.metrics:
+        print_metrics(result.metrics)
+    out_console.print(f"data: {escape(str(folder))}\nrun folder: [bold]{escape(str(result.run_dir))}[/]")
+
+
+@app.command("config")
+@handles_errors
+def config_command(
+    file: Annotated[Path | None, typer.Argument(help="show this YAML file resolved against the defaults")] = None,
+) -> None:
+    """Print every configuration key with its default and meaning (YAML, usable with --config)."""
+    resolved = load_config(file) if file else RunConfig()
+    typer.echo(dump_config(resolved), nl=False)
+
+
+# --- output ------------------------------------------------------------------------------------------------------
+
+
+def print_metrics(metrics: dict[str, Any]) -> None:
+    """Headline metrics and the per-class table."""
+    headline = Table(title=f"{metrics.get('split', 'test')} metrics ({metrics.get('n', '?')} images)")
+    headline.add_column("metric")
+    headline.add_column("value", justify="right")
+    for key in (
+        "accuracy",
+        "balanced_accuracy",
+        "top3_accuracy",
+        "top5_accuracy",
+        "macro_f1",
+        "weighted_f1",
+        "log_loss",
+    ):
+        if key in metrics:
+            headline.add_row(key, f"{metrics[key]:.4f}")
+    out_console.print(headline)
+    per_class = Table("class", "precision", "recall", "f1", "support")
+    for name, row in metrics.get("per_class", {}).items():
+        per_class.add_row(
+            escape(name),
+            f"{row['precision']:.3f}",
+            f"{row['recall']:.3f}",
+            f"{row['f1']:.3f}",
+            str(row["support"]),
+        )
+    out_console.print(per_class)
+
+
+def _setup_logging() -> None:
+    """Log imgclf's INFO messages to stderr through rich (once per process)."""
+    package_logger = logging.getLogger("imgclf")
+    if any(isinstance(handler, RichHandler) for handler in package_logger.handlers):
+        return
+    handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="imgclf")

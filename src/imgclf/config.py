@@ -1,0 +1,242 @@
+"""The one typed configuration of a run, grouped by concern; every default is documented here and only here.
+
+Precedence: defaults < YAML file (`--config`) < CLI flags. The resolved configuration (every default written
+out) is saved as `config.yaml` in the run folder; `imgclf config` prints the documented defaults.
+
+Below the CLI, functions receive the fields they use, never a whole `RunConfig`, and never mutate it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from imgclf.errors import ConfigError
+from imgclf.files import write_text_atomic
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class DataConfig(_Section):
+    """How images are found, split and decoded."""
+
+    split_ratios: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1),
+        description="train/val/test fractions used when the folder is not split already (flat class folders)",
+    )
+    split_seed: int = Field(0, description="seed of that split; separate from train.seed so runs share a split")
+    color: Literal["auto", "rgb", "gray"] = Field(
+        "auto",
+        description="channels fed to the model; auto = gray when every training image is single-channel",
+    )
+    img_size: int | None = Field(
+        None,
+        ge=8,
+        description="square training resolution; null = from the data (median side rounded up to 16, in 32..224)",
+    )
+    crop_pct: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="eval preprocessing: resize to img_size/crop_pct, then center-crop img_size",
+    )
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = Field(
+        "bilinear", description="resampling filter used when resizing"
+    )
+    max_pixels: int = Field(
+        50_000_000, gt=0, description="images with more pixels are rejected (decompression-bomb guard)"
+    )
+    num_workers: int | None = Field(
+        None, ge=0, description="DataLoader worker processes; null = auto (0 on machines with <= 2 cores)"
+    )
+
+    @model_validator(mode="after")
+    def _ratios_sum_to_one(self) -> DataConfig:
+        train, val, test = self.split_ratios
+        if min(self.split_ratios) < 0 or train <= 0 or abs(train + val + test - 1.0) > 1e-6:
+            raise ValueError(
+                f"split_ratios must be three non-negative fractions (train > 0) that sum to 1; "
+                f"received {list(self.split_ratios)}"
+            )
+        return self
+
+
+class AugmentConfig(_Section):
+    """Training-time augmentation. Validation and test images only get resize + center crop + normalize."""
+
+    preset: Literal["none", "light", "standard", "strong"] = Field(
+        "standard",
+        description="none | light (crop, flip) | standard (+ rotation, color jitter) | strong (+ TrivialAugment, "
+        "random erasing)",
+    )
+    hflip: bool = Field(True, description="random horizontal flips; switch off for orientation-sensitive data")
+    vflip: bool = Field(False, description="random vertical flips (aerial, microscopy)")
+
+
+class ModelConfig(_Section):
+    """Which network to train."""
+
+    name: str = Field("small_cnn", description="small_cnn or any timm model name (e.g. resnet18)")
+    depth: int = Field(3, ge=3, le=5, description="small_cnn: number of conv blocks (each halves the resolution)")
+    width: int = Field(32, ge=4, description="small_cnn: channels of the first block, doubled per block")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout before the classifier head")
+
+
+class EarlyStoppingConfig(_Section):
+    """Stop when the monitored validation metric stops improving; the best weights are always kept."""
+
+    patience: int | None = Field(10, ge=1, description="epochs without improvement before stopping; null = off")
+    monitor: Literal["val_loss", "val_acc"] = Field("val_loss", description="validation metric that selects the model")
+    mode: Literal["auto", "min", "max"] = Field("auto", description="auto = min for losses, max for accuracies")
+    min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
+
+
+class TrainConfig(_Section):
+    """Optimisation recipe."""
+
+    epochs: int = Field(20, ge=1, description="maximum number of epochs")
+    batch_size: int = Field(64, ge=1, description="images per optimisation step")
+    optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="adamw | adam | sgd")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.05, ge=0, description="decoupled (adamw) or L2 (adam, sgd) weight decay")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum")
+    nesterov: bool = Field(True, description="sgd: Nesterov momentum")
+    scheduler: Literal["cosine", "step", "plateau", "none"] = Field(
+        "cosine",
+        description="cosine (per step, after warmup) | step | plateau (on the monitored metric) | none",
+    )
+    warmup_epochs: float = Field(1.0, ge=0, description="linear warmup from lr/100 (cosine only)")
+    step_size: int = Field(10, ge=1, description="step: epochs between LR decays")
+    gamma: float = Field(0.1, gt=0, lt=1, description="step and plateau: factor applied to the LR at each decay")
+    plateau_patience: int = Field(3, ge=0, description="plateau: epochs without improvement before a decay")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="cross-entropy label smoothing")
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradient norm to this value; null = off")
+    class_weights: Literal["none", "auto"] = Field(
+        "none", description="auto = weight the loss by inverse class frequency (imbalanced data)"
+    )
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    seed: int = Field(0, description="seed for weights init, data order and augmentation")
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps")
+
+
+class RunConfig(_Section):
+    """Everything that defines a training run."""
+
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def build_config(
+    base: RunConfig | Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None
+) -> RunConfig:
+    """Validate a configuration from a base (model, nested dict or None) plus dotted overrides.
+
+    Args:
+        base: a `RunConfig`, a nested mapping as in `config.yaml`, or None for the defaults.
+        overrides: `{"train.epochs": 5, "model.name": "resnet18"}`; None values are ignored.
+
+    Returns:
+        A new validated `RunConfig`.
+
+    Raises:
+        ConfigError: naming the key, what was expected and what was received.
+
+    Example:
+        >>> build_config(None, {"train.epochs": 3}).train.epochs
+        3
+    """
+    tree = base.model_dump(mode="python") if isinstance(base, RunConfig) else _plain(base or {})
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"cannot set '{dotted}': '{key}' is a value, not a section")
+            node = child
+        node[leaf] = value
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def load_config(path: Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read a YAML config file (any subset of the sections) and apply dotted overrides on top."""
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections; received {type(tree).__name__}")
+    return build_config(tree, overrides)
+
+
+def parse_assignments(assignments: list[str]) -> dict[str, Any]:
+    """Turn `["train.lr=0.01", "augment.hflip=false"]` into dotted overrides; values are parsed as YAML."""
+    result: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE such as train.lr=0.01; received '{item}'")
+        result[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return result
+
+
+def dump_config(config: RunConfig, *, comments: bool = True) -> str:
+    """YAML text of a config; with `comments`, each key carries its one-line meaning."""
+    lines: list[str] = []
+    _dump_section(config, lines, indent=0, comments=comments)
+    return "\n".join(lines) + "\n"
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    write_text_atomic(path, dump_config(config))
+
+
+def _dump_section(section: BaseModel, lines: list[str], indent: int, comments: bool) -> None:
+    pad = "  " * indent
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        if isinstance(value, BaseModel):
+            doc = (type(value).__doc__ or "").strip().splitlines()[0] if comments and type(value).__doc__ else ""
+            if indent == 0 and lines:
+                lines.append("")
+            lines.append(f"{pad}{name}:" + (f"  # {doc}" if doc else ""))
+            _dump_section(value, lines, indent + 1, comments)
+            continue
+        plain = list(value) if isinstance(value, tuple) else value
+        text = yaml.safe_dump(plain, default_flow_style=True, width=1000).strip()
+        text = text.removesuffix("\n...").removesuffix("...").strip()
+        line = f"{pad}{name}: {text}"
+        if comments and field.description:
+            line = f"{line:<40}  # {field.description}"
+        lines.append(line)
+
+
+def _plain(tree: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: _plain(value) if isinstance(value, Mapping) else value for key, value in tree.items()}
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "config"
+        if error["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{where}' (see `imgclf config` for the valid keys)")
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {message}; received {error.get('input')!r}")
+    return "invalid configuration: " + "; ".join(problems)

@@ -1,0 +1,339 @@
+"""Walk an image folder, decode-check and hash every image, and report every file that was skipped.
+
+Layouts:
+- split: `root/{train,val,test}/<class>/...` (`valid` and `validation` are accepted for val; val and test
+  are optional);
+- flat: `root/<class>/...`, split later by `imgclf.data.split`.
+
+Images may sit in nested folders below their class folder. Hidden files and folders (`.DS_Store`, `._x.jpg`,
+`.ipynb_checkpoints`) and `__MACOSX` are skipped. Files are recognised by content, not extension: a PNG named
+`.jpg` is used, a text file named `.png` is a problem, a `notes.txt` is ignored (counted). Every image is
+decoded fully once (a truncated JPEG passes `Image.verify()`, so verify is not enough) and hashed (sha256).
+User files are only ever opened for reading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from imgclf.data.images import DEFAULT_MAX_PIXELS, is_single_channel, open_image
+from imgclf.errors import DataError, ImageError
+from imgclf.progress import NO_PROGRESS, Progress
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+SPLIT_FOLDER_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+IMAGE_EXTENSIONS = frozenset(
+    [
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".bmp",
+        ".dib",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+        ".ico",
+        ".tga",
+        ".jp2",
+        ".j2k",
+        ".heic",
+        ".avif",
+    ]
+)
+_SKIPPED_FOLDERS = frozenset({"__MACOSX", "__pycache__"})
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One usable image: where it is, its class, the split its folder names (None in a flat layout)."""
+
+    path: Path
+    label: str
+    split: str | None
+    sha256: str
+    width: int
+    height: int
+    single_channel: bool
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One skipped file and why."""
+
+    path: Path
+    reason: str
+
+
+@dataclass(frozen=True)
+class ImageIndex:
+    """What a scan found: usable images, skipped files and the class list (from the training split only)."""
+
+    root: Path
+    layout: Literal["split", "flat"]
+    records: tuple[ImageRecord, ...]
+    problems: tuple[Problem, ...]
+    classes: tuple[str, ...]
+    ignored_files: int = 0
+    hidden_files: int = 0
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def counts(self) -> dict[str | None, Counter[str]]:
+        """Images per class for each split named by the folders (None for a flat layout)."""
+        result: dict[str | None, Counter[str]] = {}
+        for record in self.records:
+            result.setdefault(record.split, Counter())[record.label] += 1
+        return result
+
+
+def scan_folder(
+    root: Path,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    workers: int | None = None,
+    progress: Progress = NO_PROGRESS,
+) -> ImageIndex:
+    """Scan an image folder in the split or flat layout.
+
+    Args:
+        root: the dataset folder.
+        max_pixels: images larger than this are skipped as problems.
+        workers: decoding threads; None = one per core, at least 2.
+        progress: reporter for the decode pass.
+
+    Returns:
+        The `ImageIndex`; its class list comes from the training split only, sorted.
+
+    Raises:
+        DataError: the folder is missing or unusable: no training images, fewer than 2 classes, a class folder
+            with no readable image, or a val/test class that training lacks.
+
+    Example:
+        >>> index = scan_folder(Path("data"))
+        >>> index.classes
+        ('cat', 'dog')
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root} (expected a folder of class folders)")
+    layout, class_dirs, loose = _find_class_folders(root)
+    walked = [walk_files(folder) for _split, _label, folder in class_dirs]
+    problems = [Problem(path, "not inside a class folder") for path in loose if looks_like_image(path)]
+    ignored = sum(1 for path in loose if not looks_like_image(path))
+    hidden = sum(found.hidden for found in walked)
+    problems += [problem for found in walked for problem in found.problems]
+
+    jobs = [(split, label, path) for (split, label, _), found in zip(class_dirs, walked) for path in found.files]
+    records: list[ImageRecord] = []
+    with progress.task(f"Checking images in {root}", total=len(jobs)) as task:
+        n_threads = workers or max(2, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=n_threads) as pool:
+            for outcome in pool.map(lambda job: _check_file(*job, max_pixels=max_pixels), jobs):
+                task.advance()
+                if isinstance(outcome, ImageRecord):
+                    records.append(outcome)
+                elif isinstance(outcome, Problem):
+                    problems.append(outcome)
+                else:
+                    ignored += 1
+
+    classes, warnings = _class_map(root, layout, class_dirs, records, problems)
+    for message in warnings:
+        log.warning(message)
+    if problems:
+        log.warning("%d file(s) skipped; reasons are listed in problems.csv", len(problems))
+    return ImageIndex(
+        root=root,
+        layout=layout,
+        records=tuple(records),
+        problems=tuple(sorted(problems, key=lambda p: str(p.path))),
+        classes=classes,
+        ignored_files=ignored,
+        hidden_files=hidden,
+        warnings=tuple(warnings),
+    )
+
+
+def _find_class_folders(
+    root: Path,
+) -> tuple[Literal["split", "flat"], list[tuple[str | None, str, Path]], list[Path]]:
+    """Decide the layout; return (layout, [(split, class, folder)], files lying outside class folders)."""
+    entries = sorted(root.iterdir(), key=lambda p: p.name)
+    folders = [p for p in entries if p.is_dir() and not _is_skipped(p.name)]
+    loose = [p for p in entries if not p.is_dir() and not _is_skipped(p.name)]
+    split_folders: dict[str, Path] = {}
+    for folder in folders:
+        split = SPLIT_FOLDER_NAMES.get(folder.name.lower())
+        if split is None:
+            continue
+        if split in split_folders:
+            raise DataError(
+                f"{root}: both '{split_folders[split].name}' and '{folder.name}' name the {split} split; keep one"
+            )
+        split_folders[split] = folder
+    if not split_folders:
+        return "flat", [(None, folder.name, folder) for folder in folders], loose
+    if "train" not in split_folders:
+        named = ", ".join(sorted(p.name for p in split_folders.values()))
+        raise DataError(f"{root}: found split folder(s) {named} but no 'train' folder; add {root / 'train'}/<class>/")
+    others = [p.name for p in folders if p not in split_folders.values()]
+    if others:
+        log.warning("%s: folders %s are not train/val/test and are ignored", root, ", ".join(others))
+    class_dirs: list[tuple[str | None, str, Path]] = []
+    for split in SPLITS:
+        if split not in split_folders:
+            continue
+        for entry in sorted(split_folders[split].iterdir(), key=lambda p: p.name):
+            if _is_skipped(entry.name):
+                continue
+            if entry.is_dir():
+                class_dirs.append((split, entry.name, entry))
+            else:
+                loose.append(entry)
+    return "split", class_dirs, loose
+
+
+@dataclass
+class FileWalk:
+    files: list[Path]
+    problems: list[Problem]
+    hidden: int
+
+
+def walk_files(folder: Path) -> FileWalk:
+    """Every non-hidden file below `folder`, following folder symlinks once (loops are reported, not walked)."""
+    found = FileWalk(files=[], problems=[], hidden=0)
+    seen_dirs: set[str] = set()
+
+    def on_error(error: OSError) -> None:
+        found.problems.append(Problem(Path(error.filename or folder), f"cannot list folder ({error.strerror})"))
+
+    for current, dirnames, filenames in os.walk(folder, followlinks=True, onerror=on_error):
+        real = os.path.realpath(current)
+        if real in seen_dirs:
+            found.problems.append(Problem(Path(current), "symlink loop (folder already visited); not followed"))
+            dirnames.clear()
+            continue
+        seen_dirs.add(real)
+        kept = []
+        for name in sorted(dirnames):
+            if _is_skipped(name):
+                found.hidden += 1
+            else:
+                kept.append(name)
+        dirnames[:] = kept
+        for name in sorted(filenames):
+            path = Path(current) / name
+            if _is_skipped(name):
+                found.hidden += 1
+            elif path.is_symlink() and not path.exists():
+                found.problems.append(Problem(path, "dangling symlink (its target does not exist)"))
+            else:
+                found.files.append(path)
+    return found
+
+
+def _check_file(split: str | None, label: str, path: Path, *, max_pixels: int) -> ImageRecord | Problem | None:
+    """Decode and hash one file. None means "not an image and not named like one": ignored, not a problem."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return Problem(path, f"cannot read file ({exc.strerror or exc})")
+    if not data:
+        return Problem(path, "empty file (0 bytes)") if looks_like_image(path) else None
+    try:
+        with open_image(data, max_pixels=max_pixels, name=str(path)) as image:
+            width, height = image.size
+            single = is_single_channel(image)
+            image.load()
+    except ImageError as exc:
+        reason = str(exc).removeprefix(f"{path}: ")
+        if "not an image" in reason and not looks_like_image(path):
+            return None
+        return Problem(path, reason)
+    except (OSError, ValueError, SyntaxError) as exc:
+        return Problem(path, f"cannot decode ({exc})")
+    return ImageRecord(
+        path=path,
+        label=label,
+        split=split,
+        sha256=hashlib.sha256(data).hexdigest(),
+        width=width,
+        height=height,
+        single_channel=single,
+    )
+
+
+def _class_map(
+    root: Path,
+    layout: str,
+    class_dirs: list[tuple[str | None, str, Path]],
+    records: list[ImageRecord],
+    problems: list[Problem],
+) -> tuple[tuple[str, ...], list[str]]:
+    train_split = "train" if layout == "split" else None
+    counts: dict[str | None, Counter[str]] = {}
+    for record in records:
+        counts.setdefault(record.split, Counter())[record.label] += 1
+    train_counts = counts.get(train_split, Counter())
+    if not train_counts:
+        where = root / "train" if layout == "split" else root
+        raise DataError(
+            f"no training images in {where} (expected <class>/<image> folders; "
+            f"{len(problems)} file(s) were skipped as unreadable)" + _first_problems(problems)
+        )
+    empty = sorted({label for split, label, _ in class_dirs if split == train_split and not train_counts[label]})
+    if empty:
+        raise DataError(
+            f"class folder(s) with no readable image: {', '.join(empty)} in {root}; add images or remove the "
+            "folder" + _first_problems([p for p in problems if any(part in empty for part in p.path.parts)])
+        )
+    classes = tuple(sorted(train_counts))
+    if len(classes) < 2:
+        raise DataError(f"{root}: found {len(classes)} class ({', '.join(classes)}); a classifier needs at least 2")
+    warnings: list[str] = []
+    for split in ("val", "test"):
+        if layout != "split" or not any(s == split for s, _, _ in class_dirs):
+            continue
+        present = counts.get(split, Counter())
+        unknown = sorted(set(present) - set(classes))
+        if unknown:
+            raise DataError(
+                f"{split} split has class(es) not in train: {', '.join(unknown)}; every val/test class must "
+                f"have training images (train classes: {', '.join(classes)})"
+            )
+        missing = [label for label in classes if not present[label]]
+        if missing:
+            warnings.append(f"{split} split has no images of class(es): {', '.join(missing)}")
+    return classes, warnings
+
+
+def _first_problems(problems: list[Problem], limit: int = 3) -> str:
+    if not problems:
+        return ""
+    shown = "; ".join(f"{p.path}: {p.reason}" for p in problems[:limit])
+    more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
+    return f". Skipped: {shown}{more}"
+
+
+def _is_skipped(name: str) -> bool:
+    return name.startswith(".") or name in _SKIPPED_FOLDERS
+
+
+def looks_like_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS

@@ -1,0 +1,256 @@
+"""Seeded, stratified train/val/test splits, the manifest that records them, and the leak report.
+
+A folder that is already split keeps its split (val is carved out of train when it has no val folder). A flat
+folder is split per class: every class with at least 3 images appears in every split, and each split's count
+is the class size times its ratio, rounded (within one image). Images with identical content (same sha256)
+inside a class stay together in one split, so a split made here never leaks a duplicate; duplicates across
+splits of a folder split by hand are reported with their pairs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from imgclf.data.scan import SPLITS, ImageIndex, ImageRecord
+from imgclf.errors import DataError
+from imgclf.files import read_csv, write_csv_atomic
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ("path", "label", "split", "sha256")
+LinkMode = Literal["hardlink", "copy", "symlink"]
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    path: Path
+    label: str
+    split: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SplitManifest:
+    """Every image used by a run with its class and split. The class list comes from the train rows."""
+
+    rows: tuple[ManifestRow, ...]
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(sorted({row.label for row in self.rows if row.split == "train"}))
+
+    def split(self, name: str) -> list[ManifestRow]:
+        return [row for row in self.rows if row.split == name]
+
+    def counts(self) -> dict[str, Counter[str]]:
+        """Images per class for each split."""
+        result: dict[str, Counter[str]] = {split: Counter() for split in SPLITS}
+        for row in self.rows:
+            result[row.split][row.label] += 1
+        return result
+
+    def save(self, path: Path) -> None:
+        rows = ((str(r.path), r.label, r.split, r.sha256) for r in self.rows)
+        write_csv_atomic(path, MANIFEST_COLUMNS, rows)
+
+    @classmethod
+    def load(cls, path: Path) -> SplitManifest:
+        try:
+            rows = read_csv(path)
+        except FileNotFoundError:
+            raise DataError(f"manifest not found: {path}") from None
+        if rows and set(MANIFEST_COLUMNS) - set(rows[0]):
+            raise DataError(f"{path}: expected columns {', '.join(MANIFEST_COLUMNS)}; received {', '.join(rows[0])}")
+        return cls(tuple(ManifestRow(Path(r["path"]), r["label"], r["split"], r["sha256"]) for r in rows))
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """Two files with identical content in different splits (a leak) or with different labels (a conflict)."""
+
+    sha256: str
+    first: ManifestRow
+    second: ManifestRow
+
+    @property
+    def kind(self) -> str:
+        return "label conflict" if self.first.label != self.second.label else "leak across splits"
+
+
+def make_manifest(index: ImageIndex, *, ratios: Sequence[float], seed: int) -> SplitManifest:
+    """Assign every scanned image to train, val or test.
+
+    Args:
+        index: the scan result.
+        ratios: train/val/test fractions for a flat folder; a split folder without val gets
+            val = ratios[1] / (ratios[0] + ratios[1]) of its train images.
+        seed: seed of the shuffle; the same seed always gives the same split.
+
+    Returns:
+        The manifest, rows sorted by split, class and path.
+
+    Example:
+        >>> make_manifest(scan_folder(Path("photos")), ratios=(0.8, 0.1, 0.1), seed=0).counts()["val"]
+        Counter({'cat': 12, 'dog': 11})
+    """
+    if index.layout == "flat":
+        assigned = stratified_split(index.records, ratios, seed)
+    else:
+        assigned = {record.path: record.split or "train" for record in index.records}
+        if not any(record.split == "val" for record in index.records):
+            val_share = ratios[1] / (ratios[0] + ratios[1])
+            train = [record for record in index.records if record.split == "train"]
+            assigned.update(stratified_split(train, (1 - val_share, val_share, 0.0), seed))
+            log.info("no val folder: %.0f%% of each training class is held out for validation", 100 * val_share)
+    rows = [ManifestRow(r.path, r.label, assigned[r.path], r.sha256) for r in index.records]
+    order = {name: i for i, name in enumerate(SPLITS)}
+    rows.sort(key=lambda r: (order[r.split], r.label, str(r.path)))
+    return SplitManifest(tuple(rows))
+
+
+def stratified_split(records: Sequence[ImageRecord], ratios: Sequence[float], seed: int) -> dict[Path, str]:
+    """Per-class seeded split of `records` into train/val/test by `ratios`; returns path -> split."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[str, dict[str, list[ImageRecord]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        by_class[record.label][record.sha256].append(record)
+    assigned: dict[Path, str] = {}
+    for label in sorted(by_class):
+        groups = [by_class[label][sha] for sha in sorted(by_class[label])]
+        order = rng.permutation(len(groups))
+        n_val, n_test = _split_sizes(len(groups), ratios)
+        for rank, group_index in enumerate(order):
+            split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+            for record in groups[group_index]:
+                assigned[record.path] = split
+    return assigned
+
+
+def _split_sizes(n: int, ratios: Sequence[float]) -> tuple[int, int]:
+    """(n_val, n_test) for a class of n items: rounded shares, at least one each when n >= 3, train keeps >= 1."""
+    _, val_ratio, test_ratio = ratios
+    n_val, n_test = round(n * val_ratio), round(n * test_ratio)
+    if n >= 3:
+        n_val = max(n_val, 1 if val_ratio > 0 else 0)
+        n_test = max(n_test, 1 if test_ratio > 0 else 0)
+    elif n == 2:
+        n_val, n_test = (1, 0) if val_ratio > 0 else (0, 1 if test_ratio > 0 else 0)
+    else:
+        n_val = n_test = 0
+    while n_val + n_test > n - 1:  # keep at least one training image
+        if n_val >= n_test:
+            n_val -= 1
+        else:
+            n_test -= 1
+    return n_val, n_test
+
+
+def find_duplicates(manifest: SplitManifest) -> list[Duplicate]:
+    """Identical files in different splits, or with different labels. Each group is reported as a star of pairs
+    around its first file (linear in the group size)."""
+    groups: dict[str, list[ManifestRow]] = defaultdict(list)
+    for row in manifest.rows:
+        groups[row.sha256].append(row)
+    found = []
+    for sha, rows in groups.items():
+        if len(rows) < 2 or (len({r.split for r in rows}) == 1 and len({r.label for r in rows}) == 1):
+            continue
+        first = rows[0]
+        found += [
+            Duplicate(sha, first, other)
+            for other in rows[1:]
+            if other.split != first.split or other.label != first.label
+        ]
+    return found
+
+
+def save_duplicates(duplicates: Sequence[Duplicate], path: Path) -> None:
+    header = ("kind", "sha256", "path_a", "split_a", "label_a", "path_b", "split_b", "label_b")
+    rows = (
+        (
+            d.kind,
+            d.sha256,
+            d.first.path,
+            d.first.split,
+            d.first.label,
+            d.second.path,
+            d.second.split,
+            d.second.label,
+        )
+        for d in duplicates
+    )
+    write_csv_atomic(path, header, rows)
+
+
+def warn_about_duplicates(duplicates: Sequence[Duplicate], limit: int = 5) -> None:
+    if not duplicates:
+        return
+    shown = "; ".join(
+        f"{d.first.path} ({d.first.split}/{d.first.label}) = {d.second.path} ({d.second.split}/{d.second.label})"
+        for d in duplicates[:limit]
+    )
+    more = f" and {len(duplicates) - limit} more" if len(duplicates) > limit else ""
+    log.warning(
+        "%d identical image pair(s) across splits or labels (leaks inflate test accuracy): %s%s",
+        len(duplicates),
+        shown,
+        more,
+    )
+
+
+def materialize_split(manifest: SplitManifest, target: Path, *, mode: LinkMode = "hardlink") -> dict[str, int]:
+    """Write the split as `target/{train,val,test}/<class>/<file>` without touching the source files.
+
+    Args:
+        manifest: what goes where.
+        target: a folder that does not exist yet or is empty.
+        mode: "hardlink" (default; falls back to copying across file systems), "copy" or "symlink".
+
+    Returns:
+        Number of files written per split.
+
+    Raises:
+        DataError: the target exists and is not empty.
+    """
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise DataError(f"target {target} exists and is not empty; choose a new folder (nothing was written)")
+    written: Counter[str] = Counter()
+    fallback_logged = False
+    for row in manifest.rows:
+        folder = target / row.split / row.label
+        folder.mkdir(parents=True, exist_ok=True)
+        destination = _free_name(folder / row.path.name)
+        source = row.path.resolve()
+        if mode == "symlink":
+            destination.symlink_to(source)
+        elif mode == "hardlink":
+            try:
+                os.link(source, destination)
+            except OSError as exc:
+                if not fallback_logged:
+                    log.warning("hard links are not possible here (%s); copying instead", exc.strerror)
+                    fallback_logged = True
+                shutil.copy2(source, destination)
+        else:
+            shutil.copy2(source, destination)
+        written[row.split] += 1
+    return dict(written)
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `stem-1.ext`, `stem-2.ext`, ... when files from nested folders share a name."""
+    candidate, n = path, 0
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate

@@ -1,0 +1,132 @@
+"""Preprocessing that travels with the model, and the training augmentation presets (torchvision v2).
+
+Evaluation, prediction and (later) export all use `eval_transform(preprocessing)`: resize the shorter side to
+`img_size / crop_pct`, center-crop `img_size`, scale to 0..1, normalize. Only training adds augmentation.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torchvision.transforms import InterpolationMode, v2
+
+from imgclf.errors import ConfigError
+
+Preset = Literal["none", "light", "standard", "strong"]
+PRESETS: tuple[str, ...] = ("none", "light", "standard", "strong")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_INTERPOLATIONS = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "nearest": InterpolationMode.NEAREST,
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Everything needed to turn a decoded image into the model's input; stored in the model bundle."""
+
+    img_size: int
+    color: Literal["rgb", "gray"]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
+
+    @property
+    def in_chans(self) -> int:
+        return 3 if self.color == "rgb" else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        return cls(
+            img_size=int(data["img_size"]),
+            color=data["color"],
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+            crop_pct=float(data.get("crop_pct", 1.0)),
+            interpolation=data.get("interpolation", "bilinear"),
+        )
+
+    @classmethod
+    def default_for(cls, img_size: int, color: Literal["rgb", "gray"], **overrides: Any) -> Preprocessing:
+        """ImageNet statistics for RGB, their channel average for grayscale."""
+        mean = IMAGENET_MEAN if color == "rgb" else (round(sum(IMAGENET_MEAN) / 3, 4),)
+        std = IMAGENET_STD if color == "rgb" else (round(sum(IMAGENET_STD) / 3, 4),)
+        return cls(img_size=img_size, color=color, mean=mean, std=std, **overrides)
+
+
+def auto_img_size(sizes: Sequence[tuple[int, int]], low: int = 32, high: int = 224) -> int:
+    """Training resolution from the data: the median shorter side, rounded up to a multiple of 16, in [low, high].
+
+    Small images (digits, MNIST-like) train at 32 px; photos at 224 px.
+    """
+    if not sizes:
+        return high
+    median = statistics.median(min(width, height) for width, height in sizes)
+    return int(min(high, max(low, 16 * math.ceil(median / 16))))
+
+
+def eval_transform(pre: Preprocessing) -> v2.Compose:
+    """Deterministic preprocessing for validation, test, prediction: resize, center crop, normalize."""
+    return v2.Compose([v2.ToImage(), *_resize_crop(pre), *_to_normalized(pre)])
+
+
+def train_transform(pre: Preprocessing, preset: Preset, *, hflip: bool, vflip: bool) -> v2.Compose:
+    """Augmentation for the training split.
+
+    Args:
+        pre: the preprocessing stored with the model (size, statistics, interpolation).
+        preset: none | light | standard | strong.
+        hflip: random horizontal flips (off for digits, text, anything orientation-sensitive).
+        vflip: random vertical flips.
+
+    Returns:
+        A torchvision v2 pipeline from a PIL image to a normalized float tensor.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"augment.preset must be one of {', '.join(PRESETS)}; received '{preset}'")
+    if preset == "none":
+        return eval_transform(pre)
+    interpolation = _INTERPOLATIONS[pre.interpolation]
+    min_scale = {"light": 0.7, "standard": 0.5, "strong": 0.25}[preset]
+    steps: list[v2.Transform] = [
+        v2.ToImage(),
+        v2.RandomResizedCrop(pre.img_size, scale=(min_scale, 1.0), interpolation=interpolation, antialias=True),
+    ]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if vflip:
+        steps.append(v2.RandomVerticalFlip())
+    if preset in ("standard", "strong"):
+        steps.append(v2.RandomRotation(10, interpolation=InterpolationMode.BILINEAR))
+        saturation = 0.2 if pre.color == "rgb" else 0.0  # saturation has no meaning for one channel
+        steps.append(v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=saturation))
+    if preset == "strong":
+        steps.append(v2.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR))
+    steps += _to_normalized(pre)
+    if preset == "strong":
+        steps.append(v2.RandomErasing(p=0.25))
+    return v2.Compose(steps)
+
+
+def _resize_crop(pre: Preprocessing) -> list[v2.Transform]:
+    resize_to = math.floor(pre.img_size / pre.crop_pct)
+    return [
+        v2.Resize(resize_to, interpolation=_INTERPOLATIONS[pre.interpolation], antialias=True),
+        v2.CenterCrop(pre.img_size),
+    ]
+
+
+def _to_normalized(pre: Preprocessing) -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(pre.mean), std=list(pre.std))]

@@ -1,0 +1,190 @@
+"""`Predictor`: load a bundle once, predict batches of files, PIL images or bytes with the eval preprocessing."""
+
+from __future__ import annotations
+
+import glob
+import logging
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imgclf.data.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, open_image, to_mode
+from imgclf.data.scan import looks_like_image, walk_files
+from imgclf.data.transforms import eval_transform
+from imgclf.deploy.bundle import ModelBundle, load_bundle
+from imgclf.device import select_device
+from imgclf.errors import ImageError
+from imgclf.progress import NO_PROGRESS, Progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Top-k classes of one input, or the error that prevented a prediction."""
+
+    source: str
+    classes: tuple[str, ...]
+    probabilities: tuple[float, ...]
+    error: str | None = None
+
+    @property
+    def label(self) -> str | None:
+        return self.classes[0] if self.classes else None
+
+
+class Predictor:
+    """A loaded model plus its preprocessing.
+
+    Example:
+        >>> predictor = Predictor.load("runs/small_cnn-20261128-120000")
+        >>> predictor.predict(["cat.jpg"], top_k=3)[0].classes
+        ('cat', 'dog', 'fox')
+    """
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        model: torch.nn.Module,
+        device: torch.device,
+        *,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.bundle = bundle
+        self.max_pixels = max_pixels
+        self.model = model.eval()
+        self.device = device
+        self.transform = eval_transform(bundle.preprocessing)
+
+    @classmethod
+    def load(cls, path: Path | str, device: str = "auto") -> Predictor:
+        """From a run folder or its `model/` bundle."""
+        torch_device = select_device(device)
+        bundle, model = load_bundle(Path(path), torch_device)
+        return cls(bundle, model, torch_device)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.bundle.classes
+
+    def probabilities(
+        self,
+        sources: Sequence[ImageSource | Image.Image],
+        *,
+        batch_size: int = 64,
+        progress: Progress = NO_PROGRESS,
+    ) -> tuple[np.ndarray, list[str | None]]:
+        """Class probabilities for each source; rows of unreadable sources are NaN with an error message.
+
+        Args:
+            sources: paths, bytes, file objects or PIL images.
+            batch_size: images per forward pass.
+            progress: reporter, one unit per image.
+
+        Returns:
+            (probabilities of shape [len(sources), num_classes], error message or None per source).
+        """
+        probs = np.full((len(sources), len(self.classes)), np.nan, dtype=np.float32)
+        errors: list[str | None] = [None] * len(sources)
+        with (
+            ThreadPoolExecutor(max_workers=4) as pool,
+            progress.task("Predicting", total=len(sources)) as task,
+        ):
+            for start in range(0, len(sources), batch_size):
+                chunk = list(sources[start : start + batch_size])
+                tensors: list[torch.Tensor] = []
+                rows: list[int] = []
+                for offset, outcome in enumerate(pool.map(self._prepare, chunk)):
+                    if isinstance(outcome, str):
+                        errors[start + offset] = outcome
+                    else:
+                        tensors.append(outcome)
+                        rows.append(start + offset)
+                if tensors:
+                    probs[rows] = self._forward(torch.stack(tensors))
+                task.advance(len(chunk))
+        return probs, errors
+
+    def predict(
+        self,
+        sources: Sequence[ImageSource | Image.Image],
+        *,
+        top_k: int = 1,
+        batch_size: int = 64,
+        progress: Progress = NO_PROGRESS,
+    ) -> list[Prediction]:
+        """Top-k predictions per source, in input order; unreadable sources get a `Prediction` with `error` set."""
+        probs, errors = self.probabilities(sources, batch_size=batch_size, progress=progress)
+        k = max(1, min(top_k, len(self.classes)))
+        results = []
+        for source, row, error in zip(sources, probs, errors):
+            name = _describe(source)
+            if error is not None:
+                results.append(Prediction(name, (), (), error))
+                continue
+            order = np.argsort(-row, kind="stable")[:k]
+            results.append(Prediction(name, tuple(self.classes[i] for i in order), tuple(float(row[i]) for i in order)))
+        return results
+
+    @torch.no_grad()
+    def _forward(self, batch: torch.Tensor) -> np.ndarray:
+        logits = self.model(batch.to(self.device))
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    def _prepare(self, source: ImageSource | Image.Image) -> torch.Tensor | str:
+        pre = self.bundle.preprocessing
+        try:
+            if isinstance(source, Image.Image):
+                image = to_mode(source, pre.color)
+            else:
+                image = load_image(source, color=pre.color, max_pixels=self.max_pixels)
+        except ImageError as exc:
+            return str(exc)
+        except OSError as exc:
+            return f"{_describe(source)}: cannot read ({exc.strerror or exc})"
+        return self.transform(image)
+
+
+def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand files, folders (recursively; image files by extension or content) and glob patterns, in order.
+
+    A path that does not exist and matches nothing is kept, so that its prediction row reports the error.
+    """
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += [p for p in walk_files(path).files if looks_like_image(p) or _sniff(p)]
+        elif path.exists():
+            found.append(path)
+        elif glob.has_magic(str(item)):
+            matches = sorted(glob.glob(str(item), recursive=True))
+            found += [Path(m) for m in matches if Path(m).is_file()]
+            if not matches:
+                log.warning("pattern %s matched no files", item)
+        else:
+            found.append(path)
+    return found
+
+
+def _sniff(path: Path) -> bool:
+    try:
+        with open_image(path):
+            return True
+    except (ImageError, OSError):
+        return False
+
+
+def _describe(source: object) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, Image.Image):
+        return getattr(source, "filename", "") or "<image>"
+    if isinstance(source, bytes):
+        return "<bytes>"
+    return str(getattr(source, "name", "<stream>"))

@@ -1,0 +1,31 @@
+"""Errors imgclf raises on purpose. The CLI maps them to exit codes; nothing else needs to catch them.
+
+Every message names the file or argument, what was expected and what was received, so that a user can fix
+the input without reading a traceback.
+"""
+
+from __future__ import annotations
+
+
+class ImgclfError(Exception):
+    """A failure the user can act on (bad data, missing file, corrupt checkpoint). CLI exit code 1."""
+
+    exit_code = 1
+
+
+class DataError(ImgclfError):
+    """The image folder or a manifest cannot be used as given."""
+
+
+class ConfigError(ImgclfError):
+    """An argument or configuration value is invalid. CLI exit code 2 (usage error)."""
+
+    exit_code = 2
+
+
+class ImageError(ImgclfError):
+    """One image cannot be decoded or is outside the limits; names the file."""
+
+
+class CheckpointError(ImgclfError):
+    """A checkpoint or model bundle is missing, corrupt or does not match the run."""

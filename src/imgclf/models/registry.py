@@ -1,0 +1,78 @@
+"""`build_model(name, ...)`: the from-scratch `small_cnn` or any timm architecture, with a head for our classes."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from imgclf.errors import ConfigError
+
+SMALL_CNN = "small_cnn"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What is needed to rebuild the network; stored in the model bundle."""
+
+    name: str
+    num_classes: int
+    in_chans: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        return cls(data["name"], int(data["num_classes"]), int(data["in_chans"]), dict(data.get("options", {})))
+
+
+def model_spec(name: str, *, num_classes: int, in_chans: int, depth: int, width: int, dropout: float) -> ModelSpec:
+    """The spec for a model name; only `small_cnn` uses depth and width."""
+    check_model_name(name)
+    options: dict[str, Any] = {"dropout": dropout}
+    if name == SMALL_CNN:
+        options.update(depth=depth, width=width)
+    return ModelSpec(name=name, num_classes=num_classes, in_chans=in_chans, options=options)
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """Create the network with randomly initialised weights and a `spec.num_classes` head.
+
+    Example:
+        >>> build_model(ModelSpec("resnet18", num_classes=5, in_chans=3))
+    """
+    check_model_name(spec.name)
+    if spec.name == SMALL_CNN:
+        from imgclf.models.small_cnn import SmallCNN
+
+        return SmallCNN(spec.num_classes, in_chans=spec.in_chans, **spec.options)
+    import timm
+
+    return timm.create_model(
+        spec.name,
+        pretrained=False,
+        num_classes=spec.num_classes,
+        in_chans=spec.in_chans,
+        drop_rate=spec.options.get("dropout", 0.0),
+    )
+
+
+def check_model_name(name: str) -> None:
+    """Raise a ConfigError with close matches when `name` is neither small_cnn nor a timm model."""
+    if name == SMALL_CNN:
+        return
+    import timm
+
+    if timm.is_model(name):
+        return
+    known = [SMALL_CNN, *timm.list_models()]
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ConfigError(
+        f"model.name: unknown model '{name}'; expected 'small_cnn' or a timm model name "
+        f"(python -c \"import timm; print(timm.list_models('resnet*'))\" lists them).{hint}"
+    )

@@ -1,0 +1,48 @@
+"""The from-scratch CNN: a few conv blocks, global pooling and a linear head. Small enough to train on a CPU."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    """Two 3x3 conv + BatchNorm + ReLU layers, then 2x2 max pooling (halves the resolution)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )
+
+
+class SmallCNN(nn.Module):
+    """`depth` conv blocks of width `width`, 2*width, 4*width, ... then global average pooling and a linear head.
+
+    Args:
+        num_classes: outputs of the head.
+        in_chans: 1 for grayscale, 3 for RGB.
+        depth: number of conv blocks, 3 to 5.
+        width: channels of the first block; doubled per block.
+        dropout: dropout before the head.
+    """
+
+    def __init__(self, num_classes: int, in_chans: int = 3, depth: int = 3, width: int = 32, dropout: float = 0.1):
+        super().__init__()
+        if not 3 <= depth <= 5:
+            raise ValueError(f"small_cnn depth must be 3 to 5; received {depth}")
+        channels = [in_chans] + [width * 2**i for i in range(depth)]
+        self.features = nn.Sequential(*(conv_block(a, b) for a, b in itertools.pairwise(channels)))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(channels[-1], num_classes)
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.features(x)).flatten(1)
+        return self.head(self.dropout(x))

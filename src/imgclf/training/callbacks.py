@@ -1,0 +1,209 @@
+"""Everything around a training step that is not the step: history, model selection, early stopping,
+checkpoints, progress. Each callback is small and overrides only the hooks it needs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from imgclf.files import write_csv_atomic
+from imgclf.progress import Progress, Task
+from imgclf.training.checkpoint import load_checkpoint, save_checkpoint
+
+if TYPE_CHECKING:
+    from imgclf.training.engine import FitState
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s")
+
+
+class Callback:
+    """Hooks called by `fit()`; each does nothing unless overridden."""
+
+    def on_fit_start(self, state: FitState) -> None:
+        pass
+
+    def on_epoch_start(self, state: FitState) -> None:
+        pass
+
+    def on_batch_end(self, state: FitState, index: int, loss: torch.Tensor, batch_size: int) -> None:
+        pass
+
+    def on_epoch_end(self, state: FitState, row: dict[str, float]) -> None:
+        pass
+
+    def on_fit_end(self, state: FitState) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Monitor:
+    """A history column and the direction in which it improves."""
+
+    name: str
+    mode: Literal["min", "max"]
+
+    @classmethod
+    def resolve(cls, name: str, mode: Literal["auto", "min", "max"] = "auto") -> Monitor:
+        if mode == "auto":
+            mode = "max" if name.endswith("acc") else "min"
+        return cls(name, mode)
+
+    def improved(self, value: float, best: float | None, min_delta: float = 0.0) -> bool:
+        if best is None:
+            return True
+        return value < best - min_delta if self.mode == "min" else value > best + min_delta
+
+
+class HistoryCSV(Callback):
+    """Rewrites `history.csv` (one row per epoch) after every epoch."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_epoch_end(self, state: FitState, row: dict[str, float]) -> None:
+        rows = ([_short(r.get(column, "")) for column in HISTORY_COLUMNS] for r in state.history)
+        write_csv_atomic(self.path, HISTORY_COLUMNS, rows)
+
+
+class EarlyStopping(Callback):
+    """Stop when `monitor` has not improved by more than `min_delta` for `patience` epochs.
+
+    The count is derived from the history alone, so a resumed run stops exactly where an uninterrupted one would.
+    """
+
+    def __init__(self, monitor: Monitor, patience: int, min_delta: float = 0.0) -> None:
+        self.monitor = monitor
+        self.patience = patience
+        self.min_delta = min_delta
+
+    def on_epoch_end(self, state: FitState, row: dict[str, float]) -> None:
+        values = [r[self.monitor.name] for r in state.history]
+        best: float | None = None
+        last_improvement = 0
+        for index, value in enumerate(values):
+            if self.monitor.improved(value, best, self.min_delta):
+                best, last_improvement = value, index
+        waited = len(values) - 1 - last_improvement
+        if waited >= self.patience and not state.finished:
+            state.stop_reason = (
+                f"early stopping: {self.monitor.name} did not improve for {waited} epochs "
+                f"(best {best:.4f} at epoch {last_improvement + 1})"
+            )
+            log.info(state.stop_reason)
+
+
+class Checkpointer(Callback):
+    """Tracks the best epoch and writes `last.safetensors` every epoch and `best.safetensors` when it improves;
+    at the end, loads the best weights back into the model."""
+
+    def __init__(self, folder: Path, monitor: Monitor, extra_meta: dict | None = None) -> None:
+        self.folder = Path(folder)
+        self.monitor = monitor
+        self.extra_meta = extra_meta or {}
+
+    @property
+    def last(self) -> Path:
+        return self.folder / "last.safetensors"
+
+    @property
+    def best(self) -> Path:
+        return self.folder / "best.safetensors"
+
+    def on_epoch_end(self, state: FitState, row: dict[str, float]) -> None:
+        improved = self.monitor.improved(row[self.monitor.name], state.best_metric)
+        if improved:
+            state.best_metric = row[self.monitor.name]
+            state.best_epoch = state.epoch
+        save_checkpoint(
+            self.last,
+            model=state.model,
+            optimizer=state.optimizer,
+            schedule_state=state.schedule.state_dict(),
+            meta={**self.extra_meta, **state.counters(), "monitor": self.monitor.name},
+        )
+        if improved:
+            _link_or_copy(self.last, self.best)
+
+    def on_fit_end(self, state: FitState) -> None:
+        if self.best.exists():
+            weights = load_checkpoint(self.best).model
+            state.model.load_state_dict(weights)
+            log.info(
+                "restored the best weights (epoch %s, %s %.4f)",
+                state.best_epoch,
+                self.monitor.name,
+                state.best_metric,
+            )
+
+
+class EpochLog(Callback):
+    """One log line per epoch."""
+
+    def on_epoch_end(self, state: FitState, row: dict[str, float]) -> None:
+        marker = "  *" if state.best_epoch == state.epoch else ""
+        log.info(
+            "epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.2e | %.1f s, %.0f img/s%s",
+            state.epoch,
+            state.epochs,
+            row["train_loss"],
+            row["train_acc"],
+            row["val_loss"],
+            row["val_acc"],
+            row["lr"],
+            row["seconds"],
+            row["images_per_s"],
+            marker,
+        )
+
+
+class ProgressBar(Callback):
+    """A progress bar per epoch with the running training loss."""
+
+    def __init__(self, progress: Progress, steps_per_epoch: int, every: int = 10) -> None:
+        self.progress = progress
+        self.steps_per_epoch = steps_per_epoch
+        self.every = every  # .item() is a device sync point; read the loss only every few steps
+        self._context: AbstractContextManager[Task] | None = None
+        self._task: Task | None = None
+        self._pending = 0
+
+    def on_epoch_start(self, state: FitState) -> None:
+        self._context = self.progress.task(f"epoch {state.epoch + 1}/{state.epochs}", total=self.steps_per_epoch)
+        self._task = self._context.__enter__()
+        self._pending = 0
+
+    def on_batch_end(self, state: FitState, index: int, loss: torch.Tensor, batch_size: int) -> None:
+        self._pending += 1
+        if self._task is not None and (index % self.every == 0 or index + 1 == self.steps_per_epoch):
+            self._task.advance(self._pending, loss=f"{loss.item():.4f}")
+            self._pending = 0
+
+    def on_epoch_end(self, state: FitState, row: dict[str, float]) -> None:
+        if self._context is not None:
+            self._context.__exit__(None, None, None)
+            self._context = self._task = None
+
+
+def _short(value: object) -> object:
+    """Seven significant digits are plenty for a history file a person reads."""
+    return float(f"{value:.7g}") if isinstance(value, float) else value
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Make `target` a complete copy of `source` atomically (a hard link when the file system allows)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)

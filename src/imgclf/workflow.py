@@ -1,0 +1,549 @@
+"""The workflows behind the public API. Each composes the layers below and nothing else:
+scan -> split -> loaders -> model -> fit -> bundle -> evaluate; predict and split stand alone."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgclf.config import RunConfig, build_config, load_config, save_config
+from imgclf.data.images import DEFAULT_MAX_PIXELS
+from imgclf.data.scan import ImageIndex, Problem, scan_folder
+from imgclf.data.split import (
+    LinkMode,
+    ManifestRow,
+    SplitManifest,
+    find_duplicates,
+    make_manifest,
+    materialize_split,
+    save_duplicates,
+    warn_about_duplicates,
+)
+from imgclf.data.transforms import Preprocessing, auto_img_size
+from imgclf.errors import ConfigError, DataError, ImgclfError
+from imgclf.files import write_atomic, write_csv_atomic, write_json_atomic
+from imgclf.progress import NO_PROGRESS, Progress
+from imgclf.tracking.runs import (
+    RunPaths,
+    check_writable,
+    create_run_dir,
+    environment_info,
+    find_run,
+    write_env,
+)
+
+log = logging.getLogger(__name__)
+
+PROBLEM_COLUMNS = ("path", "reason")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the run is and how it went."""
+
+    run_dir: Path
+    metrics: dict[str, Any] | None
+    history: list[dict[str, float]]
+    best_epoch: int | None
+    stop_reason: str | None
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Metrics of a model on one split, and the folder holding metrics.json and its companions."""
+
+    metrics: dict[str, Any]
+    out_dir: Path
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    """What `split()` wrote."""
+
+    target: Path
+    counts: dict[str, int]
+    problems: tuple[Problem, ...]
+    duplicates: int
+
+
+def train(
+    data: Path | str | None,
+    config: RunConfig | Mapping[str, Any] | None = None,
+    *,
+    out: Path | str = "runs",
+    name: str | None = None,
+    resume: Path | str | None = None,
+    epochs: int | None = None,
+    progress: Progress = NO_PROGRESS,
+) -> TrainResult:
+    """Train a classifier on an image folder and evaluate it on the test split.
+
+    Args:
+        data: `root/{train,val,test}/<class>/` or `root/<class>/` (split on the fly). Not needed with `resume`.
+        config: a `RunConfig` or a nested mapping like `config.yaml`; None for the defaults.
+        out: folder that receives the run folder.
+        name: run folder name; default `<model>-<timestamp>`.
+        resume: an existing run folder to continue from its last checkpoint.
+        epochs: with `resume`, a new total number of epochs (to extend a finished run).
+        progress: progress reporter (the CLI passes a rich one).
+
+    Returns:
+        The run folder, test metrics, history and best epoch.
+
+    Example:
+        >>> result = imgclf.train("data/", {"train": {"epochs": 5}})
+        >>> result.metrics["accuracy"]
+        0.97
+    """
+    if resume is not None:
+        return _resume(Path(resume), epochs=epochs, progress=progress)
+    if data is None:
+        raise ConfigError("train needs a data folder (or --resume runs/<name>)")
+    config = build_config(config)
+    check_writable(Path(out))
+    _check_model_and_device(config)
+    index = scan_folder(Path(data), max_pixels=config.data.max_pixels, progress=progress)
+    manifest = make_manifest(index, ratios=config.data.split_ratios, seed=config.data.split_seed)
+    config = _resolve_data_settings(config, index, manifest)
+    paths = create_run_dir(Path(out), name, config.model.name)
+    log.info("run folder: %s", paths.root)
+    _write_data_records(paths, index.problems, manifest)
+    save_config(config, paths.config)
+    write_env(paths, environment_info(device=config.train.device, seed=config.train.seed))
+    return _train_run(paths, config, manifest, progress=progress)
+
+
+def evaluate(
+    run: Path | str,
+    *,
+    data: Path | str | None = None,
+    split: str = "test",
+    batch_size: int = 64,
+    device: str = "auto",
+    out: Path | str | None = None,
+    progress: Progress = NO_PROGRESS,
+) -> EvalResult:
+    """Evaluate a run's best model on its test split, or on another labelled folder.
+
+    Args:
+        run: the run folder (or its `model/` bundle, with `data`).
+        data: another folder to evaluate on; its `split` subfolder when it is split, else all its images.
+        split: which split of the run's manifest (or of `data`) to use; model selection never looks at test.
+        batch_size: images per forward pass.
+        device: auto | cpu | cuda | mps.
+        out: where to write metrics.json etc.; default the run folder (or `run/eval-<data>-<split>` for `data`).
+        progress: progress reporter.
+
+    Returns:
+        The metrics and the folder they were written to.
+    """
+    from imgclf.deploy.predict import Predictor
+
+    predictor = Predictor.load(Path(run), device=device)
+    if data is None:
+        paths = find_run(Path(run))
+        rows, used_split = _manifest_rows(SplitManifest.load(paths.manifest), split)
+        out_dir = Path(out) if out else paths.root
+    else:
+        rows, used_split = _folder_rows(Path(data), split, predictor.classes)
+        default_out = Path(run) / f"eval-{Path(data).resolve().name}-{used_split}"
+        out_dir = Path(out) if out else default_out
+    metrics = _evaluate_rows(predictor, rows, used_split, out_dir, batch_size=batch_size, progress=progress)
+    return EvalResult(metrics=metrics, out_dir=out_dir)
+
+
+def load_model(path: Path | str, device: str = "auto"):
+    """Load a run folder or model bundle as a `Predictor` (same preprocessing as evaluation).
+
+    Example:
+        >>> model = imgclf.load_model("runs/small_cnn-20261128-120000")
+        >>> model.predict(["a.png"])[0].label
+        '7'
+    """
+    from imgclf.deploy.predict import Predictor
+
+    return Predictor.load(Path(path), device=device)
+
+
+def predict(
+    model: Any,
+    inputs: Iterable[str | Path],
+    *,
+    top_k: int = 1,
+    batch_size: int = 64,
+    device: str = "auto",
+    progress: Progress = NO_PROGRESS,
+) -> list:
+    """Predict files, folders (recursive) or glob patterns.
+
+    Args:
+        model: a run folder, a bundle folder, or a loaded `Predictor`.
+        inputs: files, folders or glob patterns.
+        top_k: classes reported per image.
+        batch_size: images per forward pass.
+        device: used when `model` is a path.
+        progress: progress reporter.
+
+    Returns:
+        One `Prediction` per input file, in order; unreadable files carry an error message.
+    """
+    from imgclf.deploy.predict import Predictor, collect_inputs
+
+    predictor = model if isinstance(model, Predictor) else Predictor.load(Path(model), device=device)
+    files = collect_inputs(inputs)
+    if not files:
+        raise DataError(f"no image files found in {', '.join(str(i) for i in inputs)}")
+    return predictor.predict(files, top_k=top_k, batch_size=batch_size, progress=progress)
+
+
+def write_predictions_csv(predictions: Sequence, path: Path, top_k: int) -> None:
+    """CSV with `path, class_1, probability_1, ..., class_k, probability_k, error`."""
+    header = ["path"]
+    for rank in range(1, top_k + 1):
+        header += [f"class_{rank}", f"probability_{rank}"]
+    header.append("error")
+    rows = []
+    for prediction in predictions:
+        row: list[Any] = [prediction.source]
+        for rank in range(top_k):
+            if rank < len(prediction.classes):
+                row += [prediction.classes[rank], f"{prediction.probabilities[rank]:.6f}"]
+            else:
+                row += ["", ""]
+        row.append(prediction.error or "")
+        rows.append(row)
+    write_csv_atomic(path, header, rows)
+
+
+def split(
+    source: Path | str,
+    target: Path | str,
+    *,
+    ratios: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    mode: LinkMode = "hardlink",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: Progress = NO_PROGRESS,
+) -> SplitResult:
+    """Write a seeded, stratified train/val/test copy (hard links by default) of a flat class-folder dataset.
+
+    Args:
+        source: `source/<class>/...` (a folder that is already split keeps its split).
+        target: a new or empty folder; receives `{train,val,test}/<class>/` and nothing else.
+        ratios: train/val/test fractions.
+        seed: the same seed gives the same split.
+        mode: hardlink | copy | symlink.
+        max_pixels: images above this are skipped as problems.
+        progress: progress reporter.
+    """
+    ratios = build_config(None, {"data.split_ratios": list(ratios)}).data.split_ratios
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise DataError(f"target {target} exists and is not empty; choose a new folder (nothing was written)")
+    index = scan_folder(Path(source), max_pixels=max_pixels, progress=progress)
+    manifest = make_manifest(index, ratios=ratios, seed=seed)
+    duplicates = find_duplicates(manifest)
+    warn_about_duplicates(duplicates)
+    counts = materialize_split(manifest, target, mode=mode)
+    return SplitResult(target=target, counts=counts, problems=index.problems, duplicates=len(duplicates))
+
+
+# --- training internals --------------------------------------------------------------------------------------
+
+
+def _train_run(
+    paths: RunPaths,
+    config: RunConfig,
+    manifest: SplitManifest,
+    *,
+    progress: Progress,
+    checkpoint=None,
+) -> TrainResult:
+    """Build loaders, model, optimizer and callbacks from the resolved config and run `fit`."""
+    from imgclf.data.loaders import ImageDataset, auto_num_workers, make_loader
+    from imgclf.data.transforms import eval_transform, train_transform
+    from imgclf.deploy.bundle import ModelBundle, save_bundle
+    from imgclf.deploy.predict import Predictor
+    from imgclf.device import select_device
+    from imgclf.models.registry import build_model, model_spec
+    from imgclf.training import callbacks as cb
+    from imgclf.training.engine import FitState, fit, seed_epoch
+    from imgclf.training.optim import build_loss, build_optimizer, build_schedule
+
+    data, train_cfg = config.data, config.train
+    classes = manifest.classes
+    class_index = {label: i for i, label in enumerate(classes)}
+    train_rows, val_rows = manifest.split("train"), manifest.split("val")
+    if not val_rows:
+        raise DataError(
+            "no validation images: add a val folder or give data.split_ratios a val share > 0 "
+            "(model selection and early stopping need a validation split)"
+        )
+    device = select_device(train_cfg.device)
+    pre = _preprocessing(config)
+
+    def dataset(rows: list[ManifestRow], transform) -> ImageDataset:
+        labels = [class_index[row.label] for row in rows]
+        return ImageDataset([r.path for r in rows], labels, transform, color=pre.color, max_pixels=data.max_pixels)
+
+    train_set = dataset(
+        train_rows,
+        train_transform(pre, config.augment.preset, hflip=config.augment.hflip, vflip=config.augment.vflip),
+    )
+    val_set = dataset(val_rows, eval_transform(pre))
+    workers = data.num_workers if data.num_workers is not None else auto_num_workers()
+    pin = device.type == "cuda"
+    batch_size = min(train_cfg.batch_size, len(train_set))
+    train_loader = make_loader(
+        train_set,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        seed=train_cfg.seed,
+        pin_memory=pin,
+        drop_last=len(train_set) > batch_size,
+    )
+    val_loader = make_loader(val_set, batch_size=2 * batch_size, shuffle=False, num_workers=workers, pin_memory=pin)
+
+    seed_epoch(train_cfg.seed, 0)  # weight initialisation
+    spec = model_spec(
+        config.model.name,
+        num_classes=len(classes),
+        in_chans=pre.in_chans,
+        depth=config.model.depth,
+        width=config.model.width,
+        dropout=config.model.dropout,
+    )
+    model = build_model(spec).to(device)
+    optimizer = build_optimizer(
+        train_cfg.optimizer,
+        model,
+        lr=train_cfg.lr,
+        weight_decay=train_cfg.weight_decay,
+        momentum=train_cfg.momentum,
+        nesterov=train_cfg.nesterov,
+    )
+    stopping = train_cfg.early_stopping
+    monitor = cb.Monitor.resolve(stopping.monitor, stopping.mode)
+    schedule = build_schedule(
+        train_cfg.scheduler,
+        optimizer,
+        epochs=train_cfg.epochs,
+        steps_per_epoch=len(train_loader),
+        warmup_epochs=train_cfg.warmup_epochs,
+        step_size=train_cfg.step_size,
+        gamma=train_cfg.gamma,
+        plateau_patience=train_cfg.plateau_patience,
+        mode=monitor.mode,
+    )
+    counts = Counter(row.label for row in train_rows)
+    loss_fn = build_loss(
+        label_smoothing=train_cfg.label_smoothing,
+        class_counts=[counts[c] for c in classes] if train_cfg.class_weights == "auto" else None,
+    ).to(device)
+
+    state = FitState(model=model, optimizer=optimizer, schedule=schedule, epochs=train_cfg.epochs)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint.model)
+        optimizer.load_state_dict(checkpoint.optimizer)
+        schedule.load_state_dict(checkpoint.schedule)
+        state.restore_counters(checkpoint.meta)
+        log.info("resuming after epoch %d of %d", state.epoch, state.epochs)
+
+    callbacks: list[cb.Callback] = [cb.HistoryCSV(paths.history)]
+    if stopping.patience is not None:
+        callbacks.append(cb.EarlyStopping(monitor, stopping.patience, stopping.min_delta))
+    callbacks += [
+        cb.Checkpointer(paths.checkpoints, monitor, extra_meta={"classes": list(classes)}),
+        cb.EpochLog(),
+        cb.ProgressBar(progress, steps_per_epoch=len(train_loader)),
+    ]
+    log.info(
+        "training %s (%s params) on %d images, validating on %d, %d classes, %s, device %s",
+        spec.name,
+        f"{sum(p.numel() for p in model.parameters()):,}",
+        len(train_set),
+        len(val_set),
+        len(classes),
+        f"{pre.img_size}px {pre.color}",
+        device,
+    )
+    fit(
+        state,
+        train_loader,
+        val_loader,
+        loss_fn=loss_fn,
+        device=device,
+        seed=train_cfg.seed,
+        monitor=monitor.name,
+        grad_clip=train_cfg.grad_clip,
+        callbacks=callbacks,
+    )
+    if state.stop_reason:
+        log.info("%s", state.stop_reason)
+
+    bundle = ModelBundle(
+        spec=spec,
+        classes=classes,
+        preprocessing=pre,
+        training={"run": paths.root.name, "best_epoch": state.best_epoch, monitor.name: state.best_metric},
+    )
+    save_bundle(paths.model, model, bundle)
+    predictor = Predictor(bundle, model, device, max_pixels=data.max_pixels)
+    rows, used_split = _manifest_rows(manifest, "test")
+    metrics = _evaluate_rows(predictor, rows, used_split, paths.root, batch_size=2 * batch_size, progress=progress)
+    return TrainResult(paths.root, metrics, state.history, state.best_epoch, state.stop_reason)
+
+
+def _resume(run_dir: Path, *, epochs: int | None, progress: Progress) -> TrainResult:
+    from imgclf.training.checkpoint import load_checkpoint
+
+    paths = find_run(run_dir)
+    config = load_config(paths.config, {"train.epochs": epochs})
+    if epochs is not None:
+        save_config(config, paths.config)
+    manifest = SplitManifest.load(paths.manifest)
+    checkpoint = load_checkpoint(paths.checkpoints / "last.safetensors")
+    saved_classes = tuple(checkpoint.meta.get("classes", manifest.classes))
+    if saved_classes != manifest.classes:
+        raise DataError(f"{paths.manifest} classes {manifest.classes} differ from the checkpoint's {saved_classes}")
+    done = int(checkpoint.meta["epoch"])
+    if checkpoint.meta.get("stop_reason") or done >= config.train.epochs:
+        reason = checkpoint.meta.get("stop_reason") or f"all {config.train.epochs} epochs are done"
+        raise ImgclfError(
+            f"run {paths.root} is already finished ({reason}); pass --epochs N (N > {done}) to train further"
+        )
+    checkpoint.meta["epochs"] = config.train.epochs
+    return _train_run(paths, config, manifest, progress=progress, checkpoint=checkpoint)
+
+
+def _check_model_and_device(config: RunConfig) -> None:
+    """Fail on a bad model name or device before the (possibly long) scan."""
+    from imgclf.device import select_device
+    from imgclf.models.registry import check_model_name
+
+    check_model_name(config.model.name)
+    select_device(config.train.device)
+
+
+def _resolve_data_settings(config: RunConfig, index: ImageIndex, manifest: SplitManifest) -> RunConfig:
+    """Replace `auto` color and a missing image size by what the training images say; the result is what
+    config.yaml records."""
+    train_paths = {row.path for row in manifest.split("train")}
+    train_records = [r for r in index.records if r.path in train_paths]
+    color = config.data.color
+    if color == "auto":
+        color = "gray" if all(r.single_channel for r in train_records) else "rgb"
+        log.info(
+            "color: %s (%s)",
+            color,
+            "every training image is single-channel"
+            if color == "gray"
+            else "some training images have colour channels",
+        )
+    img_size = config.data.img_size or auto_img_size([(r.width, r.height) for r in train_records])
+    return build_config(config, {"data.color": color, "data.img_size": img_size})
+
+
+def _preprocessing(config: RunConfig) -> Preprocessing:
+    data = config.data
+    if data.color == "auto" or data.img_size is None:
+        raise ConfigError("internal: data.color and data.img_size must be resolved before training")
+    return Preprocessing.default_for(
+        data.img_size, data.color, crop_pct=data.crop_pct, interpolation=data.interpolation
+    )
+
+
+def _write_data_records(paths: RunPaths, problems: Sequence[Problem], manifest: SplitManifest) -> None:
+    write_csv_atomic(paths.problems, PROBLEM_COLUMNS, ((str(p.path), p.reason) for p in problems))
+    manifest.save(paths.manifest)
+    duplicates = find_duplicates(manifest)
+    warn_about_duplicates(duplicates)
+    save_duplicates(duplicates, paths.duplicates)
+    for split_name, counter in manifest.counts().items():
+        log.info("%s: %d images in %d classes", split_name, sum(counter.values()), len(counter))
+
+
+# --- evaluation internals ------------------------------------------------------------------------------------
+
+
+def _manifest_rows(manifest: SplitManifest, split: str) -> tuple[list[tuple[Path, str]], str]:
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"--split must be train, val or test; received '{split}'")
+    rows = manifest.split(split)
+    if not rows and split == "test":
+        log.warning(
+            "this run has no test split; reporting validation metrics instead (optimistic: the model "
+            "was selected on them)"
+        )
+        rows, split = manifest.split("val"), "val"
+    if not rows:
+        raise DataError(f"the run's manifest has no {split} images")
+    return [(row.path, row.label) for row in rows], split
+
+
+def _folder_rows(folder: Path, split: str, classes: Sequence[str]) -> tuple[list[tuple[Path, str]], str]:
+    index = scan_folder(folder)
+    if index.layout == "split":
+        records = [r for r in index.records if r.split == split]
+        if not records:
+            raise DataError(f"{folder} has no {split} images (it has {sorted(index.counts())} splits)")
+    else:
+        records, split = list(index.records), "all"
+    unknown = sorted({r.label for r in records} - set(classes))
+    if unknown:
+        raise DataError(
+            f"{folder} has classes the model does not know: {', '.join(unknown)} (model classes: {', '.join(classes)})"
+        )
+    return [(r.path, r.label) for r in records], split
+
+
+def _evaluate_rows(predictor, rows, split: str, out_dir: Path, *, batch_size: int, progress: Progress) -> dict:
+    """Predict `rows` [(path, label)], compute metrics and write metrics.json, confusion_matrix.{csv,png} and
+    predictions.csv into `out_dir`."""
+    from imgclf.evaluation.metrics import classification_metrics, confusion_matrix
+    from imgclf.evaluation.plots import confusion_matrix_figure
+
+    classes = predictor.classes
+    class_index = {label: i for i, label in enumerate(classes)}
+    probs, errors = predictor.probabilities([path for path, _ in rows], batch_size=batch_size, progress=progress)
+    ok = np.array([error is None for error in errors], dtype=bool)
+    for _, error in zip(rows, errors):
+        if error is not None:
+            log.warning("skipped in evaluation: %s", error)
+    if not ok.any():
+        raise DataError(f"none of the {len(rows)} {split} images could be read")
+    y_true = np.array([class_index[label] for _, label in rows])
+    metrics = classification_metrics(y_true[ok], probs[ok], classes)
+    metrics = {"split": split, "skipped": int((~ok).sum()), **metrics}
+    matrix = confusion_matrix(y_true[ok], probs[ok].argmax(1), len(classes))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    write_csv_atomic(
+        out_dir / "confusion_matrix.csv",
+        ["true \\ predicted", *classes],
+        ([classes[i], *map(int, matrix[i])] for i in range(len(classes))),
+    )
+    figure = confusion_matrix_figure(matrix, classes)
+    write_atomic(out_dir / "confusion_matrix.png", lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    prediction_rows = []
+    for (path, label), row, error in zip(rows, probs, errors):
+        if error is not None:
+            prediction_rows.append([str(path), label, "", "", "", error])
+            continue
+        best = int(row.argmax())
+        prediction_rows.append([str(path), label, classes[best], f"{row[best]:.6f}", int(classes[best] == label), ""])
+    write_csv_atomic(
+        out_dir / "predictions.csv",
+        ["path", "true", "predicted", "probability", "correct", "error"],
+        prediction_rows,
+    )
+    log.info("%s accuracy %.4f on %d images; metrics in %s", split, metrics["accuracy"], metrics["n"], out_dir)
+    return metrics
