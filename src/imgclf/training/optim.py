@@ -136,7 +136,8 @@ def current_lr(optimizer: Optimizer) -> float:
 
 def build_loss(*, label_smoothing: float, class_counts: list[int] | None = None) -> nn.CrossEntropyLoss:
     """Cross-entropy with label smoothing; with `class_counts`, weighted by inverse class frequency
-    (weight_c = N / (C * n_c), mean 1) so rare classes count as much as common ones."""
+    (weight_c = N / (C * n_c), scikit-learn's "balanced": each class contributes equally in total, and the
+    average weight per training image is 1)."""
     weight = None
     if class_counts is not None:
         counts = torch.tensor(class_counts, dtype=torch.float32).clamp(min=1)

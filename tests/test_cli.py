@@ -1,0 +1,173 @@
+"""Every CLI command end to end on tiny real data, exit codes, and the cheap-import promise."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import imgclf
+from conftest import file_digests, write_digits
+from imgclf.cli import app
+from imgclf.config import RunConfig, build_config
+from imgclf.files import read_csv
+
+runner = CliRunner()
+FAST_FLAGS = ["--img-size", "16", "--epochs", "1", "--batch-size", "8", "--set", "model.width=8", "--no-hflip"]
+
+
+def run(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def python_m(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "imgclf", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
+    )
+
+
+def test_help_lists_every_command():
+    result = run("--help")
+    assert result.exit_code == 0
+    for command in ("train", "evaluate", "predict", "split", "demo", "config"):
+        assert command in result.output
+
+
+def test_python_m_imgclf_help_answers():
+    result = python_m("--help")
+    assert result.returncode == 0
+    assert "train" in result.stdout
+
+
+def test_import_and_help_do_not_import_torch():
+    code = (
+        "import sys, imgclf\n"
+        "assert 'torch' not in sys.modules, 'import imgclf imported torch'\n"
+        "from imgclf.cli import app\n"
+        "try:\n"
+        "    app(['--help'], prog_name='imgclf')\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 0\n"
+        "assert 'torch' not in sys.modules, 'imgclf --help imported torch'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_public_api_is_explicit():
+    assert set(imgclf.__all__) >= {"train", "evaluate", "predict", "load_model", "RunConfig", "__version__"}
+    for name in imgclf.__all__:
+        assert getattr(imgclf, name) is not None
+    with pytest.raises(AttributeError):
+        _ = imgclf.not_a_thing
+
+
+def test_config_prints_documented_defaults_that_load_back():
+    result = run("config")
+    assert result.exit_code == 0
+    assert "# peak learning rate" in result.output
+    assert build_config(yaml.safe_load(result.output)) == RunConfig()
+
+
+def test_split_materializes_a_stratified_split(tmp_path, digits_flat):
+    before = file_digests(digits_flat)
+    result = run("split", digits_flat, tmp_path / "out", "--ratios", "0.6", "0.2", "0.2", "--seed", "3")
+    assert result.exit_code == 0, result.output
+    for split in ("train", "val", "test"):
+        for label in ("digit0", "digit1", "digit2"):
+            count = len(list((tmp_path / "out" / split / label).iterdir()))
+            assert count == {"train": 18, "val": 6, "test": 6}[split]
+    assert file_digests(digits_flat) == before
+    again = run("split", digits_flat, tmp_path / "out")
+    assert again.exit_code == 1
+    assert "not empty" in again.output
+
+
+def test_train_evaluate_predict_end_to_end(tmp_path, digits_flat):
+    config_file = tmp_path / "recipe.yaml"
+    config_file.write_text("train:\n  epochs: 5\n  lr: 0.004\nmodel:\n  depth: 4\n", encoding="utf-8")
+    result = run("train", digits_flat, *FAST_FLAGS, "--config", config_file, "--out", tmp_path / "runs", "--name", "r1")
+    assert result.exit_code == 0, result.output
+    assert "accuracy" in result.output
+    run_dir = tmp_path / "runs" / "r1"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 1  # the flag wins over the file
+    assert saved["train"]["lr"] == 0.004  # the file wins over the default
+    assert saved["model"]["depth"] == 4
+    assert saved["model"]["width"] == 8  # --set
+
+    evaluated = run("evaluate", run_dir)
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "balanced_accuracy" in evaluated.output
+
+    out_csv = tmp_path / "preds.csv"
+    predicted = run("predict", run_dir, digits_flat / "digit1", "--out", out_csv, "--top-k", "2")
+    assert predicted.exit_code == 0, predicted.output
+    rows = read_csv(out_csv)
+    assert len(rows) == 30
+    assert list(rows[0]) == ["path", "class_1", "probability_1", "class_2", "probability_2", "error"]
+    assert all(row["class_1"] in {"digit0", "digit1", "digit2"} and not row["error"] for row in rows)
+
+    # The Python API gives the same predictions as the CLI for the same images.
+    api = imgclf.predict(run_dir, [digits_flat / "digit1"], top_k=2, device="cpu")
+    assert [(p.source, p.classes[0], f"{p.probabilities[0]:.6f}") for p in api] == [
+        (row["path"], row["class_1"], row["probability_1"]) for row in rows
+    ]
+
+    table = run("predict", run_dir, str(digits_flat / "digit2" / "*.png"))
+    assert table.exit_code == 0 and "digit" in table.output
+
+
+def test_train_resume_from_the_command_line(tmp_path, digits_flat):
+    first = run("train", digits_flat, *FAST_FLAGS, "--out", tmp_path, "--name", "r")
+    assert first.exit_code == 0, first.output
+    finished = run("train", "--resume", tmp_path / "r")
+    assert finished.exit_code == 1 and "already finished" in finished.output
+    extended = run("train", "--resume", tmp_path / "r", "--epochs", "2")
+    assert extended.exit_code == 0, extended.output
+    assert len(read_csv(tmp_path / "r" / "history.csv")) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["train", "{data}", "--set", "train.epoch=3"], 2, "unknown key 'train.epoch'"),
+        (["train", "{data}", "--augment", "wild"], 2, "augment.preset"),
+        (["train", "{data}", "--epochs", "lots"], 2, "integer"),
+        (["train", "{missing}"], 1, "dataset folder not found"),
+        (["train", "{data}", "--model", "resnet-18"], 2, "resnet18"),
+        (["evaluate", "{data}"], 1, "no model bundle"),
+        (["split", "{data}", "{tmp}/o", "--ratios", "0.5", "0.5", "0.5"], 2, "sum to 1"),
+        (["train"], 2, "data folder"),
+    ],
+)
+def test_bad_input_gets_a_clear_error_and_exit_code(tmp_path, digits_source, args, code, message):
+    fill = {"data": str(digits_source), "missing": str(tmp_path / "nope"), "tmp": str(tmp_path)}
+    result = runner.invoke(app, [a.format(**fill) for a in args])
+    assert result.exit_code == code, result.output
+    assert message in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+def test_too_few_classes_is_a_failure_exit_1(tmp_path):
+    data = write_digits(tmp_path / "one", classes=(4,), per_class=5)
+    result = run("train", data, "--out", tmp_path / "runs")
+    assert result.exit_code == 1
+    assert "at least 2" in result.output
+
+
+@pytest.mark.slow
+def test_console_script_train_and_demo(tmp_path):
+    """The real commands in a subprocess: `python -m imgclf demo` on the full digits set, 1 epoch."""
+    result = python_m("demo", "--epochs", "1", "--out", tmp_path / "runs", "--data-dir", tmp_path / "digits")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test metrics" in result.stdout
+    assert len(list((tmp_path / "digits").glob("*/*.png"))) == 1797
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    assert (run_dir / "model" / "weights.safetensors").is_file()

@@ -1,0 +1,64 @@
+"""The typed config: defaults, YAML round trip, precedence and error messages."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from imgclf.config import RunConfig, build_config, dump_config, load_config, parse_assignments
+from imgclf.errors import ConfigError
+
+
+def test_every_field_is_documented():
+    text = dump_config(RunConfig())
+    for line in text.splitlines():
+        if line.strip() and not line.rstrip().endswith(":") and ":" in line and "#" not in line:
+            pytest.fail(f"undocumented config line: {line}")
+
+
+def test_yaml_round_trip_keeps_every_value():
+    config = build_config(None, {"train.lr": 0.01, "data.split_ratios": [0.7, 0.2, 0.1], "model.name": "resnet18"})
+    assert build_config(yaml.safe_load(dump_config(config))) == config
+
+
+def test_precedence_defaults_then_file_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 7\n  lr: 0.1\n", encoding="utf-8")
+    config = load_config(path, {"train.lr": 0.5, "train.batch_size": None})
+    assert (config.train.epochs, config.train.lr, config.train.batch_size) == (7, 0.5, 64)
+
+
+def test_unknown_keys_and_bad_values_name_the_key():
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.epoch'"):
+        build_config({"train": {"epoch": 3}})
+    with pytest.raises(ConfigError, match=r"train\.optimizer: .*'adamw', 'adam' or 'sgd'.*received 'lion'"):
+        build_config(None, {"train.optimizer": "lion"})
+    with pytest.raises(ConfigError, match="sum to 1"):
+        build_config(None, {"data.split_ratios": [0.5, 0.5, 0.5]})
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        build_config(RunConfig(), {"train.lr.x": 1})
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=str(bad)):
+        load_config(bad)
+
+
+def test_set_assignments_parse_yaml_values():
+    assert parse_assignments(["train.lr=0.01", "augment.hflip=false", "train.grad_clip=null"]) == {
+        "train.lr": 0.01,
+        "augment.hflip": False,
+        "train.grad_clip": None,
+    }
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_assignments(["train.lr"])
+
+
+def test_configs_are_immutable():
+    config = RunConfig()
+    with pytest.raises(Exception, match="frozen"):
+        config.train.epochs = 3
