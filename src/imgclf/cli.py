@@ -19,7 +19,6 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from imgclf.config import RunConfig, build_config, dump_config, load_config, parse_assignments
 from imgclf.errors import ImgclfError
 from imgclf.progress import Progress, Task
 
@@ -92,10 +91,22 @@ class _RichTask:
         self.bar.update(self.task_id, advance=amount, **({"info": info} if info else {}))
 
 
+def examples(*commands: str) -> str:
+    """An epilog for `--help` listing example command lines."""
+    return "\n\n".join(["Examples:", *commands])
+
+
 # --- commands --------------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "imgclf train data/ --model small_cnn --epochs 20",
+        "imgclf train data/ --model resnet18 --img-size 128 --augment strong",
+        "imgclf train data/ --config recipe.yaml --set train.warmup_epochs=2",
+        "imgclf train --resume runs/small_cnn-20261128-120000 [--epochs 40]",
+    )
+)
 @handles_errors
 def train(
     data: Annotated[Path | None, typer.Argument(help="root/{train,val,test}/<class>/ or root/<class>/")] = None,
@@ -126,6 +137,7 @@ def train(
 ) -> None:
     """Train a classifier, keep the best epoch by validation, and evaluate it on the test split."""
     from imgclf import workflow
+    from imgclf.config import build_config, load_config, parse_assignments
 
     if resume is not None:
         result = workflow.train(None, resume=resume, epochs=epochs, progress=RichProgress())
@@ -157,7 +169,12 @@ def train(
     out_console.print(f"run folder: [bold]{escape(str(result.run_dir))}[/]")
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "imgclf evaluate runs/small_cnn-20261128-120000",
+        "imgclf evaluate runs/small_cnn-20261128-120000 --data other/ --split test",
+    )
+)
 @handles_errors
 def evaluate(
     run: Annotated[Path, typer.Argument(help="runs/<name>")],
@@ -178,7 +195,12 @@ def evaluate(
     out_console.print(f"written to [bold]{escape(str(result.out_dir))}[/]")
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "imgclf predict runs/<name> photos/ --out preds.csv --top-k 3",
+        "imgclf predict runs/<name> 'inbox/**/*.jpg'",
+    )
+)
 @handles_errors
 def predict(
     run: Annotated[Path, typer.Argument(help="runs/<name> or its model/ folder")],
@@ -212,7 +234,11 @@ def predict(
         console.print(f"[yellow]{failed} file(s) could not be read; see the error column[/]")
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "imgclf split photos/ data/ --ratios 0.8 0.1 0.1 --seed 0",
+    )
+)
 @handles_errors
 def split(
     source: Annotated[Path, typer.Argument(help="source/<class>/ images")],
@@ -250,6 +276,7 @@ def demo(
 ) -> None:
     """Write scikit-learn's handwritten digits as an image folder, train small_cnn, evaluate on test."""
     from imgclf import workflow
+    from imgclf.config import build_config
     from imgclf.demo import DEMO_CONFIG, write_digits
 
     folder = write_digits(data_dir)
@@ -266,6 +293,8 @@ def config_command(
     file: Annotated[Path | None, typer.Argument(help="show this YAML file resolved against the defaults")] = None,
 ) -> None:
     """Print every configuration key with its default and meaning (YAML, usable with --config)."""
+    from imgclf.config import RunConfig, dump_config, load_config
+
     resolved = load_config(file) if file else RunConfig()
     typer.echo(dump_config(resolved), nl=False)
 
