@@ -265,53 +265,126 @@ def _train_run(
     progress: Progress,
     checkpoint=None,
 ) -> TrainResult:
-    """Build loaders, model, optimizer and callbacks from the resolved config and run `fit`."""
-    from imgclf.data.loaders import ImageDataset, auto_num_workers, make_loader
-    from imgclf.data.transforms import eval_transform, train_transform
+    """The recipe: loaders -> model, optimizer, schedule -> callbacks -> fit -> bundle -> test evaluation."""
     from imgclf.deploy.bundle import ModelBundle, save_bundle
     from imgclf.deploy.predict import Predictor
     from imgclf.device import select_device
-    from imgclf.models.registry import build_model, model_spec
     from imgclf.training import callbacks as cb
-    from imgclf.training.engine import FitState, fit, seed_epoch
-    from imgclf.training.optim import build_loss, build_optimizer, build_schedule
+    from imgclf.training.engine import fit
 
-    data, train_cfg = config.data, config.train
     classes = manifest.classes
-    class_index = {label: i for i, label in enumerate(classes)}
+    device = select_device(config.train.device)
+    pre = _preprocessing(config)
+    # 1. data
+    train_loader, val_loader = _make_loaders(config, manifest, pre, pin_memory=device.type == "cuda")
+    # 2. model, optimizer, schedule, loss (and the saved state when resuming)
+    stopping = config.train.early_stopping
+    monitor = cb.Monitor.resolve(stopping.monitor, stopping.mode)
+    state, spec, loss_fn = _make_fit_state(config, manifest, pre, len(train_loader), monitor.mode, device)
+    if checkpoint is not None:
+        state.model.load_state_dict(checkpoint.model)
+        state.optimizer.load_state_dict(checkpoint.optimizer)
+        state.schedule.load_state_dict(checkpoint.schedule)
+        state.restore_counters(checkpoint.meta)
+        log.info("resuming after epoch %d of %d", state.epoch, state.epochs)
+    # 3. everything around the step
+    callbacks: list[cb.Callback] = [cb.HistoryCSV(paths.history)]
+    if stopping.patience is not None:
+        callbacks.append(cb.EarlyStopping(monitor, stopping.patience, stopping.min_delta))
+    callbacks += [
+        cb.Checkpointer(paths.checkpoints, monitor, extra_meta={"classes": list(classes)}),
+        cb.EpochLog(),
+        cb.ProgressBar(progress, steps_per_epoch=len(train_loader)),
+    ]
+    log.info(
+        "training %s (%s parameters) on %d images, validating on %d; %d classes, %dpx %s, device %s",
+        spec.name,
+        f"{sum(p.numel() for p in state.model.parameters()):,}",
+        len(train_loader.dataset),
+        len(val_loader.dataset),
+        len(classes),
+        pre.img_size,
+        pre.color,
+        device,
+    )
+    # 4. train; the best weights are loaded back at the end
+    fit(
+        state,
+        train_loader,
+        val_loader,
+        loss_fn=loss_fn,
+        device=device,
+        seed=config.train.seed,
+        monitor=monitor.name,
+        grad_clip=config.train.grad_clip,
+        callbacks=callbacks,
+    )
+    # 5. ship the best weights with their preprocessing, then evaluate them once on test
+    bundle = ModelBundle(
+        spec=spec,
+        classes=classes,
+        preprocessing=pre,
+        training={"run": paths.root.name, "best_epoch": state.best_epoch, monitor.name: state.best_metric},
+    )
+    save_bundle(paths.model, state.model, bundle)
+    predictor = Predictor(bundle, state.model, device, max_pixels=config.data.max_pixels)
+    rows, used_split = _manifest_rows(manifest, "test")
+    metrics = _evaluate_rows(
+        predictor, rows, used_split, paths.root, batch_size=2 * config.train.batch_size, progress=progress
+    )
+    return TrainResult(paths.root, metrics, state.history, state.best_epoch, state.stop_reason)
+
+
+def _make_loaders(config: RunConfig, manifest: SplitManifest, pre: Preprocessing, *, pin_memory: bool):
+    """Training loader (augmented, shuffled, seeded) and validation loader (eval preprocessing)."""
+    from imgclf.data.loaders import ImageDataset, auto_num_workers, make_loader
+    from imgclf.data.transforms import eval_transform, train_transform
+
+    class_index = {label: i for i, label in enumerate(manifest.classes)}
     train_rows, val_rows = manifest.split("train"), manifest.split("val")
     if not val_rows:
         raise DataError(
             "no validation images: add a val folder or give data.split_ratios a val share > 0 "
             "(model selection and early stopping need a validation split)"
         )
-    device = select_device(train_cfg.device)
-    pre = _preprocessing(config)
 
     def dataset(rows: list[ManifestRow], transform) -> ImageDataset:
         labels = [class_index[row.label] for row in rows]
-        return ImageDataset([r.path for r in rows], labels, transform, color=pre.color, max_pixels=data.max_pixels)
+        return ImageDataset(
+            [r.path for r in rows], labels, transform, color=pre.color, max_pixels=config.data.max_pixels
+        )
 
-    train_set = dataset(
-        train_rows,
-        train_transform(pre, config.augment.preset, hflip=config.augment.hflip, vflip=config.augment.vflip),
-    )
+    augment = config.augment
+    train_set = dataset(train_rows, train_transform(pre, augment.preset, hflip=augment.hflip, vflip=augment.vflip))
     val_set = dataset(val_rows, eval_transform(pre))
-    workers = data.num_workers if data.num_workers is not None else auto_num_workers()
-    pin = device.type == "cuda"
-    batch_size = min(train_cfg.batch_size, len(train_set))
+    workers = config.data.num_workers if config.data.num_workers is not None else auto_num_workers()
+    batch_size = min(config.train.batch_size, len(train_set))
     train_loader = make_loader(
         train_set,
         batch_size=batch_size,
         shuffle=True,
         num_workers=workers,
-        seed=train_cfg.seed,
-        pin_memory=pin,
-        drop_last=len(train_set) > batch_size,
+        seed=config.train.seed,
+        pin_memory=pin_memory,
+        drop_last=len(train_set) > batch_size,  # a last batch of 1 breaks BatchNorm
     )
-    val_loader = make_loader(val_set, batch_size=2 * batch_size, shuffle=False, num_workers=workers, pin_memory=pin)
+    val_loader = make_loader(
+        val_set, batch_size=2 * batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory
+    )
+    return train_loader, val_loader
 
-    seed_epoch(train_cfg.seed, 0)  # weight initialisation
+
+def _make_fit_state(
+    config: RunConfig, manifest: SplitManifest, pre: Preprocessing, steps_per_epoch: int, mode: str, device
+):
+    """A freshly initialised model (seeded) with its optimizer, LR schedule and training loss."""
+    from imgclf.models.registry import build_model, model_spec
+    from imgclf.training.engine import FitState, seed_epoch
+    from imgclf.training.optim import build_loss, build_optimizer, build_schedule
+
+    train = config.train
+    classes = manifest.classes
+    seed_epoch(train.seed, 0)  # weight initialisation
     spec = model_spec(
         config.model.name,
         num_classes=len(classes),
@@ -322,83 +395,31 @@ def _train_run(
     )
     model = build_model(spec).to(device)
     optimizer = build_optimizer(
-        train_cfg.optimizer,
+        train.optimizer,
         model,
-        lr=train_cfg.lr,
-        weight_decay=train_cfg.weight_decay,
-        momentum=train_cfg.momentum,
-        nesterov=train_cfg.nesterov,
+        lr=train.lr,
+        weight_decay=train.weight_decay,
+        momentum=train.momentum,
+        nesterov=train.nesterov,
     )
-    stopping = train_cfg.early_stopping
-    monitor = cb.Monitor.resolve(stopping.monitor, stopping.mode)
     schedule = build_schedule(
-        train_cfg.scheduler,
+        train.scheduler,
         optimizer,
-        epochs=train_cfg.epochs,
-        steps_per_epoch=len(train_loader),
-        warmup_epochs=train_cfg.warmup_epochs,
-        step_size=train_cfg.step_size,
-        gamma=train_cfg.gamma,
-        plateau_patience=train_cfg.plateau_patience,
-        mode=monitor.mode,
+        epochs=train.epochs,
+        steps_per_epoch=steps_per_epoch,
+        warmup_epochs=train.warmup_epochs,
+        step_size=train.step_size,
+        gamma=train.gamma,
+        plateau_patience=train.plateau_patience,
+        mode=mode,
     )
-    counts = Counter(row.label for row in train_rows)
+    counts = Counter(row.label for row in manifest.split("train"))
     loss_fn = build_loss(
-        label_smoothing=train_cfg.label_smoothing,
-        class_counts=[counts[c] for c in classes] if train_cfg.class_weights == "auto" else None,
+        label_smoothing=train.label_smoothing,
+        class_counts=[counts[c] for c in classes] if train.class_weights == "auto" else None,
     ).to(device)
-
-    state = FitState(model=model, optimizer=optimizer, schedule=schedule, epochs=train_cfg.epochs)
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint.model)
-        optimizer.load_state_dict(checkpoint.optimizer)
-        schedule.load_state_dict(checkpoint.schedule)
-        state.restore_counters(checkpoint.meta)
-        log.info("resuming after epoch %d of %d", state.epoch, state.epochs)
-
-    callbacks: list[cb.Callback] = [cb.HistoryCSV(paths.history)]
-    if stopping.patience is not None:
-        callbacks.append(cb.EarlyStopping(monitor, stopping.patience, stopping.min_delta))
-    callbacks += [
-        cb.Checkpointer(paths.checkpoints, monitor, extra_meta={"classes": list(classes)}),
-        cb.EpochLog(),
-        cb.ProgressBar(progress, steps_per_epoch=len(train_loader)),
-    ]
-    log.info(
-        "training %s (%s params) on %d images, validating on %d, %d classes, %s, device %s",
-        spec.name,
-        f"{sum(p.numel() for p in model.parameters()):,}",
-        len(train_set),
-        len(val_set),
-        len(classes),
-        f"{pre.img_size}px {pre.color}",
-        device,
-    )
-    fit(
-        state,
-        train_loader,
-        val_loader,
-        loss_fn=loss_fn,
-        device=device,
-        seed=train_cfg.seed,
-        monitor=monitor.name,
-        grad_clip=train_cfg.grad_clip,
-        callbacks=callbacks,
-    )
-    if state.stop_reason:
-        log.info("%s", state.stop_reason)
-
-    bundle = ModelBundle(
-        spec=spec,
-        classes=classes,
-        preprocessing=pre,
-        training={"run": paths.root.name, "best_epoch": state.best_epoch, monitor.name: state.best_metric},
-    )
-    save_bundle(paths.model, model, bundle)
-    predictor = Predictor(bundle, model, device, max_pixels=data.max_pixels)
-    rows, used_split = _manifest_rows(manifest, "test")
-    metrics = _evaluate_rows(predictor, rows, used_split, paths.root, batch_size=2 * batch_size, progress=progress)
-    return TrainResult(paths.root, metrics, state.history, state.best_epoch, state.stop_reason)
+    state = FitState(model=model, optimizer=optimizer, schedule=schedule, epochs=train.epochs)
+    return state, spec, loss_fn
 
 
 def _resume(run_dir: Path, *, epochs: int | None, progress: Progress) -> TrainResult:
