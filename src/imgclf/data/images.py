@@ -123,6 +123,8 @@ def to_mode(image: Image.Image, color: Color) -> Image.Image:
         image = image.convert("RGBA")
     elif mode == "1":
         image = image.convert("L")
+    elif mode == "LAB":
+        image = image.convert("RGB")  # Pillow cannot convert LAB to L directly
     elif mode in ("La", "RGBa"):
         image = image.convert("LA" if mode == "La" else "RGBA")
     if image.mode == "RGBA":

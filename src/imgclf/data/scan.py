@@ -131,11 +131,15 @@ def scan_folder(
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root} (expected a folder of class folders)")
-    layout, class_dirs, loose = _find_class_folders(root)
-    walked = [walk_files(folder) for _split, _label, folder in class_dirs]
+    found_layout = _find_class_folders(root)
+    layout, class_dirs, loose = found_layout.kind, found_layout.class_dirs, found_layout.loose
+    dataset_dirs = found_layout.dataset_dirs(root)
+    walked = [
+        walk_files(folder, outside=dataset_dirs - {os.path.realpath(folder)}) for _split, _label, folder in class_dirs
+    ]
     problems = [Problem(path, "not inside a class folder") for path in loose if looks_like_image(path)]
     ignored = sum(1 for path in loose if not looks_like_image(path))
-    hidden = sum(found.hidden for found in walked)
+    hidden = found_layout.hidden + sum(found.hidden for found in walked)
     problems += [problem for found in walked for problem in found.problems]
 
     jobs = [(split, label, path) for (split, label, _), found in zip(class_dirs, walked) for path in found.files]
@@ -169,11 +173,23 @@ def scan_folder(
     )
 
 
-def _find_class_folders(
-    root: Path,
-) -> tuple[Literal["split", "flat"], list[tuple[str | None, str, Path]], list[Path]]:
-    """Decide the layout; return (layout, [(split, class, folder)], files lying outside class folders)."""
+@dataclass
+class _Layout:
+    kind: Literal["split", "flat"]
+    class_dirs: list[tuple[str | None, str, Path]]  # (split or None, class, folder)
+    loose: list[Path]  # files lying outside any class folder
+    hidden: int  # hidden entries at the root and split level
+
+    def dataset_dirs(self, root: Path) -> set[str]:
+        """Real paths of the root, split and class folders: a symlink into one of them is not followed."""
+        folders = [root, *(folder.parent for _, _, folder in self.class_dirs), *(f for _, _, f in self.class_dirs)]
+        return {os.path.realpath(folder) for folder in folders}
+
+
+def _find_class_folders(root: Path) -> _Layout:
+    """Decide the layout and list the class folders."""
     entries = sorted(root.iterdir(), key=lambda p: p.name)
+    hidden = sum(1 for p in entries if _is_skipped(p.name))
     folders = [p for p in entries if p.is_dir() and not _is_skipped(p.name)]
     loose = [p for p in entries if not p.is_dir() and not _is_skipped(p.name)]
     split_folders: dict[str, Path] = {}
@@ -187,7 +203,7 @@ def _find_class_folders(
             )
         split_folders[split] = folder
     if not split_folders:
-        return "flat", [(None, folder.name, folder) for folder in folders], loose
+        return _Layout("flat", [(None, folder.name, folder) for folder in folders], loose, hidden)
     if "train" not in split_folders:
         named = ", ".join(sorted(p.name for p in split_folders.values()))
         raise DataError(f"{root}: found split folder(s) {named} but no 'train' folder; add {root / 'train'}/<class>/")
@@ -200,12 +216,12 @@ def _find_class_folders(
             continue
         for entry in sorted(split_folders[split].iterdir(), key=lambda p: p.name):
             if _is_skipped(entry.name):
-                continue
-            if entry.is_dir():
+                hidden += 1
+            elif entry.is_dir():
                 class_dirs.append((split, entry.name, entry))
             else:
                 loose.append(entry)
-    return "split", class_dirs, loose
+    return _Layout("split", class_dirs, loose, hidden)
 
 
 @dataclass
@@ -215,10 +231,15 @@ class FileWalk:
     hidden: int
 
 
-def walk_files(folder: Path) -> FileWalk:
-    """Every non-hidden file below `folder`, following folder symlinks once (loops are reported, not walked)."""
+def walk_files(folder: Path, *, outside: set[str] | frozenset[str] = frozenset()) -> FileWalk:
+    """Every non-hidden file below `folder`, sorted, following folder symlinks.
+
+    A folder reached twice (a symlink loop, or a second link to the same folder) is walked once and the
+    link reported; so is a link into `outside` (real paths of folders that belong to other classes, whose
+    images would otherwise be counted under the wrong label).
+    """
     found = FileWalk(files=[], problems=[], hidden=0)
-    seen_dirs: set[str] = set()
+    seen_dirs: set[str] = set(outside)
 
     def on_error(error: OSError) -> None:
         found.problems.append(Problem(Path(error.filename or folder), f"cannot list folder ({error.strerror})"))
@@ -226,7 +247,11 @@ def walk_files(folder: Path) -> FileWalk:
     for current, dirnames, filenames in os.walk(folder, followlinks=True, onerror=on_error):
         real = os.path.realpath(current)
         if real in seen_dirs:
-            found.problems.append(Problem(Path(current), "symlink loop (folder already visited); not followed"))
+            found.problems.append(
+                Problem(
+                    Path(current), "link to a folder already in the dataset (a loop or a second link); not followed"
+                )
+            )
             dirnames.clear()
             continue
         seen_dirs.add(real)

@@ -1,17 +1,20 @@
 """Seeded, stratified train/val/test splits, the manifest that records them, and the leak report.
 
 A folder that is already split keeps its split (val is carved out of train when it has no val folder). A flat
-folder is split per class: every class with at least 3 images appears in every split, and each split's count
-is the class size times its ratio, rounded (within one image). Images with identical content (same sha256)
+folder is split per class: each split's count is the class size times its ratio, rounded (so within one image),
+except that every class with at least 3 images gets at least one image in every split, which takes precedence
+for very small classes (4 images at 0.8/0.1/0.1 give 2/1/1). Images with identical content (same sha256)
 inside a class stay together in one split, so a split made here never leaks a duplicate; duplicates across
 splits of a folder split by hand are reported with their pairs.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
+import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -210,40 +213,56 @@ def warn_about_duplicates(duplicates: Sequence[Duplicate], limit: int = 5) -> No
 def materialize_split(manifest: SplitManifest, target: Path, *, mode: LinkMode = "hardlink") -> dict[str, int]:
     """Write the split as `target/{train,val,test}/<class>/<file>` without touching the source files.
 
+    The tree is built in a hidden folder beside `target` and renamed into place when complete, so a failure
+    leaves no half-written target.
+
     Args:
         manifest: what goes where.
         target: a folder that does not exist yet or is empty.
-        mode: "hardlink" (default; falls back to copying across file systems), "copy" or "symlink".
+        mode: "hardlink" (default; copies when the target is on another file system), "copy" or "symlink".
 
     Returns:
         Number of files written per split.
 
     Raises:
-        DataError: the target exists and is not empty.
+        DataError: the target exists and is not empty, or a source file cannot be read.
     """
     target = Path(target)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise DataError(f"target {target} exists and is not empty; choose a new folder (nothing was written)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     written: Counter[str] = Counter()
-    fallback_logged = False
-    for row in manifest.rows:
-        folder = target / row.split / row.label
-        folder.mkdir(parents=True, exist_ok=True)
-        destination = _free_name(folder / row.path.name)
-        source = row.path.resolve()
-        if mode == "symlink":
-            destination.symlink_to(source)
-        elif mode == "hardlink":
-            try:
-                os.link(source, destination)
-            except OSError as exc:
-                if not fallback_logged:
+    can_link = mode == "hardlink"
+    try:
+        for row in manifest.rows:
+            folder = staging / row.split / row.label
+            folder.mkdir(parents=True, exist_ok=True)
+            destination = _free_name(folder / row.path.name)
+            source = row.path.resolve()
+            if mode == "symlink":
+                destination.symlink_to(source)
+            elif can_link:
+                try:
+                    os.link(source, destination)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                        raise
                     log.warning("hard links are not possible here (%s); copying instead", exc.strerror)
-                    fallback_logged = True
+                    can_link = False
+                    shutil.copy2(source, destination)
+            else:
                 shutil.copy2(source, destination)
-        else:
-            shutil.copy2(source, destination)
-        written[row.split] += 1
+            written[row.split] += 1
+        if target.exists():
+            target.rmdir()  # empty, checked above
+        staging.rename(target)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DataError(f"cannot write the split to {target}: {exc} (nothing was written)") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return dict(written)
 
 
