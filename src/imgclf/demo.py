@@ -41,5 +41,5 @@ def write_digits(folder: Path) -> Path:
 
 DEMO_CONFIG = {
     "augment": {"preset": "standard", "hflip": False},  # a mirrored 2 or 7 is not a digit
-    "train": {"epochs": 15},
+    "train": {"epochs": 10},  # ~0.98-0.99 test accuracy in about a minute on 2 CPU cores
 }
