@@ -48,6 +48,7 @@ def test_train_writes_the_run_folder_contract(trained_run: Path):
     assert [row["epoch"] for row in history] == ["1", "2"]
     assert set(history[0]) == {
         "epoch",
+        "phase",
         "train_loss",
         "train_acc",
         "val_loss",

@@ -96,6 +96,32 @@ def examples(*commands: str) -> str:
     return "\n\n".join(["Examples:", *commands])
 
 
+# Options that several commands share.
+ModelOption = Annotated[str | None, typer.Option("--model", help="small_cnn or a timm model name (imgclf models)")]
+PretrainedOption = Annotated[
+    bool | None, typer.Option("--pretrained/--no-pretrained", help="start from pretrained weights (new head)")
+]
+WeightsOption = Annotated[Path | None, typer.Option("--weights", help="pretrained weights file (.safetensors, .pth)")]
+FreezeOption = Annotated[
+    int | None, typer.Option("--freeze-epochs", help="epochs training only the head, backbone frozen")
+]
+BatchOption = Annotated[int | None, typer.Option("--batch-size", help="images per step")]
+ImgSizeOption = Annotated[
+    int | None, typer.Option("--img-size", help="training resolution (default: pretrained model's, else the data's)")
+]
+DeviceOption = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps")]
+ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML config; flags override it")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="any config key, e.g. --set train.warmup_epochs=2")]
+
+
+def run_config_from(config_file: Path | None, flags: dict[str, Any], assignments: list[str] | None):
+    """Defaults < YAML file < flags < --set assignments."""
+    from imgclf.config import build_config, load_config, parse_assignments
+
+    overrides = {**flags, **parse_assignments(assignments or [])}
+    return load_config(config_file, overrides) if config_file else build_config(None, overrides)
+
+
 # --- commands --------------------------------------------------------------------------------------------------
 
 
@@ -103,6 +129,8 @@ def examples(*commands: str) -> str:
     epilog=examples(
         "imgclf train data/ --model small_cnn --epochs 20",
         "imgclf train data/ --model resnet18 --img-size 128 --augment strong",
+        "imgclf train data/ --model tf_efficientnet_lite0 --pretrained --freeze-epochs 3 --epochs 15",
+        "imgclf train data/ --model mobilenetv2_100 --weights ./mobilenetv2.safetensors --lr auto",
         "imgclf train data/ --config recipe.yaml --set train.warmup_epochs=2",
         "imgclf train --resume runs/small_cnn-20261128-120000 [--epochs 40]",
     )
@@ -110,43 +138,52 @@ def examples(*commands: str) -> str:
 @handles_errors
 def train(
     data: Annotated[Path | None, typer.Argument(help="root/{train,val,test}/<class>/ or root/<class>/")] = None,
-    model: Annotated[str | None, typer.Option(help="small_cnn or a timm model name")] = None,
+    model: ModelOption = None,
+    pretrained: PretrainedOption = None,
+    weights: WeightsOption = None,
     epochs: Annotated[int | None, typer.Option(help="maximum epochs")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="images per step")] = None,
-    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
+    batch_size: BatchOption = None,
+    lr: Annotated[str | None, typer.Option(help="peak learning rate, or auto (LR finder)")] = None,
+    freeze_epochs: FreezeOption = None,
+    unfreeze: Annotated[str | None, typer.Option(help="after freezing: all, or the last K stages")] = None,
+    finetune_lr: Annotated[float | None, typer.Option(help="LR after unfreezing (default lr/10)")] = None,
+    layer_decay: Annotated[float | None, typer.Option(help="per-layer LR factor below the head, e.g. 0.75")] = None,
     optimizer: Annotated[str | None, typer.Option(help="adamw | adam | sgd")] = None,
     scheduler: Annotated[str | None, typer.Option(help="cosine | step | plateau | none")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="weight decay")] = None,
     label_smoothing: Annotated[float | None, typer.Option(help="label smoothing")] = None,
     augment: Annotated[str | None, typer.Option(help="none | light | standard | strong")] = None,
     hflip: Annotated[bool | None, typer.Option("--hflip/--no-hflip", help="random horizontal flips")] = None,
-    img_size: Annotated[int | None, typer.Option(help="training resolution (default: from the data)")] = None,
+    img_size: ImgSizeOption = None,
     color: Annotated[str | None, typer.Option(help="auto | rgb | gray")] = None,
     patience: Annotated[int | None, typer.Option(help="early-stopping patience in epochs")] = None,
     class_weights: Annotated[str | None, typer.Option(help="none | auto (inverse frequency)")] = None,
     seed: Annotated[int | None, typer.Option(help="training seed")] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = None,
+    device: DeviceOption = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: auto)")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML config; flags override it")] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="any config key, e.g. --set train.warmup_epochs=2")
-    ] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
     out: Annotated[Path, typer.Option(help="folder that receives the run folder")] = Path("runs"),
     name: Annotated[str | None, typer.Option(help="run folder name (default: <model>-<time>)")] = None,
     resume: Annotated[Path | None, typer.Option(help="continue runs/<name> from its last checkpoint")] = None,
 ) -> None:
     """Train a classifier, keep the best epoch by validation, and evaluate it on the test split."""
     from imgclf import workflow
-    from imgclf.config import build_config, load_config, parse_assignments
 
     if resume is not None:
         result = workflow.train(None, resume=resume, epochs=epochs, progress=RichProgress())
     else:
         flags = {
             "model.name": model,
+            "model.pretrained": pretrained,
+            "model.weights": weights,
             "train.epochs": epochs,
             "train.batch_size": batch_size,
             "train.lr": lr,
+            "train.freeze_epochs": freeze_epochs,
+            "train.unfreeze": unfreeze,
+            "train.finetune_lr": finetune_lr,
+            "train.layer_decay": layer_decay,
             "train.optimizer": optimizer,
             "train.scheduler": scheduler,
             "train.weight_decay": weight_decay,
@@ -160,9 +197,8 @@ def train(
             "train.seed": seed,
             "train.device": device,
             "data.num_workers": workers,
-            **parse_assignments(set_ or []),
         }
-        run_config = load_config(config, flags) if config else build_config(None, flags)
+        run_config = run_config_from(config, flags, set_)
         result = workflow.train(data, run_config, out=out, name=name, progress=RichProgress())
     if result.metrics:
         print_metrics(result.metrics)
@@ -265,6 +301,84 @@ def split(
         console.print(f"[yellow]{len(result.problems)} file(s) skipped:[/]")
         for problem in result.problems:
             console.print(f"  {escape(str(problem.path))}: {escape(problem.reason)}")
+
+
+@app.command(
+    "lr-find",
+    epilog=examples(
+        "imgclf lr-find data/ --model tf_efficientnet_lite0 --pretrained",
+        "imgclf lr-find data/ --model small_cnn --out plots/",
+    ),
+)
+@handles_errors
+def lr_find(
+    data: Annotated[Path, typer.Argument(help="the dataset, as for train")],
+    model: ModelOption = None,
+    pretrained: PretrainedOption = None,
+    weights: WeightsOption = None,
+    freeze_epochs: FreezeOption = None,
+    batch_size: BatchOption = None,
+    img_size: ImgSizeOption = None,
+    device: DeviceOption = None,
+    steps: Annotated[int, typer.Option(min=10, help="steps of the LR ramp")] = 100,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    out: Annotated[Path, typer.Option(help="folder for lr_find.png and lr_find.csv")] = Path("."),
+) -> None:
+    """LR range test: train briefly with a growing learning rate, plot loss against LR, suggest one.
+
+    The model is restored afterwards. Use the suggestion with --lr, or let train do it with --lr auto.
+    """
+    from imgclf import workflow
+
+    flags = {
+        "model.name": model,
+        "model.pretrained": pretrained,
+        "model.weights": weights,
+        "train.freeze_epochs": freeze_epochs,
+        "train.batch_size": batch_size,
+        "data.img_size": img_size,
+        "train.device": device,
+    }
+    if freeze_epochs:  # freeze_epochs must stay below epochs, which lr-find does not use
+        flags["train.epochs"] = freeze_epochs + 1
+    result = workflow.lr_find(
+        data, run_config_from(config, flags, set_), out=out, num_steps=steps, progress=RichProgress()
+    )
+    out_console.print(
+        f"suggested learning rate: [bold]{result.suggestion:.2e}[/] ({result.method} of the smoothed loss; "
+        f"{result.stopped})\nplot: {escape(str(out / 'lr_find.png'))}"
+    )
+
+
+@app.command(
+    epilog=examples("imgclf models 'resnet*'", "imgclf models --pretrained 'efficientnet*'"),
+)
+@handles_errors
+def models(
+    pattern: Annotated[str, typer.Argument(help="shell-style pattern over model names")] = "*",
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="only models with published weights")] = False,
+    limit: Annotated[int, typer.Option(min=1, help="show at most this many")] = 50,
+) -> None:
+    """List model names (small_cnn and timm's), parameter counts, and where pretrained weights are available
+    offline (an installed package or the local Hugging Face cache)."""
+    from imgclf.models.registry import describe_model, model_names
+
+    names = model_names(pattern, pretrained=pretrained)
+    table = Table()
+    table.add_column("model", overflow="fold")
+    table.add_column("parameters", justify="right")
+    table.add_column("input")
+    table.add_column("pretrained weights offline", overflow="fold")
+    with RichProgress().task("Reading model definitions", total=min(limit, len(names))) as task:
+        for name in names[:limit]:
+            info = describe_model(name)
+            offline = ", ".join(info.offline) or "-"
+            table.add_row(info.name, f"{info.parameters / 1e6:.2f} M", info.input_size, offline)
+            task.advance()
+    out_console.print(table)
+    more = f" (showing {limit}; --limit N for more)" if len(names) > limit else ""
+    out_console.print(f"{len(names)} model(s) match '{escape(pattern)}'{more}")
 
 
 @app.command()

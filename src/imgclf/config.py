@@ -33,21 +33,29 @@ class DataConfig(_Section):
     split_seed: int = Field(0, description="seed of that split; separate from train.seed so runs share a split")
     color: Literal["auto", "rgb", "gray"] = Field(
         "auto",
-        description="channels fed to the model; auto = gray when every training image is single-channel",
+        description="channels fed to the model; auto = gray when every training image is single-channel, "
+        "except for pretrained models, which get gray images replicated to RGB",
     )
     img_size: int | None = Field(
         None,
         ge=8,
-        description="square training resolution; null = from the data (median side rounded up to 16, in 32..224)",
+        description="square training resolution; null = the pretrained model's, else from the data (median side "
+        "rounded up to 16, in 32..224)",
     )
-    crop_pct: float = Field(
-        1.0,
+    crop_pct: float | None = Field(
+        None,
         gt=0,
         le=1,
-        description="eval preprocessing: resize to img_size/crop_pct, then center-crop img_size",
+        description="eval: resize to img_size/crop_pct, then center-crop img_size; null = pretrained model's, else 1",
     )
-    interpolation: Literal["bilinear", "bicubic", "nearest"] = Field(
-        "bilinear", description="resampling filter used when resizing"
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = Field(
+        None, description="resampling filter; null = the pretrained model's, else bilinear"
+    )
+    mean: tuple[float, ...] | None = Field(
+        None, description="per-channel normalisation mean; null = the pretrained model's, else ImageNet's"
+    )
+    std: tuple[float, ...] | None = Field(
+        None, description="per-channel normalisation std; null = the pretrained model's, else ImageNet's"
     )
     max_pixels: int = Field(
         50_000_000, gt=0, description="images with more pixels are rejected (decompression-bomb guard)"
@@ -57,7 +65,12 @@ class DataConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _ratios_sum_to_one(self) -> DataConfig:
+    def _check(self) -> DataConfig:
+        if (self.mean is None) != (self.std is None) or (self.mean and len(self.mean) != len(self.std or ())):
+            raise ValueError(
+                f"mean and std must be given together, with one value per channel; received "
+                f"mean={self.mean}, std={self.std}"
+            )
         train, val, test = self.split_ratios
         if min(self.split_ratios) < 0 or train <= 0 or abs(train + val + test - 1.0) > 1e-6:
             raise ValueError(
@@ -86,6 +99,14 @@ class ModelConfig(_Section):
     depth: int = Field(3, ge=3, le=5, description="small_cnn: number of conv blocks (each halves the resolution)")
     width: int = Field(32, ge=4, description="small_cnn: channels of the first block, doubled per block")
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout before the classifier head")
+    pretrained: bool = Field(
+        False,
+        description="start from pretrained weights: an installed weights package, the Hugging Face cache, or the hub "
+        "when online (imgclf models --pretrained lists them); the classifier head is always new",
+    )
+    weights: Path | None = Field(
+        None, description="start from this weights file (safetensors, or a .pth/.bin state dict); implies pretrained"
+    )
 
 
 class EarlyStoppingConfig(_Section):
@@ -103,7 +124,9 @@ class TrainConfig(_Section):
     epochs: int = Field(20, ge=1, description="maximum number of epochs")
     batch_size: int = Field(64, ge=1, description="images per optimisation step")
     optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="adamw | adam | sgd")
-    lr: float = Field(2e-3, gt=0, description="peak learning rate")
+    lr: float | Literal["auto"] = Field(
+        2e-3, description="peak learning rate; auto = the LR finder's suggestion (see imgclf lr-find)"
+    )
     weight_decay: float = Field(0.05, ge=0, description="decoupled (adamw) or L2 (adam, sgd) weight decay")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum")
     nesterov: bool = Field(True, description="sgd: Nesterov momentum")
@@ -120,9 +143,42 @@ class TrainConfig(_Section):
     class_weights: Literal["none", "auto"] = Field(
         "none", description="auto = weight the loss by inverse class frequency (imbalanced data)"
     )
+    freeze_epochs: int = Field(
+        0, ge=0, description="first train only the new head for this many epochs, the backbone frozen (BatchNorm too)"
+    )
+    unfreeze: int | Literal["all"] = Field(
+        "all", description="after the frozen epochs, train all stages, or only the last K stages (an integer)"
+    )
+    finetune_lr: float | None = Field(
+        None, gt=0, description="peak LR after unfreezing (a fresh warmup + cosine); null = lr / 10"
+    )
+    layer_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="discriminative LRs: each layer group below the head gets this factor more (e.g. 0.75); null = off",
+    )
+    pretrained_bn: Literal["frozen", "train"] = Field(
+        "frozen",
+        description="BatchNorm statistics of a pretrained backbone: frozen (kept as pretrained, also after "
+        "unfreezing; best for small datasets) | train (re-estimated from this data)",
+    )
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     seed: int = Field(0, description="seed for weights init, data order and augmentation")
     device: str = Field("auto", description="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.lr != "auto" and self.lr <= 0:
+            raise ValueError(f"lr must be a positive number or 'auto'; received {self.lr}")
+        if self.unfreeze != "all" and self.unfreeze < 1:
+            raise ValueError(f"unfreeze must be 'all' or a number of stages >= 1; received {self.unfreeze}")
+        if self.freeze_epochs >= self.epochs:
+            raise ValueError(
+                f"freeze_epochs ({self.freeze_epochs}) must be smaller than epochs ({self.epochs}), "
+                "or the backbone is never fine-tuned"
+            )
+        return self
 
 
 class RunConfig(_Section):
@@ -217,7 +273,7 @@ def _dump_section(section: BaseModel, lines: list[str], indent: int, comments: b
             lines.append(f"{pad}{name}:" + (f"  # {doc}" if doc else ""))
             _dump_section(value, lines, indent + 1, comments)
             continue
-        plain = list(value) if isinstance(value, tuple) else value
+        plain = list(value) if isinstance(value, tuple) else str(value) if isinstance(value, Path) else value
         text = yaml.safe_dump(plain, default_flow_style=True, width=1000).strip()
         text = text.removesuffix("\n...").removesuffix("...").strip()
         line = f"{pad}{name}: {text}"

@@ -105,18 +105,42 @@ def train(
         return _resume(Path(resume), epochs=epochs, progress=progress)
     if data is None:
         raise ConfigError("train needs a data folder (or --resume runs/<name>)")
-    config = build_config(config)
     check_writable(Path(out))
-    _check_model_and_device(config)
-    index = scan_folder(Path(data), max_pixels=config.data.max_pixels, progress=progress)
-    manifest = make_manifest(index, ratios=config.data.split_ratios, seed=config.data.split_seed)
-    config = _resolve_data_settings(config, index, manifest)
+    prepared = _prepare(Path(data), build_config(config), progress=progress)
+    config = prepared.config
     paths = create_run_dir(Path(out), name, config.model.name)
     log.info("run folder: %s", paths.root)
-    _write_data_records(paths, index.problems, manifest)
+    _write_data_records(paths, prepared.index.problems, prepared.manifest)
     save_config(config, paths.config)
-    write_env(paths, environment_info(device=config.train.device, seed=config.train.seed))
-    return _train_run(paths, config, manifest, progress=progress)
+    env = environment_info(device=config.train.device, seed=config.train.seed)
+    if prepared.weights is not None:
+        env["pretrained_weights"] = {"source": prepared.weights.source, "not_used": list(prepared.weights.tried)}
+    write_env(paths, env)
+    return _train_run(paths, config, prepared.manifest, progress=progress, weights=prepared.weights)
+
+
+def lr_find(
+    data: Path | str,
+    config: RunConfig | Mapping[str, Any] | None = None,
+    *,
+    out: Path | str = ".",
+    num_steps: int = 100,
+    progress: Progress = NO_PROGRESS,
+):
+    """Run the LR range test on the training split and write `lr_find.png` and `lr_find.csv` into `out`.
+
+    The model trains as it would in the first epoch (pretrained weights loaded, the backbone frozen when
+    `train.freeze_epochs` > 0); its weights are restored afterwards.
+
+    Returns:
+        An `LRFinderResult` (curve, suggestion, why the ramp stopped).
+
+    Example:
+        >>> imgclf.lr_find("data/", {"model": {"name": "resnet18"}}).suggestion
+        0.0021
+    """
+    prepared = _prepare(Path(data), build_config(config), progress=progress)
+    return _find_lr(prepared.config, prepared.manifest, prepared.weights, Path(out), num_steps=num_steps)
 
 
 def evaluate(
@@ -264,8 +288,9 @@ def _train_run(
     *,
     progress: Progress,
     checkpoint=None,
+    weights=None,
 ) -> TrainResult:
-    """The recipe: loaders -> model, optimizer, schedule -> callbacks -> fit -> bundle -> test evaluation."""
+    """The recipe: loaders -> model, optimizer, phases -> callbacks -> fit -> bundle -> test evaluation."""
     from imgclf.deploy.bundle import ModelBundle, save_bundle
     from imgclf.deploy.predict import Predictor
     from imgclf.device import select_device
@@ -275,20 +300,29 @@ def _train_run(
     classes = manifest.classes
     device = select_device(config.train.device)
     pre = _preprocessing(config)
-    # 1. data
+    # 1. data; an LR from the LR finder when asked for
     train_loader, val_loader = _make_loaders(config, manifest, pre, pin_memory=device.type == "cuda")
-    # 2. model, optimizer, schedule, loss (and the saved state when resuming)
+    if config.train.lr == "auto":
+        found = _find_lr(config, manifest, weights, paths.root, loaders=(train_loader, device))
+        config = build_config(config, {"train.lr": found.suggestion})
+        save_config(config, paths.config)
+    # 2. model (pretrained weights under a new head), optimizer, loss, phases; or the saved state when resuming
     stopping = config.train.early_stopping
     monitor = cb.Monitor.resolve(stopping.monitor, stopping.mode)
-    state, spec, loss_fn = _make_fit_state(config, manifest, pre, len(train_loader), monitor.mode, device)
+    state, spec, loss_fn, phases = _make_fit_state(
+        config, manifest, pre, len(train_loader), monitor.mode, device, weights
+    )
     if checkpoint is not None:
+        state.restore_counters(checkpoint.meta)
         state.model.load_state_dict(checkpoint.model)
+        phases.enter(state, max(state.epoch, 1))  # the phase the checkpoint was written in
         state.optimizer.load_state_dict(checkpoint.optimizer)
         state.schedule.load_state_dict(checkpoint.schedule)
-        state.restore_counters(checkpoint.meta)
-        log.info("resuming after epoch %d of %d", state.epoch, state.epochs)
+        log.info("resuming after epoch %d of %d (%s phase)", state.epoch, state.epochs, state.phase)
+    else:
+        phases.enter(state, 1)
     # 3. everything around the step
-    callbacks: list[cb.Callback] = [cb.HistoryCSV(paths.history)]
+    callbacks: list[cb.Callback] = [phases, cb.HistoryCSV(paths.history)]
     if stopping.patience is not None:
         callbacks.append(cb.EarlyStopping(monitor, stopping.patience, stopping.min_delta))
     callbacks += [
@@ -375,14 +409,26 @@ def _make_loaders(config: RunConfig, manifest: SplitManifest, pre: Preprocessing
 
 
 def _make_fit_state(
-    config: RunConfig, manifest: SplitManifest, pre: Preprocessing, steps_per_epoch: int, mode: str, device
+    config: RunConfig,
+    manifest: SplitManifest,
+    pre: Preprocessing,
+    steps_per_epoch: int,
+    mode: str,
+    device,
+    weights=None,
 ):
-    """A freshly initialised model (seeded) with its optimizer, LR schedule and training loss."""
+    """A freshly initialised (seeded) model with pretrained weights if given, its optimizer, the training loss,
+    and the phase plan whose `enter` sets trainable layers, learning rates and the LR schedule."""
+    from imgclf.models.finetune import plan_phases
     from imgclf.models.registry import build_model, model_spec
+    from imgclf.models.weights import load_pretrained
+    from imgclf.training.callbacks import Phases
     from imgclf.training.engine import FitState, seed_epoch
-    from imgclf.training.optim import build_loss, build_optimizer, build_schedule
+    from imgclf.training.optim import LRSchedule, build_loss, build_optimizer, build_schedule
 
     train = config.train
+    if train.lr == "auto":
+        raise ConfigError("internal: train.lr must be resolved before the fit state is built")
     classes = manifest.classes
     seed_epoch(train.seed, 0)  # weight initialisation
     spec = model_spec(
@@ -393,7 +439,11 @@ def _make_fit_state(
         width=config.model.width,
         dropout=config.model.dropout,
     )
-    model = build_model(spec).to(device)
+    model = build_model(spec)
+    if weights is not None:
+        new = load_pretrained(model, weights, name=spec.name)
+        log.info("pretrained weights from %s; new head: %s", weights.source, ", ".join(new))
+    model = model.to(device)
     optimizer = build_optimizer(
         train.optimizer,
         model,
@@ -401,25 +451,79 @@ def _make_fit_state(
         weight_decay=train.weight_decay,
         momentum=train.momentum,
         nesterov=train.nesterov,
-    )
-    schedule = build_schedule(
-        train.scheduler,
-        optimizer,
-        epochs=train.epochs,
-        steps_per_epoch=steps_per_epoch,
-        warmup_epochs=train.warmup_epochs,
-        step_size=train.step_size,
-        gamma=train.gamma,
-        plateau_patience=train.plateau_patience,
-        mode=mode,
+        layer_decay=train.layer_decay,
     )
     counts = Counter(row.label for row in manifest.split("train"))
     loss_fn = build_loss(
         label_smoothing=train.label_smoothing,
         class_counts=[counts[c] for c in classes] if train.class_weights == "auto" else None,
     ).to(device)
-    state = FitState(model=model, optimizer=optimizer, schedule=schedule, epochs=train.epochs)
-    return state, spec, loss_fn
+    plan = plan_phases(
+        epochs=train.epochs,
+        freeze_epochs=train.freeze_epochs,
+        lr=train.lr,
+        finetune_lr=train.finetune_lr,
+        unfreeze=train.unfreeze,
+        keep_pretrained_norms=_is_pretrained(config) and train.pretrained_bn == "frozen",
+    )
+
+    def make_schedule(phase) -> LRSchedule:
+        return build_schedule(
+            train.scheduler,
+            optimizer,
+            epochs=phase.epochs,
+            steps_per_epoch=steps_per_epoch,
+            warmup_epochs=train.warmup_epochs,
+            step_size=train.step_size,
+            gamma=train.gamma,
+            plateau_patience=train.plateau_patience,
+            mode=mode,
+        )
+
+    state = FitState(model=model, optimizer=optimizer, schedule=LRSchedule(None, "epoch"), epochs=train.epochs)
+    return state, spec, loss_fn, Phases(plan, make_schedule)
+
+
+def _find_lr(config: RunConfig, manifest: SplitManifest, weights, out: Path, *, num_steps: int = 100, loaders=None):
+    """LR range test in the state of the first epoch; writes lr_find.png and lr_find.csv into `out`."""
+    from imgclf.device import select_device
+    from imgclf.evaluation.plots import lr_finder_figure
+    from imgclf.training.optim import find_lr
+
+    if loaders is None:
+        device = select_device(config.train.device)
+        train_loader, _ = _make_loaders(config, manifest, _preprocessing(config), pin_memory=device.type == "cuda")
+    else:
+        train_loader, device = loaders
+    probe = build_config(config, {"train.lr": 1.0})  # the finder sets the LR itself
+    state, _, loss_fn, phases = _make_fit_state(
+        probe, manifest, _preprocessing(probe), len(train_loader), "min", device, weights
+    )
+    phases.enter(state, 1)
+    log.info("LR finder: %d steps from 1e-7 to 10", num_steps)
+    result = find_lr(
+        state.model,
+        train_loader,
+        state.optimizer,
+        loss_fn,
+        device,
+        num_steps=num_steps,
+        frozen_norms=state.frozen_norms,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv_atomic(
+        out / "lr_find.csv", ["lr", "loss", "smoothed_loss"], zip(result.lrs, result.losses, result.smoothed)
+    )
+    figure = lr_finder_figure(result.lrs, result.losses, result.smoothed, result.suggestion, result.method)
+    write_atomic(out / "lr_find.png", lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    log.info(
+        "LR finder suggests %.2e (%s; %s); plot in %s",
+        result.suggestion,
+        result.method,
+        result.stopped,
+        out / "lr_find.png",
+    )
+    return result
 
 
 def _resume(run_dir: Path, *, epochs: int | None, progress: Progress) -> TrainResult:
@@ -444,40 +548,95 @@ def _resume(run_dir: Path, *, epochs: int | None, progress: Progress) -> TrainRe
     return _train_run(paths, config, manifest, progress=progress, checkpoint=checkpoint)
 
 
-def _check_model_and_device(config: RunConfig) -> None:
-    """Fail on a bad model name or device before the (possibly long) scan."""
+@dataclass(frozen=True)
+class _Prepared:
+    config: RunConfig  # with the data-dependent settings resolved
+    index: ImageIndex
+    manifest: SplitManifest
+    weights: Any  # PretrainedWeights or None
+
+
+def _prepare(data: Path, config: RunConfig, *, progress: Progress) -> _Prepared:
+    """Check the model, device and pretrained weights (fast failures first), then scan, split and resolve."""
     from imgclf.device import select_device
     from imgclf.models.registry import check_model_name
+    from imgclf.models.weights import check_pretrained_request, find_weights
 
-    check_model_name(config.model.name)
+    model = config.model
+    check_model_name(model.name)
     select_device(config.train.device)
+    check_pretrained_request(model.name, model.pretrained, model.weights)
+    weights = find_weights(model.name, model.weights) if _is_pretrained(config) else None
+    index = scan_folder(data, max_pixels=config.data.max_pixels, progress=progress)
+    manifest = make_manifest(index, ratios=config.data.split_ratios, seed=config.data.split_seed)
+    return _Prepared(
+        _resolve_data_settings(config, index, manifest, pretrained=weights is not None), index, manifest, weights
+    )
 
 
-def _resolve_data_settings(config: RunConfig, index: ImageIndex, manifest: SplitManifest) -> RunConfig:
-    """Replace `auto` color and a missing image size by what the training images say; the result is what
-    config.yaml records."""
+def _resolve_data_settings(
+    config: RunConfig, index: ImageIndex, manifest: SplitManifest, *, pretrained: bool
+) -> RunConfig:
+    """Fill every preprocessing setting left open: explicit values win, then the pretrained model's config
+    (size, crop, interpolation, mean/std), then what the training images say. config.yaml records the result."""
+    from imgclf.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from imgclf.models.weights import pretrained_config
+
+    data = config.data
+    cfg = (pretrained_config(config.model.name) or {}) if pretrained else {}
     train_paths = {row.path for row in manifest.split("train")}
     train_records = [r for r in index.records if r.path in train_paths]
-    color = config.data.color
+    color = data.color
     if color == "auto":
-        color = "gray" if all(r.single_channel for r in train_records) else "rgb"
-        log.info(
-            "color: %s (%s)",
-            color,
-            "every training image is single-channel"
-            if color == "gray"
-            else "some training images have colour channels",
-        )
-    img_size = config.data.img_size or auto_img_size([(r.width, r.height) for r in train_records])
-    return build_config(config, {"data.color": color, "data.img_size": img_size})
+        if pretrained:
+            color = "rgb"
+            if all(r.single_channel for r in train_records):
+                log.info("color: rgb (grayscale images are replicated to 3 channels for the pretrained stem)")
+        else:
+            color = "gray" if all(r.single_channel for r in train_records) else "rgb"
+            log.info(
+                "color: %s (%s)",
+                color,
+                "every training image is single-channel"
+                if color == "gray"
+                else "some training images have colour channels",
+            )
+    img_size = data.img_size or (cfg["input_size"][-1] if cfg.get("input_size") else None)
+    img_size = img_size or auto_img_size([(r.width, r.height) for r in train_records])
+    interpolation = data.interpolation or cfg.get("interpolation")
+    interpolation = interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
+    mean = tuple(data.mean or cfg.get("mean") or IMAGENET_MEAN)
+    std = tuple(data.std or cfg.get("std") or IMAGENET_STD)
+    if color == "gray" and len(mean) == 3:
+        mean, std = (round(sum(mean) / 3, 4),), (round(sum(std) / 3, 4),)
+    return build_config(
+        config,
+        {
+            "data.color": color,
+            "data.img_size": img_size,
+            "data.crop_pct": data.crop_pct or cfg.get("crop_pct") or 1.0,
+            "data.interpolation": interpolation,
+            "data.mean": list(mean),
+            "data.std": list(std),
+        },
+    )
+
+
+def _is_pretrained(config: RunConfig) -> bool:
+    return config.model.pretrained or config.model.weights is not None
 
 
 def _preprocessing(config: RunConfig) -> Preprocessing:
     data = config.data
-    if data.color == "auto" or data.img_size is None:
-        raise ConfigError("internal: data.color and data.img_size must be resolved before training")
-    return Preprocessing.default_for(
-        data.img_size, data.color, crop_pct=data.crop_pct, interpolation=data.interpolation
+    if data.color == "auto" or None in (data.img_size, data.crop_pct, data.interpolation, data.mean, data.std):
+        raise ConfigError("internal: preprocessing settings must be resolved before training")
+    return Preprocessing(
+        img_size=data.img_size,
+        color=data.color,
+        mean=tuple(data.mean),
+        std=tuple(data.std),
+        crop_pct=data.crop_pct,
+        interpolation=data.interpolation,
     )
 
 

@@ -51,3 +51,23 @@ def confusion_matrix_figure(matrix: np.ndarray, classes: Sequence[str], *, norma
                     color="white" if values[i, j] > threshold else "black",
                 )
     return figure
+
+
+def lr_finder_figure(
+    lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float], suggestion: float, method: str
+) -> Figure:
+    """Loss against learning rate (log scale), raw and smoothed, with the suggested LR marked."""
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    axes.plot(lrs, losses, color="0.75", linewidth=1, label="loss per step")
+    axes.plot(lrs, smoothed, color="C0", linewidth=2, label="smoothed loss")
+    axes.axvline(suggestion, color="C3", linestyle="--", label=f"suggestion {suggestion:.2e} ({method})")
+    low, high = min(smoothed), max(smoothed[: max(2, len(smoothed) // 3)])
+    axes.set_ylim(low - 0.1 * (high - low + 1e-9), high + 0.3 * (high - low + 1e-9))
+    axes.set_xscale("log")
+    axes.set_xlabel("learning rate (log scale)")
+    axes.set_ylabel("training loss")
+    axes.set_title("LR finder")
+    axes.legend(loc="upper left")
+    axes.grid(True, which="both", alpha=0.3)
+    return figure

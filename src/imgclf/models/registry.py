@@ -76,3 +76,47 @@ def check_model_name(name: str) -> None:
         f"model.name: unknown model '{name}'; expected 'small_cnn' or a timm model name "
         f"(python -c \"import timm; print(timm.list_models('resnet*'))\" lists them).{hint}"
     )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One row of `imgclf models`."""
+
+    name: str
+    parameters: int
+    input_size: str
+    offline: tuple[str, ...]
+
+
+def model_names(pattern: str = "*", *, pretrained: bool = False) -> list[str]:
+    """small_cnn and timm's model names matching a shell-style pattern; with `pretrained`, only names with
+    published weights (timm then adds the weight tag, e.g. `resnet18.a1_in1k`)."""
+    import fnmatch
+
+    import timm
+
+    names = [SMALL_CNN] if not pretrained and fnmatch.fnmatch(SMALL_CNN, pattern) else []
+    return names + timm.list_models(pattern, pretrained=pretrained)
+
+
+def describe_model(name: str) -> ModelInfo:
+    """Parameter count (for a 1000-class head; small_cnn: 10 classes), input size, offline weight sources."""
+    import torch
+
+    from imgclf.models.weights import offline_sources, pretrained_config
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation time
+        if name == SMALL_CNN:
+            model = build_model(model_spec(name, num_classes=10, in_chans=3, depth=3, width=32, dropout=0.0))
+        else:
+            import timm
+
+            model = timm.create_model(name, pretrained=False)
+    cfg = pretrained_config(name) or {}
+    size = cfg.get("input_size")
+    return ModelInfo(
+        name=name,
+        parameters=sum(p.numel() for p in model.parameters()),
+        input_size=f"{size[-2]}x{size[-1]}" if size else "any",
+        offline=tuple(offline_sources(name)),
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -42,6 +43,13 @@ class SmallCNN(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(channels[-1], num_classes)
         self.num_classes = num_classes
+
+    # The parts of timm's model interface that fine-tuning uses: where the head and the stem are, and layer groups.
+    pretrained_cfg: ClassVar[dict[str, str]] = {"classifier": "head", "first_conv": "features.0.0"}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer groups in timm's format: one per conv block; the head, unmatched, comes last."""
+        return {"blocks": r"^features\.(\d+)"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.features(x)).flatten(1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,15 +15,17 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from imgclf.files import write_csv_atomic
+from imgclf.models.finetune import Phase, phase_at, set_phase_lrs, set_trainable
 from imgclf.progress import Progress, Task
 from imgclf.training.checkpoint import load_checkpoint, save_checkpoint
 
 if TYPE_CHECKING:
     from imgclf.training.engine import FitState
+    from imgclf.training.optim import LRSchedule
 
 log = logging.getLogger(__name__)
 
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s")
+HISTORY_COLUMNS = ("epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s")
 
 
 class Callback:
@@ -61,6 +64,37 @@ class Monitor:
         if best is None:
             return True
         return value < best - min_delta if self.mode == "min" else value > best + min_delta
+
+
+class Phases(Callback):
+    """Enters each phase of a fine-tuning plan at its first epoch: freezes or unfreezes stages, sets the phase's
+    learning rates and starts its LR schedule (see `imgclf.models.finetune`)."""
+
+    def __init__(self, phases: list[Phase], make_schedule: Callable[[Phase], LRSchedule]) -> None:
+        self.phases = phases
+        self.make_schedule = make_schedule
+
+    def enter(self, state: FitState, epoch: int) -> None:
+        """Put the model and optimizer in the state of the phase that `epoch` belongs to."""
+        phase = phase_at(self.phases, epoch)
+        state.frozen_norms = set_trainable(state.model, phase)
+        set_phase_lrs(state.optimizer, phase.lr)
+        state.schedule = self.make_schedule(phase)
+        if state.phase is not None and state.phase != phase.name:
+            trainable = sum(p.numel() for p in state.model.parameters() if p.requires_grad)
+            log.info(
+                "epoch %d: %s phase, %s trainable parameters, peak lr %.2e",
+                epoch,
+                phase.name,
+                f"{trainable:,}",
+                phase.lr,
+            )
+        state.phase = phase.name
+
+    def on_epoch_start(self, state: FitState) -> None:
+        epoch = state.epoch + 1
+        if phase_at(self.phases, epoch).name != state.phase:
+            self.enter(state, epoch)
 
 
 class HistoryCSV(Callback):

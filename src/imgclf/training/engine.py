@@ -37,6 +37,8 @@ class FitState:
     best_epoch: int | None = None
     best_metric: float | None = None
     stop_reason: str | None = None
+    phase: str | None = None  # set by the Phases callback: train | frozen | fine-tune
+    frozen_norms: list[nn.Module] = field(default_factory=list)  # BatchNorms kept in eval mode while training
 
     def counters(self) -> dict[str, Any]:
         return {
@@ -46,6 +48,7 @@ class FitState:
             "best_epoch": self.best_epoch,
             "best_metric": self.best_metric,
             "stop_reason": self.stop_reason,
+            "phase": self.phase,
         }
 
     def restore_counters(self, counters: dict[str, Any]) -> None:
@@ -90,10 +93,16 @@ def train_one_epoch(
     *,
     schedule: LRSchedule,
     grad_clip: float | None = None,
+    frozen_norms: Sequence[nn.Module] = (),
     on_batch: BatchHook | None = None,
 ) -> EpochResult:
-    """One pass over `loader`: forward, loss, backward, (clip), step, schedule step."""
+    """One pass over `loader`: forward, loss, backward, (clip), step, schedule step.
+
+    `frozen_norms` stay in eval mode, so the running statistics of a frozen backbone do not move.
+    """
     model.train()
+    for norm in frozen_norms:
+        norm.eval()
     start = time.perf_counter()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -187,11 +196,13 @@ def fit(
             device,
             schedule=state.schedule,
             grad_clip=grad_clip,
+            frozen_norms=state.frozen_norms,
             on_batch=on_batch,
         )
         val = evaluate_epoch(state.model, val_loader, device)
         row = {
             "epoch": epoch,
+            "phase": state.phase or "train",
             "train_loss": train.loss,
             "train_acc": train.accuracy,
             "val_loss": val.loss,

@@ -1,18 +1,22 @@
-"""Factories for the optimizer, the learning-rate schedule and the loss."""
+"""Factories for the optimizer, the learning-rate schedule and the loss; the LR range test (LR finder)."""
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
-from timm.optim import param_groups_weight_decay
 from torch import nn
 from torch.optim import SGD, Adam, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau, StepLR
+from torch.utils.data import DataLoader
 
 from imgclf.errors import ConfigError
+from imgclf.models.finetune import param_groups
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "step", "plateau", "none")
@@ -26,29 +30,36 @@ def build_optimizer(
     weight_decay: float,
     momentum: float = 0.9,
     nesterov: bool = True,
+    layer_decay: float | None = None,
 ) -> Optimizer:
-    """Create an optimizer; biases and normalisation weights get no weight decay (timm's grouping).
+    """Create an optimizer over all of `model`'s parameters (frozen ones included, for later phases).
+
+    Biases and normalisation weights get no weight decay; with `layer_decay`, each layer group's LR is
+    lr * layer_decay ** (distance from the head) (timm's grouping, `models.finetune.param_groups`).
 
     Args:
         name: adamw | adam | sgd.
-        model: the network whose trainable parameters are optimised.
-        lr: learning rate.
+        model: the network.
+        lr: peak learning rate of the head.
         weight_decay: decay for weights of dimension >= 2.
         momentum: sgd momentum.
         nesterov: sgd Nesterov momentum.
+        layer_decay: per-layer LR factor below the head, or None.
 
     Example:
         >>> build_optimizer("sgd", model, lr=0.1, weight_decay=5e-4)
     """
-    groups = param_groups_weight_decay(model, weight_decay)
     factories = {
-        "adamw": lambda: AdamW(groups, lr=lr),
-        "adam": lambda: Adam(groups, lr=lr),
-        "sgd": lambda: SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0),
+        "adamw": lambda groups: AdamW(groups, lr=lr),
+        "adam": lambda groups: Adam(groups, lr=lr),
+        "sgd": lambda groups: SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0),
     }
     if name not in factories:
         raise ConfigError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}; received '{name}'")
-    return factories[name]()
+    groups = param_groups(model, weight_decay=weight_decay, layer_decay=layer_decay)
+    for group in groups:
+        group["lr"] = lr * group["lr_scale"]
+    return factories[name](groups)
 
 
 @dataclass
@@ -130,8 +141,8 @@ def _warmup_cosine(total_steps: int, warmup_steps: int, start_factor: float = 0.
 
 
 def current_lr(optimizer: Optimizer) -> float:
-    """LR of the first parameter group (the others follow it unless layer-wise rates are set)."""
-    return float(optimizer.param_groups[0]["lr"])
+    """The head's LR: the largest group LR (lower layers get less with layer-wise decay)."""
+    return max(float(group["lr"]) for group in optimizer.param_groups)
 
 
 def build_loss(*, label_smoothing: float, class_counts: list[int] | None = None) -> nn.CrossEntropyLoss:
@@ -143,3 +154,108 @@ def build_loss(*, label_smoothing: float, class_counts: list[int] | None = None)
         counts = torch.tensor(class_counts, dtype=torch.float32).clamp(min=1)
         weight = counts.sum() / (len(class_counts) * counts)
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+
+
+@dataclass(frozen=True)
+class LRFinderResult:
+    """The LR range test: loss per learning rate, its smoothed curve, and the suggested LR."""
+
+    lrs: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    suggestion: float
+    method: str
+    stopped: str  # why the ramp ended
+
+
+def find_lr(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: Optimizer,
+    loss_fn: nn.Module,
+    device: torch.device,
+    *,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    num_steps: int = 100,
+    beta: float = 0.9,
+    diverge: float = 4.0,
+    frozen_norms: Sequence[nn.Module] = (),
+) -> LRFinderResult:
+    """LR range test (Smith 2017; fastai's lr_find): train with an exponentially growing LR and record the loss.
+
+    Recipe:
+    1. save the model and optimizer state;
+    2. for up to `num_steps` batches (cycling through `loader`), set lr = start_lr * (end_lr/start_lr)**(i/(n-1))
+       (times each group's layer scale), take one optimizer step, record the loss;
+    3. smooth the losses with a bias-corrected exponential moving average (`beta`); stop early when the smoothed
+       loss exceeds `diverge` times its minimum, or is not finite;
+    4. restore the saved state, so the model and optimizer are exactly as before;
+    5. suggest the LR at the steepest descent of the smoothed loss (most negative slope against log LR),
+       looked for before the loss minimum: the LR where the loss falls fastest.
+
+    Returns:
+        The curve and the suggestion.
+    """
+    model_state = copy.deepcopy(model.state_dict())
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+    scales = [group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+    lrs: list[float] = []
+    losses: list[float] = []
+    smoothed: list[float] = []
+    average, best = 0.0, math.inf
+    stopped = f"reached {end_lr:g} after {num_steps} steps"
+    batches = _cycle(loader)
+    model.train()
+    for norm in frozen_norms:
+        norm.eval()
+    try:
+        for step in range(num_steps):
+            lr = start_lr * (end_lr / start_lr) ** (step / max(1, num_steps - 1))
+            for group, scale in zip(optimizer.param_groups, scales):
+                group["lr"] = lr * scale
+            images, targets = next(batches)
+            images, targets = images.to(device), targets.to(device)
+            loss = loss_fn(model(images), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = float(loss.item())
+            if not math.isfinite(value):
+                stopped = f"loss became {value} at lr {lr:.2e}"
+                break
+            average = beta * average + (1 - beta) * value
+            smooth = average / (1 - beta ** (step + 1))
+            lrs.append(lr)
+            losses.append(value)
+            smoothed.append(smooth)
+            best = min(best, smooth)
+            if step > 10 and smooth > diverge * best:
+                stopped = f"diverged at lr {lr:.2e} (smoothed loss {smooth:.3g} > {diverge:g} x minimum {best:.3g})"
+                break
+    finally:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+    if len(lrs) < 5:
+        raise ConfigError(
+            f"the LR finder needs at least 5 steps before the loss diverges; it got {len(lrs)} "
+            f"({stopped}); lower start_lr"
+        )
+    return LRFinderResult(lrs, losses, smoothed, _steepest_descent(lrs, smoothed), "steepest descent", stopped)
+
+
+def _steepest_descent(lrs: list[float], smoothed: list[float]) -> float:
+    values = np.asarray(smoothed)
+    logs = np.log10(np.asarray(lrs))
+    lowest = int(values.argmin())
+    skip = max(1, len(values) // 10)  # the first points carry the EMA warm-up noise
+    if lowest <= skip + 1:
+        return float(lrs[lowest]) / 10  # no falling region: stay well below the minimum
+    slopes = np.gradient(values[: lowest + 1], logs[: lowest + 1])
+    steepest = skip + int(slopes[skip:].argmin())
+    return float(lrs[steepest])
+
+
+def _cycle(loader: DataLoader) -> Iterator:
+    while True:
+        yield from loader
