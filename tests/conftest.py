@@ -67,3 +67,45 @@ def file_digests(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file() and not p.is_symlink()
     }
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format), gzip-compressed."""
+    import gzip
+
+    data = gzip.decompress(path.read_bytes())
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def write_fashion_mnist(folder: Path, train: int, val: int, test: int) -> Path:
+    """A split Fashion-MNIST subset: the first `train` + `val` training images and `test` official test images
+    per class. Skips the calling test when Debian's dataset-fashion-mnist is not installed (CI installs it)."""
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist); .ci/run installs it")
+    train_x, train_y = (
+        read_idx(FASHION_MNIST / "train-images-idx3-ubyte.gz"),
+        read_idx(FASHION_MNIST / "train-labels-idx1-ubyte.gz"),
+    )
+    test_x, test_y = (
+        read_idx(FASHION_MNIST / "t10k-images-idx3-ubyte.gz"),
+        read_idx(FASHION_MNIST / "t10k-labels-idx1-ubyte.gz"),
+    )
+    for label, name in enumerate(FASHION_CLASSES):
+        ours = np.flatnonzero(train_y == label)
+        theirs = np.flatnonzero(test_y == label)
+        for split, indices, images in (
+            ("train", ours[:train], train_x),
+            ("val", ours[train : train + val], train_x),
+            ("test", theirs[:test], test_x),
+        ):
+            target = folder / split / name
+            target.mkdir(parents=True, exist_ok=True)
+            for index in indices:
+                Image.fromarray(images[index]).save(target / f"{index:05d}.png")
+    return folder

@@ -569,28 +569,29 @@ def _prepare(data: Path, config: RunConfig, *, progress: Progress) -> _Prepared:
     weights = find_weights(model.name, model.weights) if _is_pretrained(config) else None
     index = scan_folder(data, max_pixels=config.data.max_pixels, progress=progress)
     manifest = make_manifest(index, ratios=config.data.split_ratios, seed=config.data.split_seed)
-    return _Prepared(
-        _resolve_data_settings(config, index, manifest, pretrained=weights is not None), index, manifest, weights
-    )
+    return _Prepared(_resolve_data_settings(config, index, manifest, weights=weights), index, manifest, weights)
 
 
-def _resolve_data_settings(
-    config: RunConfig, index: ImageIndex, manifest: SplitManifest, *, pretrained: bool
-) -> RunConfig:
+def _resolve_data_settings(config: RunConfig, index: ImageIndex, manifest: SplitManifest, *, weights) -> RunConfig:
     """Fill every preprocessing setting left open: explicit values win, then the pretrained model's config
-    (size, crop, interpolation, mean/std), then what the training images say. config.yaml records the result."""
+    (size, crop, interpolation, mean/std), then what the training images say. config.yaml records the result.
+
+    Colour `auto` with pretrained weights follows the stem they were trained with: an RGB stem gets RGB input
+    (grayscale images replicated to 3 channels, exactly what it saw in pretraining), a 1-channel stem gets gray.
+    An explicit colour that differs from the stem gets the stem adapted instead (`weights.adapt_stem`)."""
     from imgclf.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from imgclf.models.weights import pretrained_config
+    from imgclf.models.weights import pretrained_config, stem_channels
 
     data = config.data
+    pretrained = weights is not None
     cfg = (pretrained_config(config.model.name) or {}) if pretrained else {}
     train_paths = {row.path for row in manifest.split("train")}
     train_records = [r for r in index.records if r.path in train_paths]
     color = data.color
     if color == "auto":
         if pretrained:
-            color = "rgb"
-            if all(r.single_channel for r in train_records):
+            color = "gray" if stem_channels(config.model.name, weights) == 1 else "rgb"
+            if color == "rgb" and all(r.single_channel for r in train_records):
                 log.info("color: rgb (grayscale images are replicated to 3 channels for the pretrained stem)")
         else:
             color = "gray" if all(r.single_channel for r in train_records) else "rgb"

@@ -170,15 +170,12 @@ def load_pretrained(model: nn.Module, weights: PretrainedWeights, *, name: str) 
     source = {key: value for key, value in weights.state_dict.items() if not _under(key, classifier)}
     stem_key = f"{first_conv}.weight" if first_conv else None
     if stem_key in source and stem_key in expected and source[stem_key].shape[1] != expected[stem_key].shape[1]:
-        from timm.models import adapt_input_conv
-
-        in_chans = expected[stem_key].shape[1]
-        source[stem_key] = adapt_input_conv(in_chans, source[stem_key])
+        source[stem_key] = adapt_stem(source[stem_key], expected[stem_key].shape[1])
         log.info(
-            "adapted the pretrained %s from %d to %d input channel(s) (timm's adapt_input_conv)",
+            "adapted the pretrained stem %s from %d to %d input channel(s)",
             stem_key,
             weights.state_dict[stem_key].shape[1],
-            in_chans,
+            expected[stem_key].shape[1],
         )
     missing = [key for key in expected if key not in source and key not in new_head]
     unexpected = [key for key in source if key not in expected]
@@ -204,6 +201,29 @@ def load_pretrained(model: nn.Module, weights: PretrainedWeights, *, name: str) 
             if name in new_head:
                 parameter.zero_()
     return new_head
+
+
+def adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """First-conv weights for another number of input channels, with the same response to gray images:
+    RGB -> 1 channel sums the filters (as timm does); 1 -> k channels repeats them divided by k."""
+    channels = weight.shape[1]
+    if weight.ndim != 4 or channels == in_chans:
+        return weight
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    if channels == 1:
+        return weight.repeat(1, in_chans, 1, 1) / in_chans
+    raise CheckpointError(f"cannot adapt a stem with {channels} input channels to {in_chans}")
+
+
+def stem_channels(name: str, weights: PretrainedWeights) -> int | None:
+    """Input channels the pretrained stem was trained with (3 for ImageNet models), if the weights say."""
+    from imgclf.models.small_cnn import SmallCNN
+
+    cfg = SmallCNN.pretrained_cfg if name == "small_cnn" else (pretrained_config(name) or {})
+    first_conv = cfg.get("first_conv")
+    tensor = weights.state_dict.get(f"{first_conv}.weight") if isinstance(first_conv, str) else None
+    return int(tensor.shape[1]) if tensor is not None and tensor.ndim == 4 else None
 
 
 def classifier_and_stem(model: nn.Module) -> tuple[tuple[str, ...], str | None]:
