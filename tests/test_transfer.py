@@ -308,7 +308,8 @@ def test_explicit_color_adapts_the_pretrained_stem(tmp_path, trained_run, digits
     assert model_json["arch"]["in_chans"] == 3  # 1-channel stem weights adapted to 3 channels
 
 
-def test_freeze_fine_tune_resumes_exactly_across_the_phase_switch(tmp_path, trained_run, digits_source, monkeypatch):
+@pytest.mark.parametrize("cut", [1, 2, 3])
+def test_freeze_fine_tune_resumes_exactly_in_and_across_phases(tmp_path, trained_run, digits_source, monkeypatch, cut):
     path = small_cnn_weights(tmp_path, trained_run, ".safetensors")
     config = {
         **FAST,
@@ -321,12 +322,12 @@ def test_freeze_fine_tune_resumes_exactly_across_the_phase_switch(tmp_path, trai
 
     original = callbacks.EpochLog.on_epoch_end
 
-    def stop_after_two(self, state, row):
+    def stop_after_cut(self, state, row):
         original(self, state, row)
-        if state.epoch == 2:
+        if state.epoch == cut:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(callbacks.EpochLog, "on_epoch_end", stop_after_two)
+    monkeypatch.setattr(callbacks.EpochLog, "on_epoch_end", stop_after_cut)
     with pytest.raises(KeyboardInterrupt):
         imgclf.train(digits_source, config, out=tmp_path, name="cut")
     monkeypatch.undo()
