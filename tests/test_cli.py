@@ -35,7 +35,7 @@ def python_m(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
 def test_help_lists_every_command():
     result = run("--help")
     assert result.exit_code == 0
-    for command in ("train", "evaluate", "predict", "split", "demo", "config"):
+    for command in ("train", "evaluate", "predict", "split", "demo", "config", "lr-find", "models"):
         assert command in result.output
 
 

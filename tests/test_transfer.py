@@ -294,7 +294,7 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path, digits_source):
             return (Path.touch, (sentinel,))
 
     path = tmp_path / "evil.pth"
-    path.write_bytes(pickle.dumps({"state_dict": Exploit()}))
+    path.write_bytes(pickle.dumps({"state_dict": Exploit()}, protocol=2))
     with pytest.raises(CheckpointError, match="cannot read weights"):
         imgclf.train(digits_source, {**FAST, "model": {"weights": str(path)}}, out=tmp_path / "runs")
     assert not sentinel.exists()
