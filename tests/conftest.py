@@ -37,6 +37,21 @@ def write_digits(folder: Path, classes=(0, 1, 2), per_class: int = 30, layout: s
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory):
+    """Decoded-image caches of the tests go to a temporary folder, not the user's ~/.cache/imgclf."""
+    import os
+
+    folder = tmp_path_factory.mktemp("imgclf-cache")
+    previous = os.environ.get("IMGCLF_CACHE_DIR")
+    os.environ["IMGCLF_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("IMGCLF_CACHE_DIR", None)
+    else:
+        os.environ["IMGCLF_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def digits_source(tmp_path_factory) -> Path:
     """A flat 3-class digits folder; copy it (see `digits_flat`) before changing anything in it."""

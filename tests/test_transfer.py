@@ -24,6 +24,7 @@ from conftest import FAST, write_digits, write_fashion_mnist
 from imgclf.cli import app
 from imgclf.data.loaders import ImageDataset, make_loader
 from imgclf.data.transforms import Preprocessing, eval_transform
+from imgclf.device import Compute
 from imgclf.errors import CheckpointError
 from imgclf.files import read_csv
 from imgclf.models.finetune import plan_phases
@@ -40,6 +41,7 @@ from imgclf.training.engine import FitState, fit
 from imgclf.training.optim import LRSchedule, build_loss, build_optimizer, build_schedule, find_lr
 
 LITE0 = "tf_efficientnet_lite0"
+CPU = Compute(torch.device("cpu"))
 runner = CliRunner()
 
 
@@ -166,14 +168,14 @@ def test_frozen_phase_keeps_backbone_and_batchnorm_statistics_then_unfreezing_tr
     head_before = state.model.classifier.weight.clone()
     loss = build_loss(label_smoothing=0.0)
     state.epochs = 1
-    fit(state, loader, loader, loss_fn=loss, device=torch.device("cpu"), seed=0, callbacks=[phases])
+    fit(state, loader, loader, loss_fn=loss, compute=CPU, seed=0, callbacks=[phases])
     after = backbone(state.model)
     assert all(torch.equal(before[k], after[k]) for k in before), "frozen backbone or BN statistics changed"
     assert not torch.equal(head_before, state.model.classifier.weight)
     assert state.history[0]["phase"] == "frozen"
 
     state.epochs = 2
-    fit(state, loader, loader, loss_fn=loss, device=torch.device("cpu"), seed=0, callbacks=[phases])
+    fit(state, loader, loader, loss_fn=loss, compute=CPU, seed=0, callbacks=[phases])
     assert state.history[1]["phase"] == "fine-tune"
     trained = backbone(state.model)
     assert not torch.equal(before["conv_stem.weight"], trained["conv_stem.weight"])
@@ -200,7 +202,7 @@ def test_pretrained_batchnorm_statistics_stay_fixed_by_default_after_unfreezing(
         loader,
         loader,
         loss_fn=build_loss(label_smoothing=0.0),
-        device=torch.device("cpu"),
+        compute=CPU,
         seed=0,
         callbacks=[phases],
     )
@@ -347,7 +349,7 @@ def test_lr_finder_suggests_a_falling_region_and_restores_the_model(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     lr_before = optimizer.param_groups[0]["lr"]
 
-    result = find_lr(model, loader, optimizer, build_loss(label_smoothing=0.0), torch.device("cpu"), num_steps=60)
+    result = find_lr(model, loader, optimizer, build_loss(label_smoothing=0.0), CPU, num_steps=60)
 
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert optimizer.param_groups[0]["lr"] == lr_before and not optimizer.state

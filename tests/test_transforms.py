@@ -83,7 +83,14 @@ def test_unknown_preset_lists_the_valid_ones():
 
 @pytest.mark.parametrize(
     ("sizes", "expected"),
-    [([(8, 8)] * 5, 32), ([(28, 28)] * 5, 32), ([(50, 40)] * 3, 48), ([(640, 480)] * 3, 224), ([], 224)],
+    [
+        ([(8, 8)] * 5, 28),
+        ([(28, 28)] * 5, 28),
+        ([(32, 32)] * 5, 32),
+        ([(50, 41)] * 3, 44),
+        ([(640, 480)] * 3, 224),
+        ([], 224),
+    ],
 )
 def test_auto_image_size_follows_the_data(sizes, expected):
     assert auto_img_size(sizes) == expected

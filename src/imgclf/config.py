@@ -40,7 +40,7 @@ class DataConfig(_Section):
         None,
         ge=8,
         description="square training resolution; null = the pretrained model's, else from the data (median side "
-        "rounded up to 16, in 32..224)",
+        "rounded up to 4, in 28..224)",
     )
     crop_pct: float | None = Field(
         None,
@@ -59,6 +59,17 @@ class DataConfig(_Section):
     )
     max_pixels: int = Field(
         50_000_000, gt=0, description="images with more pixels are rejected (decompression-bomb guard)"
+    )
+    cache: Literal["auto", "memory", "disk", "off"] = Field(
+        "auto",
+        description="decode images once into a uint8 array and augment whole batches on the device: disk (reused "
+        "across runs) | memory | off (decode every epoch) | auto = disk when it fits data.cache_budget",
+    )
+    cache_dir: Path | None = Field(
+        None, description="where disk caches live; null = $IMGCLF_CACHE_DIR or ~/.cache/imgclf"
+    )
+    cache_budget: float = Field(
+        0.25, gt=0, le=1, description="auto caches when the decoded images take at most this fraction of RAM"
     )
     num_workers: int | None = Field(
         None, ge=0, description="DataLoader worker processes; null = auto (0 on machines with <= 2 cores)"
@@ -83,10 +94,10 @@ class DataConfig(_Section):
 class AugmentConfig(_Section):
     """Training-time augmentation. Validation and test images only get resize + center crop + normalize."""
 
-    preset: Literal["none", "light", "standard", "strong"] = Field(
-        "standard",
+    preset: Literal["auto", "none", "light", "standard", "strong"] = Field(
+        "auto",
         description="none | light (crop, flip) | standard (+ rotation, color jitter) | strong (+ TrivialAugment, "
-        "random erasing)",
+        "random erasing, MixUp/CutMix) | auto = light for small images (<= 64 px), standard above",
     )
     hflip: bool = Field(True, description="random horizontal flips; switch off for orientation-sensitive data")
     vflip: bool = Field(False, description="random vertical flips (aerial, microscopy)")
@@ -164,6 +175,12 @@ class TrainConfig(_Section):
         "unfreezing; best for small datasets) | train (re-estimated from this data)",
     )
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="autocast dtype; auto = bf16 on CPUs and GPUs with native bf16, fp16 on older GPUs, else fp32",
+    )
+    channels_last: bool = Field(True, description="NHWC memory layout for convolutions (faster on CPU and CUDA)")
+    compile: bool = Field(False, description="torch.compile the model (opt-in: slower on CPUs, faster on GPUs)")
     seed: int = Field(0, description="seed for weights init, data order and augmentation")
     device: str = Field("auto", description="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps")
 

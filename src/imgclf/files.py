@@ -18,6 +18,10 @@ from typing import Any
 
 from imgclf.errors import ImgclfError
 
+# Temporary files are created private (0600); finished artifacts get the permissions a plain open() would give.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp_path)` and move the result onto `path` in one `os.replace`.
@@ -35,6 +39,7 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -22,11 +22,39 @@ PRESETS: tuple[str, ...] = ("none", "light", "standard", "strong")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_INTERPOLATIONS = {
+INTERPOLATIONS = {
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
     "nearest": InterpolationMode.NEAREST,
 }
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What an augmentation preset does; the streaming pipeline (`train_transform`) and the batched one
+    (`data.batch_transforms.BatchAugment`) both follow it."""
+
+    min_scale: float | None  # random resized crop of this much of the area or more; None: eval crop only
+    degrees: float = 0.0  # random rotation range (+-)
+    jitter: float = 0.0  # brightness and contrast (and saturation for RGB) factors in [1 - j, 1 + j]
+    trivial_augment: bool = False  # TrivialAugmentWide, one random photometric/geometric op per image
+    erasing: float = 0.0  # probability of random erasing
+    mix: bool = False  # MixUp (alpha 0.2) or CutMix (alpha 1.0) on each training batch
+
+
+RECIPES: dict[str, Recipe] = {
+    "none": Recipe(min_scale=None),
+    "light": Recipe(min_scale=0.85),
+    "standard": Recipe(min_scale=0.5, degrees=10.0, jitter=0.2),
+    "strong": Recipe(min_scale=0.25, degrees=10.0, jitter=0.2, trivial_augment=True, erasing=0.25, mix=True),
+}
+
+
+def recipe(preset: str) -> Recipe:
+    """The recipe of a resolved preset (`auto` is resolved from the image size before training)."""
+    if preset not in RECIPES:
+        raise ConfigError(f"augment.preset must be one of {', '.join(PRESETS)}; received '{preset}'")
+    return RECIPES[preset]
 
 
 @dataclass(frozen=True)
@@ -66,15 +94,16 @@ class Preprocessing:
         return cls(img_size=img_size, color=color, mean=mean, std=std, **overrides)
 
 
-def auto_img_size(sizes: Sequence[tuple[int, int]], low: int = 32, high: int = 224) -> int:
-    """Training resolution from the data: the median shorter side, rounded up to a multiple of 16, in [low, high].
+def auto_img_size(sizes: Sequence[tuple[int, int]], low: int = 28, high: int = 224) -> int:
+    """Training resolution from the data: the median shorter side, rounded up to a multiple of 4, in [low, high].
 
-    Small images (digits, MNIST-like) train at 32 px; photos at 224 px.
+    MNIST-like images keep their 28 px (tinier ones are upscaled to 28, so three poolings still leave a 3x3
+    map); CIFAR-like ones their 32 px; photos train at 224 px.
     """
     if not sizes:
         return high
     median = statistics.median(min(width, height) for width, height in sizes)
-    return int(min(high, max(low, 16 * math.ceil(median / 16))))
+    return int(min(high, max(low, 4 * math.ceil(median / 4))))
 
 
 def eval_transform(pre: Preprocessing) -> v2.Compose:
@@ -94,36 +123,35 @@ def train_transform(pre: Preprocessing, preset: Preset, *, hflip: bool, vflip: b
     Returns:
         A torchvision v2 pipeline from a PIL image to a normalized float tensor.
     """
-    if preset not in PRESETS:
-        raise ConfigError(f"augment.preset must be one of {', '.join(PRESETS)}; received '{preset}'")
-    if preset == "none":
+    plan = recipe(preset)
+    if plan.min_scale is None:
         return eval_transform(pre)
-    interpolation = _INTERPOLATIONS[pre.interpolation]
-    min_scale = {"light": 0.7, "standard": 0.5, "strong": 0.25}[preset]
+    interpolation = INTERPOLATIONS[pre.interpolation]
     steps: list[v2.Transform] = [
         v2.ToImage(),
-        v2.RandomResizedCrop(pre.img_size, scale=(min_scale, 1.0), interpolation=interpolation, antialias=True),
+        v2.RandomResizedCrop(pre.img_size, scale=(plan.min_scale, 1.0), interpolation=interpolation, antialias=True),
     ]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     if vflip:
         steps.append(v2.RandomVerticalFlip())
-    if preset in ("standard", "strong"):
-        steps.append(v2.RandomRotation(10, interpolation=InterpolationMode.BILINEAR))
-        saturation = 0.2 if pre.color == "rgb" else 0.0  # saturation has no meaning for one channel
-        steps.append(v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=saturation))
-    if preset == "strong":
+    if plan.degrees:
+        steps.append(v2.RandomRotation(plan.degrees, interpolation=InterpolationMode.BILINEAR))
+    if plan.jitter:
+        saturation = plan.jitter if pre.color == "rgb" else 0.0  # saturation has no meaning for one channel
+        steps.append(v2.ColorJitter(brightness=plan.jitter, contrast=plan.jitter, saturation=saturation))
+    if plan.trivial_augment:
         steps.append(v2.TrivialAugmentWide(interpolation=InterpolationMode.BILINEAR))
     steps += _to_normalized(pre)
-    if preset == "strong":
-        steps.append(v2.RandomErasing(p=0.25))
+    if plan.erasing:
+        steps.append(v2.RandomErasing(p=plan.erasing))
     return v2.Compose(steps)
 
 
 def _resize_crop(pre: Preprocessing) -> list[v2.Transform]:
     resize_to = math.floor(pre.img_size / pre.crop_pct)
     return [
-        v2.Resize(resize_to, interpolation=_INTERPOLATIONS[pre.interpolation], antialias=True),
+        v2.Resize(resize_to, interpolation=INTERPOLATIONS[pre.interpolation], antialias=True),
         v2.CenterCrop(pre.img_size),
     ]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader
 
+from imgclf.device import Compute
 from imgclf.training.callbacks import Callback
 from imgclf.training.optim import LRSchedule, current_lr
 
@@ -39,6 +39,7 @@ class FitState:
     stop_reason: str | None = None
     phase: str | None = None  # set by the Phases callback: train | frozen | fine-tune
     frozen_norms: list[nn.Module] = field(default_factory=list)  # BatchNorms kept in eval mode while training
+    scaler: torch.amp.GradScaler | None = None  # fp16 on CUDA only
 
     def counters(self) -> dict[str, Any]:
         return {
@@ -49,6 +50,7 @@ class FitState:
             "best_metric": self.best_metric,
             "stop_reason": self.stop_reason,
             "phase": self.phase,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
     def restore_counters(self, counters: dict[str, Any]) -> None:
@@ -57,6 +59,8 @@ class FitState:
         self.best_epoch = counters["best_epoch"]
         self.best_metric = counters["best_metric"]
         self.stop_reason = counters["stop_reason"]
+        if self.scaler is not None and counters.get("scaler"):
+            self.scaler.load_state_dict(counters["scaler"])
 
     @property
     def finished(self) -> bool:
@@ -72,56 +76,73 @@ class EpochResult:
 
 
 BatchHook = Callable[[int, torch.Tensor, int], None]
+MixFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def seed_epoch(seed: int, epoch: int, loader: DataLoader | None = None) -> None:
+def seed_epoch(seed: int, epoch: int, loader: Iterable | None = None) -> None:
     """Seed every RNG (torch, numpy, random, the loader's order and worker seeds) from (seed, epoch)."""
     derived = (seed * 1_000_003 + epoch) % (2**63)
     torch.manual_seed(derived)
     np.random.seed(derived % (2**32))
     random.seed(derived)
-    if loader is not None and loader.generator is not None:
+    if getattr(loader, "generator", None) is not None:
         loader.generator.manual_seed(derived)
 
 
 def train_one_epoch(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Iterable,
     optimizer: Optimizer,
     loss_fn: nn.Module,
-    device: torch.device,
+    compute: Compute,
     *,
     schedule: LRSchedule,
     grad_clip: float | None = None,
     frozen_norms: Sequence[nn.Module] = (),
+    mix: MixFn | None = None,
+    scaler: torch.amp.GradScaler | None = None,
     on_batch: BatchHook | None = None,
 ) -> EpochResult:
-    """One pass over `loader`: forward, loss, backward, (clip), step, schedule step.
+    """One pass over `loader`: (mix), forward under autocast, loss, backward, (unscale, clip), step, schedule.
 
-    `frozen_norms` stay in eval mode, so the running statistics of a frozen backbone do not move.
+    `frozen_norms` stay in eval mode, so the running statistics of a frozen backbone do not move. With `mix`
+    (MixUp/CutMix) targets become mixed one-hot vectors and accuracy counts their largest class.
     """
     model.train()
     for norm in frozen_norms:
         norm.eval()
+    device = compute.device
     start = time.perf_counter()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for index, (images, targets) in enumerate(loader):
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=compute.memory_format)
         targets = targets.to(device, non_blocking=True)
-        logits = model(images)
-        loss = loss_fn(logits, targets)
+        if mix is not None:
+            images, targets = mix(images, targets)
+        with compute.autocast():
+            logits = model(images)
+            loss = loss_fn(logits, targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if scaler is not None:  # fp16 on CUDA: scale the loss so small gradients do not underflow
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
         if grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         schedule.after_step()
         # Accumulate on the device: calling .item() here would be a CPU-GPU sync point every step.
         batch = targets.shape[0]
-        total_loss += loss.detach() * batch
-        correct += (logits.detach().argmax(1) == targets).sum()
+        hard = targets.argmax(1) if targets.ndim == 2 else targets
+        total_loss += loss.detach().float() * batch
+        correct += (logits.detach().argmax(1) == hard).sum()
         seen += batch
         if on_batch is not None:
             on_batch(index, loss.detach(), batch)
@@ -130,18 +151,20 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate_epoch(model: nn.Module, loader: DataLoader, device: torch.device) -> EpochResult:
+def evaluate_epoch(model: nn.Module, loader: Iterable, compute: Compute) -> EpochResult:
     """Mean cross-entropy (no label smoothing, no class weights) and accuracy over `loader`."""
     model.eval()
+    device = compute.device
     start = time.perf_counter()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for images, targets in loader:
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=compute.memory_format)
         targets = targets.to(device, non_blocking=True)
-        logits = model(images)
-        total_loss += F.cross_entropy(logits, targets, reduction="sum")
+        with compute.autocast():
+            logits = model(images)
+        total_loss += F.cross_entropy(logits.float(), targets, reduction="sum")
         correct += (logits.argmax(1) == targets).sum()
         seen += targets.shape[0]
     return EpochResult(_mean(total_loss, seen), _mean(correct, seen), seen, time.perf_counter() - start)
@@ -149,14 +172,15 @@ def evaluate_epoch(model: nn.Module, loader: DataLoader, device: torch.device) -
 
 def fit(
     state: FitState,
-    train_loader: DataLoader,
-    val_loader: DataLoader,
+    train_loader: Iterable,
+    val_loader: Iterable,
     *,
     loss_fn: nn.Module,
-    device: torch.device,
+    compute: Compute,
     seed: int,
     monitor: str = "val_loss",
     grad_clip: float | None = None,
+    mix: MixFn | None = None,
     callbacks: Sequence[Callback] = (),
 ) -> FitState:
     """Train from `state.epoch` until `state.epochs` or until a callback sets `state.stop_reason`.
@@ -166,10 +190,11 @@ def fit(
         train_loader: shuffled, augmented training data.
         val_loader: validation data; selects the model and drives early stopping, never the test split.
         loss_fn: training loss.
-        device: where the model lives.
+        compute: device, autocast dtype and memory format.
         seed: base seed; epoch e is seeded from (seed, e).
         monitor: history column passed to a plateau schedule.
         grad_clip: max gradient norm, or None.
+        mix: MixUp/CutMix applied to each training batch, or None.
         callbacks: called in order at each hook.
 
     Returns:
@@ -193,13 +218,15 @@ def fit(
             train_loader,
             state.optimizer,
             loss_fn,
-            device,
+            compute,
             schedule=state.schedule,
             grad_clip=grad_clip,
             frozen_norms=state.frozen_norms,
+            mix=mix,
+            scaler=state.scaler,
             on_batch=on_batch,
         )
-        val = evaluate_epoch(state.model, val_loader, device)
+        val = evaluate_epoch(state.model, val_loader, compute)
         row = {
             "epoch": epoch,
             "phase": state.phase or "train",

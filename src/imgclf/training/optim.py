@@ -15,6 +15,7 @@ from torch.optim import SGD, Adam, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau, StepLR
 from torch.utils.data import DataLoader
 
+from imgclf.device import Compute
 from imgclf.errors import ConfigError
 from imgclf.models.finetune import param_groups
 
@@ -173,7 +174,7 @@ def find_lr(
     loader: DataLoader,
     optimizer: Optimizer,
     loss_fn: nn.Module,
-    device: torch.device,
+    compute: Compute,
     *,
     start_lr: float = 1e-7,
     end_lr: float = 10.0,
@@ -215,8 +216,10 @@ def find_lr(
             for group, scale in zip(optimizer.param_groups, scales):
                 group["lr"] = lr * scale
             images, targets = next(batches)
-            images, targets = images.to(device), targets.to(device)
-            loss = loss_fn(model(images), targets)
+            images = images.to(compute.device, memory_format=compute.memory_format)
+            targets = targets.to(compute.device)
+            with compute.autocast():
+                loss = loss_fn(model(images), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

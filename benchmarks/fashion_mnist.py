@@ -1,0 +1,384 @@
+"""Fashion-MNIST benchmarks: imgclf's data paths against the PyTorch tutorial pipeline, and the default recipe.
+
+    python benchmarks/fashion_mnist.py throughput [--epochs 2] [--per-class N] [--json out.json]
+    python benchmarks/fashion_mnist.py recipe [--json out.json]
+    python benchmarks/fashion_mnist.py all
+
+`throughput` trains the same model (imgclf's default small_cnn), for the same epochs, with the same seed and
+batch size, four ways, each in its own process (so peak RSS is its own):
+  (a) tutorial: torchvision ImageFolder of PNGs + per-sample transforms + DataLoader(num_workers=2), fp32, NCHW;
+  (b) imgclf streaming (data.cache=off): per-sample decoding and augmentation, imgclf's compute settings;
+  (c) imgclf cached (the default): decoded once, whole batches augmented on the device;
+  (d) the model alone: forward+backward+step on synthetic tensors, at (c)'s precision and memory format;
+and prints images/s, epoch seconds, peak RSS, test accuracy, and the ratios (c)/(a), (c)/(b), (c)/(d), plus the
+model's FLOPs per training image, the GFLOP/s it reaches and this machine's fp32/bf16 matmul GFLOP/s.
+
+`recipe` runs `imgclf.train` with every default on the full set (54,000 train / 6,000 val from the official
+training set, the official 10,000 test images as test) and reports wall time (scan and cache build included)
+and test accuracy.
+
+The PNG dataset is written once from Debian's dataset-fashion-mnist IDX files into --data (default
+~/.cache/imgclf-bench/fashion-mnist).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+IDX = Path(os.environ.get("IMGCLF_FASHION_IDX", "/usr/share/datasets/fashion-mnist"))
+CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+DEFAULT_DATA = Path.home() / ".cache" / "imgclf-bench" / "fashion-mnist"
+BATCH = 128
+SEED = 0
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+
+
+def read_idx(path: Path) -> np.ndarray:
+    data = gzip.decompress(path.read_bytes())
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(data[3])]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * data[3]).reshape(dims)
+
+
+def prepare(dest: Path) -> Path:
+    """`dest/train/<class>/*.png` (60,000) and `dest/test/<class>/*.png` (10,000), written once."""
+    from PIL import Image
+
+    marker = dest / ".complete"
+    if marker.exists():
+        return dest
+    if not (IDX / "train-images-idx3-ubyte.gz").exists():
+        sys.exit(f"Fashion-MNIST not found in {IDX}: apt-get install dataset-fashion-mnist")
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = read_idx(IDX / f"{prefix}-images-idx3-ubyte.gz")
+        labels = read_idx(IDX / f"{prefix}-labels-idx1-ubyte.gz")
+        for name in CLASSES:
+            (dest / split / name).mkdir(parents=True, exist_ok=True)
+        for index, (image, label) in enumerate(zip(images, labels)):
+            Image.fromarray(image).save(dest / split / CLASSES[label] / f"{index:05d}.png")
+    marker.write_text("ok")
+    return dest
+
+
+def subset(data: Path, per_class: int | None, work: Path) -> Path:
+    """Hard links to the first `per_class` training and test images of each class (all when None)."""
+    if per_class is None:
+        return data
+    target = work / f"fashion-{per_class}"
+    for split in ("train", "test"):
+        for name in CLASSES:
+            folder = target / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            files = sorted((data / split / name).glob("*.png"))
+            for path in files[: per_class if split == "train" else max(1, per_class // 6)]:
+                if not (folder / path.name).exists():
+                    os.link(path, folder / path.name)
+    return target
+
+
+# --- one configuration per process ------------------------------------------------------------------------------
+
+
+def run_imgclf(data: Path, cache: str, epochs: int, out: Path) -> dict:
+    import imgclf
+
+    config = {
+        "data": {"split_ratios": [0.9, 0.1, 0.0], "cache": cache},
+        "train": {"epochs": epochs, "batch_size": BATCH, "seed": SEED, "early_stopping": {"patience": None}},
+    }
+    start = time.perf_counter()
+    result = imgclf.train(data, config, out=out)
+    wall = time.perf_counter() - start
+    history = result.history
+    return {
+        "images_per_s": float(np.mean([row["images_per_s"] for row in history])),
+        "epoch_seconds": float(np.mean([row["seconds"] for row in history])),
+        "test_accuracy": result.metrics["accuracy"],
+        "wall_seconds": wall,
+        "precision": _precision(result.run_dir),
+    }
+
+
+def run_tutorial(data: Path, epochs: int) -> dict:
+    """The PyTorch tutorial way: ImageFolder + per-sample transforms + DataLoader(num_workers=2), fp32, NCHW."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, Subset
+    from torchvision import datasets, transforms
+
+    from imgclf.models.small_cnn import SmallCNN
+
+    torch.manual_seed(SEED)
+    from imgclf.data.transforms import Preprocessing, eval_transform, train_transform
+
+    # The same per-image augmentation imgclf's default picks for 28 px images ("light"), built with torchvision.
+    pre = Preprocessing.default_for(28, "gray")
+    train_tf = transforms.Compose([transforms.Grayscale(1), train_transform(pre, "light", hflip=True, vflip=False)])
+    test_tf = transforms.Compose([transforms.Grayscale(1), eval_transform(pre)])
+    full = datasets.ImageFolder(data / "train", transform=train_tf)
+    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(SEED))
+    train = Subset(full, order[: int(0.9 * len(full))].tolist())
+    test = datasets.ImageFolder(data / "test", transform=test_tf)
+    loader = DataLoader(train, batch_size=BATCH, shuffle=True, num_workers=2, drop_last=True)
+    model = SmallCNN(10, in_chans=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    steps = epochs * len(loader)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)  # the tutorial's
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+    rates, seconds = [], []
+    for _ in range(epochs):
+        model.train()
+        start, seen = time.perf_counter(), 0
+        for images, targets in loader:
+            loss = loss_fn(model(images), targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            seen += len(targets)
+        seconds.append(time.perf_counter() - start)
+        rates.append(seen / seconds[-1])
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for images, targets in DataLoader(test, batch_size=512, num_workers=2):
+            correct += (model(images).argmax(1) == targets).sum().item()
+    return {
+        "images_per_s": float(np.mean(rates)),
+        "epoch_seconds": float(np.mean(seconds)),
+        "test_accuracy": correct / len(test),
+        "precision": "fp32",
+    }
+
+
+def run_model_only(seconds: float = 20.0) -> dict:
+    """(d): forward+backward+step of the same model on synthetic tensors, at imgclf's compute settings."""
+    result = {"default": model_rate("auto", seconds / 2), "fp32": model_rate("fp32", seconds / 2)}
+    result["matmul_gflop_per_s"] = matmul_rates()
+    return result
+
+
+def model_rate(precision: str, seconds: float) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from imgclf.device import resolve_compute
+    from imgclf.models.small_cnn import SmallCNN
+
+    compute = resolve_compute("auto", precision, True)
+    model = SmallCNN(10, in_chans=1).to(compute.device, memory_format=compute.memory_format)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    images = torch.randn(BATCH, 1, 28, 28, device=compute.device).contiguous(memory_format=compute.memory_format)
+    targets = torch.randint(0, 10, (BATCH,), device=compute.device)
+
+    def step() -> None:
+        with compute.autocast():
+            loss = torch.nn.functional.cross_entropy(model(images), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops() / BATCH
+    for _ in range(5):
+        step()
+    _sync(compute.device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
+        count += 1
+    _sync(compute.device)
+    rate = count * BATCH / (time.perf_counter() - start)
+    return {
+        "precision": compute.precision,
+        "images_per_s": rate,
+        "mflop_per_image": flops / 1e6,
+        "gflop_per_s": flops * rate / 1e9,
+    }
+
+
+def matmul_rates(n: int = 2048) -> dict:
+    import torch
+
+    rates = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < 3:
+            a @ b
+            count += 1
+        rates[name] = 2 * n**3 * count / (time.perf_counter() - start) / 1e9
+    return rates
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _precision(run_dir: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["precision"]
+
+
+def child(which: str, data: Path, epochs: int, work: Path) -> None:
+    """Run one configuration and print its JSON (with this process's peak RSS) as the last line."""
+    if which == "a":
+        result = run_tutorial(data, epochs)
+    elif which == "b":
+        result = run_imgclf(data, "off", epochs, work / "runs")
+    elif which == "c":
+        result = run_imgclf(data, "auto", epochs, work / "runs")
+    elif which == "d":
+        result = run_model_only()
+    else:
+        result = run_imgclf(data, "auto", epochs, work / "runs") if epochs else {}
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def in_child(which: str, data: Path, epochs: int, work: Path) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        which,
+        "--data",
+        str(data),
+        "--epochs",
+        str(epochs),
+        "--work",
+        str(work),
+    ]
+    env = {**os.environ, "IMGCLF_CACHE_DIR": str(work / "cache")}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        sys.exit(f"configuration {which} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- reports ------------------------------------------------------------------------------------------------------
+
+
+def throughput(data: Path, epochs: int, per_class: int | None, work: Path) -> dict:
+    data = subset(data, per_class, work)
+    results = {key: in_child(key, data, epochs, work) for key in ("a", "b", "c", "d")}
+    a, b, c, d = (results[k] for k in "abcd")
+    model = d["default"]
+    report = {
+        "epochs": epochs,
+        "batch_size": BATCH,
+        "train_images": int(0.9 * (6000 if per_class is None else per_class) * 10),
+        "a_tutorial": a,
+        "b_imgclf_streaming": b,
+        "c_imgclf_cached": c,
+        "d_model_only": d,
+        "ratio_c_over_a": c["images_per_s"] / a["images_per_s"],
+        "ratio_c_over_b": c["images_per_s"] / b["images_per_s"],
+        "ratio_c_over_d": c["images_per_s"] / model["images_per_s"],
+        "fp32_model_share_of_matmul": d["fp32"]["gflop_per_s"] / d["matmul_gflop_per_s"]["fp32"],
+    }
+    rows = [
+        ("(a) tutorial ImageFolder+DataLoader(2 workers)", a),
+        ("(b) imgclf streaming", b),
+        ("(c) imgclf cached", c),
+    ]
+    print(f"\nFashion-MNIST, small_cnn, {epochs} epochs, batch {BATCH}, seed {SEED}")
+    print(f"{'pipeline':50} {'precision':>9} {'img/s':>8} {'epoch s':>8} {'peak RSS MB':>12} {'test acc':>9}")
+    for name, row in rows:
+        print(
+            f"{name:50} {row['precision']:>9} {row['images_per_s']:8.0f} {row['epoch_seconds']:8.1f} "
+            f"{row['peak_rss_mb']:12.0f} {row['test_accuracy']:9.4f}"
+        )
+    print(f"{'(d) model only, synthetic tensors':50} {model['precision']:>9} {model['images_per_s']:8.0f}")
+    print(f"{'    same, fp32':50} {'fp32':>9} {d['fp32']['images_per_s']:8.0f}")
+    print(
+        f"ratios: (c)/(a) {report['ratio_c_over_a']:.2f}x   (c)/(b) {report['ratio_c_over_b']:.2f}x   "
+        f"(c)/(d) {report['ratio_c_over_d']:.0%}"
+    )
+    print(
+        f"model: {model['mflop_per_image']:.0f} MFLOP per training image; fp32 {d['fp32']['gflop_per_s']:.0f} "
+        f"GFLOP/s = {report['fp32_model_share_of_matmul']:.0%} of this machine's fp32 matmul "
+        f"({d['matmul_gflop_per_s']['fp32']:.0f} GFLOP/s); {model['precision']} {model['gflop_per_s']:.0f} GFLOP/s "
+        f"(bf16 matmul {d['matmul_gflop_per_s']['bf16']:.0f} GFLOP/s)"
+    )
+    return report
+
+
+def recipe(data: Path, work: Path) -> dict:
+    start = time.perf_counter()
+    result = in_child("recipe", data, 0, work)
+    report = {**result, "wall_seconds_total": time.perf_counter() - start}
+    print(
+        f"\nDefault recipe on Fashion-MNIST (54k train / 6k val / 10k test): test accuracy "
+        f"{result['test_accuracy']:.4f} in {report['wall_seconds_total']:.0f} s wall "
+        f"(scan, cache build, training, evaluation), {result['precision']}, peak RSS {result['peak_rss_mb']:.0f} MB"
+    )
+    return report
+
+
+def recipe_child(data: Path, work: Path) -> None:
+    import imgclf
+
+    start = time.perf_counter()
+    result = imgclf.train(data, {"data": {"split_ratios": [0.9, 0.1, 0.0]}}, out=work / "runs")
+    print(
+        json.dumps(
+            {
+                "test_accuracy": result.metrics["accuracy"],
+                "wall_seconds": time.perf_counter() - start,
+                "epochs": len(result.history),
+                "precision": _precision(result.run_dir),
+                "cache_mb": sum(f.stat().st_size for f in (work / "cache").rglob("*.npy")) / 1e6,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", nargs="?", choices=("throughput", "recipe", "all"), default="all")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--per-class", type=int, default=None, help="training images per class (default: all)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="imgclf-bench-"))
+    if args.child == "recipe":
+        return recipe_child(args.data, work)
+    if args.child:
+        return child(args.child, args.data, args.epochs, work)
+    data = prepare(args.data)
+    report = {}
+    if args.what in ("throughput", "all"):
+        report["throughput"] = throughput(data, args.epochs, args.per_class, work)
+    if args.what in ("recipe", "all"):
+        report["recipe"] = recipe(data, work)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"\nJSON written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""What a training run is built from, given its resolved configuration: the loaders (cached or streaming), the
+model with its optimizer, loss and fine-tuning phases, and the LR finder. `workflow` calls these; each takes
+the fields it needs from the config and changes nothing in it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from imgclf.config import RunConfig, build_config
+from imgclf.data.split import ManifestRow, SplitManifest
+from imgclf.data.transforms import Preprocessing, recipe
+from imgclf.device import Compute
+from imgclf.errors import ConfigError, DataError
+from imgclf.files import write_atomic, write_csv_atomic
+from imgclf.progress import NO_PROGRESS, Progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Loaders:
+    """Training and validation batches, and how they are produced ("cached (disk)", "streaming", ...)."""
+
+    train: Iterable
+    val: Iterable
+    train_images: int
+    val_images: int
+    path: str
+
+
+def make_loaders(
+    config: RunConfig,
+    manifest: SplitManifest,
+    pre: Preprocessing,
+    compute: Compute,
+    *,
+    progress: Progress = NO_PROGRESS,
+) -> Loaders:
+    """Loaders for the train split (augmented, shuffled, seeded) and the val split (eval preprocessing).
+
+    With `data.cache` (auto: when the decoded images fit the memory budget) every image is decoded once into a
+    uint8 array and whole batches are augmented on the device; otherwise each image is decoded and augmented in
+    a DataLoader every epoch. Both give the same eval tensors for the same file.
+    """
+    from imgclf.data.cache import choose_mode
+
+    train_rows, val_rows = manifest.split("train"), manifest.split("val")
+    if not val_rows:
+        raise DataError(
+            "no validation images: add a val folder or give data.split_ratios a val share > 0 "
+            "(model selection and early stopping need a validation split)"
+        )
+    batch_size = min(config.train.batch_size, len(train_rows))
+    mode = choose_mode(config.data.cache, len(train_rows) + len(val_rows), pre, config.data.cache_budget)
+    if mode == "off":
+        return _streaming_loaders(config, manifest, pre, compute, batch_size)
+    return _cached_loaders(config, manifest, pre, compute, batch_size, mode, progress)
+
+
+def _cached_loaders(config, manifest, pre, compute, batch_size, mode, progress) -> Loaders:
+    from imgclf.data.batch_transforms import BatchAugment, eval_batch
+    from imgclf.data.cache import decoded_images
+    from imgclf.data.loaders import CachedLoader
+
+    class_index = {label: i for i, label in enumerate(manifest.classes)}
+    loaders = []
+    for split in ("train", "val"):
+        rows = manifest.split(split)
+        decoded = decoded_images(
+            [r.path for r in rows],
+            [r.sha256 for r in rows],
+            pre,
+            mode=mode,
+            cache_dir=config.data.cache_dir,
+            max_pixels=config.data.max_pixels,
+            progress=progress,
+        )
+        images = torch.from_numpy(decoded.array.copy()) if decoded.location else torch.from_numpy(decoded.array)
+        if compute.device.type == "cuda" and _fits_on_gpu(images):
+            images = images.to(compute.device)  # resident on the GPU: no host-to-device copy per batch
+        labels = torch.tensor([class_index[r.label] for r in rows])
+        train = split == "train"
+        augment = config.augment
+        transform = (
+            BatchAugment(pre, augment.preset, hflip=augment.hflip, vflip=augment.vflip)
+            if train
+            else lambda batch: eval_batch(batch, pre)
+        )
+        loaders.append(
+            CachedLoader(
+                images,
+                labels,
+                batch_size=batch_size if train else 2 * batch_size,
+                shuffle=train,
+                transform=transform,
+                device=compute.device,
+                drop_last=train and len(rows) > batch_size,  # a last batch of 1 breaks BatchNorm
+                seed=config.train.seed,
+            )
+        )
+    where = "disk cache" if mode == "disk" else "memory"
+    return Loaders(loaders[0], loaders[1], loaders[0].num_images, loaders[1].num_images, f"decoded once ({where})")
+
+
+def _streaming_loaders(config, manifest, pre, compute, batch_size) -> Loaders:
+    from imgclf.data.loaders import ImageDataset, auto_num_workers, make_loader
+    from imgclf.data.transforms import eval_transform, train_transform
+
+    class_index = {label: i for i, label in enumerate(manifest.classes)}
+
+    def dataset(rows: list[ManifestRow], transform) -> ImageDataset:
+        labels = [class_index[row.label] for row in rows]
+        return ImageDataset(
+            [r.path for r in rows], labels, transform, color=pre.color, max_pixels=config.data.max_pixels
+        )
+
+    augment = config.augment
+    train_set = dataset(
+        manifest.split("train"), train_transform(pre, augment.preset, hflip=augment.hflip, vflip=augment.vflip)
+    )
+    val_set = dataset(manifest.split("val"), eval_transform(pre))
+    workers = config.data.num_workers if config.data.num_workers is not None else auto_num_workers()
+    pin = compute.device.type == "cuda"
+    train_loader = make_loader(
+        train_set,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        seed=config.train.seed,
+        pin_memory=pin,
+        drop_last=len(train_set) > batch_size,  # a last batch of 1 breaks BatchNorm
+    )
+    val_loader = make_loader(val_set, batch_size=2 * batch_size, shuffle=False, num_workers=workers, pin_memory=pin)
+    return Loaders(train_loader, val_loader, len(train_set), len(val_set), f"streaming ({workers} workers)")
+
+
+def mixing(config: RunConfig, num_classes: int):
+    """MixUp/CutMix for the training batches when the augmentation preset asks for it, else None."""
+    from imgclf.data.batch_transforms import mix_transform
+
+    return mix_transform(num_classes) if recipe(config.augment.preset).mix else None
+
+
+def make_fit_state(
+    config: RunConfig,
+    manifest: SplitManifest,
+    pre: Preprocessing,
+    steps_per_epoch: int,
+    mode: str,
+    compute: Compute,
+    weights=None,
+):
+    """A freshly initialised (seeded) model with pretrained weights if given, its optimizer, the training loss,
+    and the phase plan whose `enter` sets trainable layers, learning rates and the LR schedule.
+
+    Returns:
+        (FitState, ModelSpec, loss, Phases callback).
+    """
+    from imgclf.models.finetune import plan_phases
+    from imgclf.models.registry import build_model, model_spec
+    from imgclf.models.weights import load_pretrained
+    from imgclf.training.callbacks import Phases
+    from imgclf.training.engine import FitState, seed_epoch
+    from imgclf.training.optim import LRSchedule, build_loss, build_optimizer, build_schedule
+
+    train = config.train
+    if train.lr == "auto":
+        raise ConfigError("internal: train.lr must be resolved before the fit state is built")
+    classes = manifest.classes
+    seed_epoch(train.seed, 0)  # weight initialisation
+    spec = model_spec(
+        config.model.name,
+        num_classes=len(classes),
+        in_chans=pre.in_chans,
+        depth=config.model.depth,
+        width=config.model.width,
+        dropout=config.model.dropout,
+    )
+    model = build_model(spec)
+    if weights is not None:
+        new = load_pretrained(model, weights, name=spec.name)
+        log.info("pretrained weights from %s; new head: %s", weights.source, ", ".join(new))
+    model = model.to(compute.device, memory_format=compute.memory_format)
+    if train.compile:
+        model.compile()  # in place: state_dict keys stay the same for checkpoints and the bundle
+    optimizer = build_optimizer(
+        train.optimizer,
+        model,
+        lr=train.lr,
+        weight_decay=train.weight_decay,
+        momentum=train.momentum,
+        nesterov=train.nesterov,
+        layer_decay=train.layer_decay,
+    )
+    counts = Counter(row.label for row in manifest.split("train"))
+    loss_fn = build_loss(
+        label_smoothing=train.label_smoothing,
+        class_counts=[counts[c] for c in classes] if train.class_weights == "auto" else None,
+    ).to(compute.device)
+    plan = plan_phases(
+        epochs=train.epochs,
+        freeze_epochs=train.freeze_epochs,
+        lr=train.lr,
+        finetune_lr=train.finetune_lr,
+        unfreeze=train.unfreeze,
+        keep_pretrained_norms=is_pretrained(config) and train.pretrained_bn == "frozen",
+    )
+
+    def make_schedule(phase) -> LRSchedule:
+        return build_schedule(
+            train.scheduler,
+            optimizer,
+            epochs=phase.epochs,
+            steps_per_epoch=steps_per_epoch,
+            warmup_epochs=train.warmup_epochs,
+            step_size=train.step_size,
+            gamma=train.gamma,
+            plateau_patience=train.plateau_patience,
+            mode=mode,
+        )
+
+    scaler = torch.amp.GradScaler("cuda") if compute.needs_grad_scaler() else None
+    state = FitState(
+        model=model, optimizer=optimizer, schedule=LRSchedule(None, "epoch"), epochs=train.epochs, scaler=scaler
+    )
+    return state, spec, loss_fn, Phases(plan, make_schedule)
+
+
+def find_learning_rate(
+    config: RunConfig,
+    manifest: SplitManifest,
+    pre: Preprocessing,
+    compute: Compute,
+    train_loader: Iterable,
+    steps_per_epoch: int,
+    weights,
+    out: Path,
+    *,
+    num_steps: int = 100,
+):
+    """LR range test in the state of the first epoch; writes lr_find.png and lr_find.csv into `out`."""
+    from imgclf.evaluation.plots import lr_finder_figure
+    from imgclf.training.optim import find_lr
+
+    probe = build_config(config, {"train.lr": 1.0})  # the finder sets the LR itself
+    state, _, loss_fn, phases = make_fit_state(probe, manifest, pre, steps_per_epoch, "min", compute, weights)
+    phases.enter(state, 1)
+    log.info("LR finder: up to %d steps from 1e-7 to 10", num_steps)
+    result = find_lr(
+        state.model,
+        train_loader,
+        state.optimizer,
+        loss_fn,
+        compute,
+        num_steps=num_steps,
+        frozen_norms=state.frozen_norms,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv_atomic(
+        out / "lr_find.csv", ["lr", "loss", "smoothed_loss"], zip(result.lrs, result.losses, result.smoothed)
+    )
+    figure = lr_finder_figure(result.lrs, result.losses, result.smoothed, result.suggestion, result.method)
+    write_atomic(out / "lr_find.png", lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    log.info(
+        "LR finder suggests %.2e (%s; %s); plot in %s",
+        result.suggestion,
+        result.method,
+        result.stopped,
+        out / "lr_find.png",
+    )
+    return result
+
+
+def is_pretrained(config: RunConfig) -> bool:
+    return config.model.pretrained or config.model.weights is not None
+
+
+def _fits_on_gpu(images: torch.Tensor, fraction: float = 0.25) -> bool:
+    free, _ = torch.cuda.mem_get_info()
+    return images.numel() * images.element_size() <= fraction * free

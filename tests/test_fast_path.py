@@ -1,0 +1,230 @@
+"""The fast path: decode-once cache, batched augmentation on the device, compute settings."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import imgclf
+from conftest import FAST, write_digits
+from imgclf.data.batch_transforms import (
+    BatchAugment,
+    color_jitter,
+    eval_batch,
+    mix_transform,
+    random_affine_crop,
+    random_erase,
+)
+from imgclf.data.cache import choose_mode, decoded_images, fingerprint
+from imgclf.data.images import load_image
+from imgclf.data.loaders import CachedLoader
+from imgclf.data.transforms import Preprocessing, eval_transform
+from imgclf.device import resolve_compute
+from imgclf.errors import ConfigError
+
+
+def photos(folder: Path, count: int = 6) -> list[Path]:
+    """Images of different sizes, shapes and modes."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        size = (30 + 7 * i, 41 - 3 * i)
+        array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        image = Image.fromarray(array)
+        if i % 3 == 1:
+            image = image.convert("L")
+        path = folder / f"p{i}.{'png' if i % 2 else 'jpg'}"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def hashes(paths):
+    import hashlib
+
+    return [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+
+
+@pytest.mark.parametrize("color", ["rgb", "gray"])
+@pytest.mark.parametrize(("size", "crop_pct", "interpolation"), [(24, 0.875, "bilinear"), (20, 1.0, "bicubic")])
+def test_cached_and_streamed_eval_tensors_are_the_same(tmp_path, color, size, crop_pct, interpolation):
+    paths = photos(tmp_path / "img")
+    mean, std = ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3)) if color == "rgb" else ((0.45,), (0.22,))
+    pre = Preprocessing(img_size=size, color=color, mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
+    decoded = decoded_images(paths, hashes(paths), pre, mode="memory", max_pixels=10**7)
+    cached = eval_batch(torch.from_numpy(decoded.array), pre)
+    streamed = torch.stack([eval_transform(pre)(load_image(p, color=color)) for p in paths])
+    assert cached.shape == streamed.shape == (len(paths), pre.in_chans, size, size)
+    torch.testing.assert_close(cached, streamed, atol=1e-6, rtol=0)
+
+
+def test_disk_cache_is_reused_and_rebuilt_when_a_file_or_the_preprocessing_changes(tmp_path):
+    paths = photos(tmp_path / "img")
+    pre = Preprocessing.default_for(16, "rgb")
+    cache = tmp_path / "cache"
+    first = decoded_images(paths, hashes(paths), pre, mode="disk", cache_dir=cache, max_pixels=10**7)
+    again = decoded_images(paths, hashes(paths), pre, mode="disk", cache_dir=cache, max_pixels=10**7)
+    assert (first.built, again.built) == (True, False)
+    assert np.array_equal(np.asarray(first.array), np.asarray(again.array))
+
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(
+        paths[2], format="PNG" if paths[2].suffix == ".png" else "JPEG"
+    )
+    changed = decoded_images(paths, hashes(paths), pre, mode="disk", cache_dir=cache, max_pixels=10**7)
+    assert changed.built and changed.location != first.location
+    assert not np.array_equal(np.asarray(changed.array[2]), np.asarray(first.array[2]))
+    resized = decoded_images(
+        paths, hashes(paths), Preprocessing.default_for(20, "rgb"), mode="disk", cache_dir=cache, max_pixels=10**7
+    )
+    assert resized.built and resized.array.shape[-1] == 20
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")], "no staging folder left behind"
+
+
+def test_fingerprint_follows_mtime(tmp_path):
+    paths = photos(tmp_path / "img", count=2)
+    pre = Preprocessing.default_for(16, "rgb")
+    before = fingerprint(paths, hashes(paths), pre)
+    os.utime(paths[0], ns=(1, 1))
+    assert fingerprint(paths, hashes(paths), pre) != before
+
+
+def _build_in_child(args):
+    paths, digests, cache = args
+    decoded = decoded_images(
+        paths, digests, Preprocessing.default_for(16, "rgb"), mode="disk", cache_dir=cache, max_pixels=10**7
+    )
+    return decoded.built, str(decoded.location), np.asarray(decoded.array).sum()
+
+
+def test_two_concurrent_builders_produce_one_valid_cache(tmp_path):
+    paths = photos(tmp_path / "img", count=12)
+    cache = tmp_path / "cache"
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        results = pool.map(_build_in_child, [(paths, hashes(paths), cache)] * 2)
+    assert sorted(built for built, _, _ in results) == [False, True], "one builds, the other reuses"
+    assert results[0][1:] == results[1][1:]
+    folders = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(folders) == 1 and (folders[0] / "meta.json").is_file()
+
+
+def test_auto_mode_caches_what_fits_the_budget():
+    pre = Preprocessing.default_for(28, "gray")
+    assert choose_mode("auto", 60_000, pre, budget_fraction=0.25) == "disk"
+    assert choose_mode("auto", 60_000, pre, budget_fraction=1e-9) == "off"
+    assert choose_mode("memory", 10, pre, budget_fraction=1e-9) == "memory"
+
+
+def test_batched_augmentation_draws_parameters_per_sample():
+    torch.manual_seed(0)
+    pre = Preprocessing.default_for(24, "rgb")
+    image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8))
+    batch = image.expand(16, -1, -1, -1).contiguous()
+    out = BatchAugment(pre, "standard", hflip=True, vflip=False)(batch)
+    assert out.shape == (16, 3, 24, 24)
+    distinct = {tuple(out[i].flatten()[:50].tolist()) for i in range(16)}
+    assert len(distinct) == 16
+
+
+@pytest.mark.parametrize("preset", ["none", "light", "standard", "strong"])
+def test_batched_augmentation_stays_in_range(preset):
+    torch.manual_seed(1)
+    pre = Preprocessing(img_size=16, color="gray", mean=(0.5,), std=(0.25,))
+    batch = torch.randint(0, 256, (32, 1, 20, 20), dtype=torch.uint8)
+    out = BatchAugment(pre, preset, hflip=True, vflip=True)(batch)
+    assert out.shape == (32, 1, 16, 16)
+    assert out.min() >= (0 - 0.5) / 0.25 - 1e-5 and out.max() <= (1 - 0.5) / 0.25 + 1e-5
+
+
+def test_flips_follow_the_switches():
+    torch.manual_seed(2)
+    ramp = torch.linspace(1, 0, 32).expand(64, 1, 32, 32).contiguous()  # bright left, dark right
+    kept = random_affine_crop(ramp, 32, scale=(0.9, 1.0), hflip=False)
+    left, right = kept[..., :8].mean((1, 2, 3)), kept[..., -8:].mean((1, 2, 3))
+    assert bool((left > right).all()), "without hflip no image may be mirrored"
+    flipped = random_affine_crop(ramp, 32, scale=(0.9, 1.0), hflip=True)
+    mirrored = (flipped[..., :8].mean((1, 2, 3)) < flipped[..., -8:].mean((1, 2, 3))).float().mean()
+    assert 0.25 < mirrored < 0.75
+
+
+def test_jitter_and_erasing_vary_per_sample():
+    torch.manual_seed(3)
+    images = torch.full((16, 3, 8, 8), 0.5)
+    images[:, :, :4] = 0.25
+    jittered = color_jitter(images, 0.4)
+    assert len({round(float(m), 5) for m in jittered.mean((1, 2, 3))}) > 8
+    erased = random_erase(torch.ones(64, 1, 16, 16), 0.5)
+    hit = (erased == 0).flatten(1).any(1).float().mean()
+    assert 0.25 < hit < 0.75
+
+
+def test_mixup_cutmix_labels_sum_to_one():
+    torch.manual_seed(4)
+    images, labels = torch.rand(8, 1, 16, 16), torch.randint(0, 5, (8,))
+    mixed_images, mixed = mix_transform(5)(images, labels)
+    assert mixed.shape == (8, 5) and mixed_images.shape == images.shape
+    torch.testing.assert_close(mixed.sum(1), torch.ones(8))
+
+
+def test_cached_loader_orders_by_its_generator():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    loader = CachedLoader(
+        images,
+        torch.arange(10),
+        batch_size=4,
+        shuffle=True,
+        drop_last=True,
+        transform=lambda b: b,
+        device=torch.device("cpu"),
+        seed=7,
+    )
+    assert len(loader) == 2
+    first = [t.tolist() for _, t in loader]
+    loader.generator.manual_seed(7)
+    assert [t.tolist() for _, t in loader] == first
+    assert [t.tolist() for _, t in loader] != first
+    plain = CachedLoader(
+        images, torch.arange(10), batch_size=4, shuffle=False, transform=lambda b: b, device=torch.device("cpu")
+    )
+    assert [t.tolist() for _, t in plain] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_compute_settings():
+    assert resolve_compute("cpu", "fp32").dtype is None
+    assert resolve_compute("cpu", "bf16").dtype == torch.bfloat16
+    assert resolve_compute("cpu", "fp32", channels_last=True).memory_format == torch.channels_last
+    with pytest.raises(ConfigError, match="fp16 is for GPUs"):
+        resolve_compute("cpu", "fp16")
+
+
+def test_cached_and_streamed_training_land_in_the_same_accuracy_band(tmp_path):
+    data = write_digits(tmp_path / "digits", per_class=60)
+    results = {}
+    for cache in ("memory", "off"):
+        config = {**FAST, "data": {"img_size": 16, "cache": cache}, "train": {"epochs": 4, "batch_size": 16}}
+        results[cache] = imgclf.train(data, config, out=tmp_path / "runs").metrics["accuracy"]
+    # Same seed, same recipe, different random streams for augmentation: within 15 points of each other.
+    assert min(results.values()) >= 0.8
+    assert abs(results["memory"] - results["off"]) <= 0.15
+
+
+def test_a_second_run_reuses_the_disk_cache(tmp_path, digits_source, caplog):
+    config = {
+        **FAST,
+        "data": {"img_size": 16, "cache": "disk", "cache_dir": str(tmp_path / "cache")},
+        "train": {"epochs": 1},
+    }
+    caplog.set_level(logging.INFO, logger="imgclf")
+    imgclf.train(digits_source, config, out=tmp_path / "runs")
+    assert "decoded 72 images once" in caplog.text
+    caplog.clear()
+    imgclf.train(digits_source, config, out=tmp_path / "runs")
+    assert "using the decoded-image cache" in caplog.text
+    assert "decoded 72 images once" not in caplog.text
