@@ -318,6 +318,9 @@ def _train_run(
     classes = manifest.classes
     train_cfg = config.train
     compute = resolve_compute(train_cfg.device, train_cfg.precision, train_cfg.channels_last)
+    if train_cfg.precision == "auto":  # config.yaml records what was used
+        config = build_config(config, {"train.precision": compute.precision})
+        save_config(config, paths.config)
     pre = _preprocessing(config)
     # 1. data; an LR from the LR finder when asked for
     loaders = recipe.make_loaders(config, manifest, pre, compute, progress=progress)
