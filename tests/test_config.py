@@ -62,3 +62,11 @@ def test_configs_are_immutable():
     config = RunConfig()
     with pytest.raises(Exception, match="frozen"):
         config.train.epochs = 3
+
+
+def test_yaml_words_stay_words():
+    assert parse_assignments(["data.cache=off", "augment.preset=none"]) == {
+        "data.cache": "off",
+        "augment.preset": "none",
+    }
+    assert build_config({"data": {"cache": False}}).data.cache == "off"  # `cache: off` in a YAML file

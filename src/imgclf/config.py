@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imgclf.errors import ConfigError
 from imgclf.files import write_text_atomic
@@ -71,9 +71,19 @@ class DataConfig(_Section):
     cache_budget: float = Field(
         0.25, gt=0, le=1, description="auto caches when the decoded images take at most this fraction of RAM"
     )
+    max_bad_images: int = Field(
+        10,
+        ge=0,
+        description="images that fail to load during training are skipped; past this many the run stops (exit 1)",
+    )
     num_workers: int | None = Field(
         None, ge=0, description="DataLoader worker processes; null = auto (0 on machines with <= 2 cores)"
     )
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _off_is_a_word(cls, value: Any) -> Any:
+        return "off" if value is False else value  # `cache: off` in YAML arrives as False
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -181,6 +191,11 @@ class TrainConfig(_Section):
     )
     channels_last: bool = Field(True, description="NHWC memory layout for convolutions (faster on CPU and CUDA)")
     compile: bool = Field(False, description="torch.compile the model (opt-in: slower on CPUs, faster on GPUs)")
+    deterministic: bool = Field(
+        False,
+        description="deterministic kernels everywhere (torch.use_deterministic_algorithms): identical GPU runs, "
+        "slower; CPU runs are reproducible without it",
+    )
     seed: int = Field(0, description="seed for weights init, data order and augmentation")
     device: str = Field("auto", description="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps")
 
@@ -257,6 +272,9 @@ def load_config(path: Path, overrides: Mapping[str, Any] | None = None) -> RunCo
     return build_config(tree, overrides)
 
 
+_YAML_WORDS = frozenset({"on", "off", "yes", "no", "y", "n"})
+
+
 def parse_assignments(assignments: list[str]) -> dict[str, Any]:
     """Turn `["train.lr=0.01", "augment.hflip=false"]` into dotted overrides; values are parsed as YAML."""
     result: dict[str, Any] = {}
@@ -264,7 +282,9 @@ def parse_assignments(assignments: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects KEY=VALUE such as train.lr=0.01; received '{item}'")
-        result[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        text = raw.strip()
+        # YAML 1.1 reads on/off/yes/no as booleans; here they are words (data.cache=off), only true/false are not
+        result[key.strip()] = text if text.lower() in _YAML_WORDS else yaml.safe_load(raw) if text else None
     return result
 
 

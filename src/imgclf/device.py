@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal
@@ -61,7 +62,9 @@ class Compute:
         return self.dtype == torch.float16 and self.device.type == "cuda"
 
 
-def resolve_compute(device: str = "auto", precision: Precision = "auto", channels_last: bool = True) -> Compute:
+def resolve_compute(
+    device: str = "auto", precision: Precision = "auto", channels_last: bool = True, deterministic: bool = False
+) -> Compute:
     """The compute settings for a run.
 
     Args:
@@ -69,6 +72,7 @@ def resolve_compute(device: str = "auto", precision: Precision = "auto", channel
         precision: auto picks bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX: about 3x the fp32 matmul
             rate) and on CUDA GPUs that support it, fp16 on older GPUs (with a GradScaler), fp32 elsewhere.
         channels_last: NHWC memory layout for convolutions (faster with oneDNN and cuDNN); ignored on MPS.
+        deterministic: deterministic algorithms only (a process-wide PyTorch setting), for bit-identical GPU runs.
 
     Example:
         >>> resolve_compute("cpu", "fp32").precision
@@ -82,7 +86,11 @@ def resolve_compute(device: str = "auto", precision: Precision = "auto", channel
         raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16; received '{precision}'")
     if precision == "fp16" and torch_device.type == "cpu":
         raise ConfigError("train.precision fp16 is for GPUs; on a CPU use bf16 or fp32")
-    if torch_device.type == "cuda":
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif torch_device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels once
     return Compute(torch_device, dtypes[precision], channels_last and torch_device.type != "mps")
 

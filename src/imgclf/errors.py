@@ -29,3 +29,16 @@ class ImageError(ImgclfError):
 
 class CheckpointError(ImgclfError):
     """A checkpoint or model bundle is missing, corrupt or does not match the run."""
+
+
+class TrainingDiverged(ImgclfError):
+    """The loss or the weights stopped being finite numbers."""
+
+
+class TrainingInterrupted(ImgclfError):
+    """A signal stopped training after a finished batch; a checkpoint to resume from was written.
+    CLI exit code 128 + the signal number (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signal_number

@@ -83,9 +83,14 @@ def _cached_loaders(config, manifest, pre, compute, batch_size, mode, progress) 
             progress=progress,
         )
         images = torch.from_numpy(decoded.array.copy()) if decoded.location else torch.from_numpy(decoded.array)
+        labels = torch.tensor([class_index[r.label] for r in rows])
+        if decoded.failed:
+            _check_bad_images(decoded.failed, config.data.max_bad_images)
+            keep = torch.ones(len(rows), dtype=torch.bool)
+            keep[[index for index, _ in decoded.failed]] = False
+            images, labels = images[keep], labels[keep]
         if compute.device.type == "cuda" and _fits_on_gpu(images):
             images = images.to(compute.device)  # resident on the GPU: no host-to-device copy per batch
-        labels = torch.tensor([class_index[r.label] for r in rows])
         train = split == "train"
         augment = config.augment
         transform = (
@@ -136,8 +141,16 @@ def _streaming_loaders(config, manifest, pre, compute, batch_size) -> Loaders:
         seed=config.train.seed,
         pin_memory=pin,
         drop_last=len(train_set) > batch_size,  # a last batch of 1 breaks BatchNorm
+        max_bad_images=config.data.max_bad_images,
     )
-    val_loader = make_loader(val_set, batch_size=2 * batch_size, shuffle=False, num_workers=workers, pin_memory=pin)
+    val_loader = make_loader(
+        val_set,
+        batch_size=2 * batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin,
+        max_bad_images=config.data.max_bad_images,
+    )
     return Loaders(train_loader, val_loader, len(train_set), len(val_set), f"streaming ({workers} workers)")
 
 
@@ -280,6 +293,16 @@ def find_learning_rate(
 
 def is_pretrained(config: RunConfig) -> bool:
     return config.model.pretrained or config.model.weights is not None
+
+
+def _check_bad_images(failed: list[tuple[int, str]], limit: int) -> None:
+    for _, reason in failed:
+        log.warning("skipped %s", reason)
+    if len(failed) > limit:
+        raise DataError(
+            f"{len(failed)} images failed to load (more than data.max_bad_images = {limit}); first: "
+            + "; ".join(reason for _, reason in failed[:3])
+        )
 
 
 def _fits_on_gpu(images: torch.Tensor, fraction: float = 0.25) -> bool:

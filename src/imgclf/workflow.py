@@ -25,7 +25,7 @@ from imgclf.data.split import (
     warn_about_duplicates,
 )
 from imgclf.data.transforms import Preprocessing, auto_img_size
-from imgclf.errors import ConfigError, DataError, ImgclfError
+from imgclf.errors import ConfigError, DataError, ImgclfError, TrainingInterrupted
 from imgclf.files import write_atomic, write_csv_atomic, write_json_atomic
 from imgclf.progress import NO_PROGRESS, Progress
 from imgclf.recipe import is_pretrained
@@ -317,7 +317,7 @@ def _train_run(
 
     classes = manifest.classes
     train_cfg = config.train
-    compute = resolve_compute(train_cfg.device, train_cfg.precision, train_cfg.channels_last)
+    compute = resolve_compute(train_cfg.device, train_cfg.precision, train_cfg.channels_last, train_cfg.deterministic)
     if train_cfg.precision == "auto":  # config.yaml records what was used
         config = build_config(config, {"train.precision": compute.precision})
         save_config(config, paths.config)
@@ -336,7 +336,8 @@ def _train_run(
     if checkpoint is not None:
         state.restore_counters(checkpoint.meta)
         state.model.load_state_dict(checkpoint.model)
-        phases.enter(state, max(state.epoch, 1))  # the phase the checkpoint was written in
+        # the phase the checkpoint was written in: that of the epoch it stopped in, or of the last finished one
+        phases.enter(state, state.epoch + 1 if state.progress is not None else max(state.epoch, 1))
         state.optimizer.load_state_dict(checkpoint.optimizer)
         state.schedule.load_state_dict(checkpoint.schedule)
         log.info("resuming after epoch %d of %d (%s phase)", state.epoch, state.epochs, state.phase)
@@ -365,19 +366,37 @@ def _train_run(
         ", channels_last" if compute.channels_last else "",
         loaders.path,
     )
-    # 4. train; the best weights are loaded back at the end
-    fit(
-        state,
-        loaders.train,
-        loaders.val,
-        loss_fn=loss_fn,
-        compute=compute,
-        seed=train_cfg.seed,
-        monitor=monitor.name,
-        grad_clip=train_cfg.grad_clip,
-        mix=recipe.mixing(config, len(classes)),
-        callbacks=callbacks,
-    )
+    # 4. train; the best weights are loaded back at the end. Ctrl-C or SIGTERM stop after the current batch.
+    with cb.GracefulStop() as stop:
+
+        def should_stop() -> str | None:
+            return stop.requested() or getattr(loaders.train, "abort_reason", None)
+
+        try:
+            fit(
+                state,
+                loaders.train,
+                loaders.val,
+                loss_fn=loss_fn,
+                compute=compute,
+                seed=train_cfg.seed,
+                monitor=monitor.name,
+                grad_clip=train_cfg.grad_clip,
+                mix=recipe.mixing(config, len(classes)),
+                should_stop=should_stop,
+                callbacks=callbacks,
+            )
+        except torch.OutOfMemoryError as exc:
+            raise _out_of_memory(exc, train_cfg.batch_size) from None
+    if state.interrupted_by is not None:
+        where = (
+            f"stopped in epoch {state.epoch + 1} after batch {state.progress.step} of {steps}; "
+            f"{paths.checkpoints / 'last.safetensors'} holds that point. Continue with: imgclf train --resume "
+            f"{paths.root}"
+        )
+        if stop.signal_number is not None:
+            raise TrainingInterrupted(f"{state.interrupted_by}: {where}", stop.signal_number)
+        raise DataError(f"{state.interrupted_by}. The run {where} once the files are fixed or removed")
     # 5. ship the best weights with their preprocessing, then evaluate them once on test
     bundle = ModelBundle(
         spec=spec,
@@ -393,6 +412,14 @@ def _train_run(
         predictor, rows, used_split, paths.root, batch_size=2 * config.train.batch_size, progress=progress
     )
     return TrainResult(paths.root, metrics, state.history, state.best_epoch, state.stop_reason)
+
+
+def _out_of_memory(exc: Exception, batch_size: int) -> ImgclfError:
+    return ImgclfError(
+        f"the GPU ran out of memory with --batch-size {batch_size} ({str(exc).splitlines()[0]}); try --batch-size "
+        f"{max(1, batch_size // 2)}, a smaller --img-size, or --set train.precision=bf16; the last finished epoch "
+        "is in checkpoints/last.safetensors (--resume)"
+    )
 
 
 def _resume(run_dir: Path, *, epochs: int | None, progress: Progress) -> TrainResult:

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -47,6 +47,7 @@ class DecodedImages:
     side: int
     built: bool
     location: Path | None  # None for an in-memory cache
+    failed: list[tuple[int, str]] = field(default_factory=list)  # (row, reason): unreadable since the scan
 
 
 def default_cache_dir() -> Path:
@@ -118,9 +119,9 @@ def decoded_images(
     """
     side = cache_side(pre)
     if mode == "memory":
-        array = np.empty((len(paths), pre.in_chans, side, side), dtype=np.uint8)
-        _decode_into(array, paths, pre, max_pixels, progress, threads)
-        return DecodedImages(array, side, built=True, location=None)
+        array = np.zeros((len(paths), pre.in_chans, side, side), dtype=np.uint8)
+        failed = _decode_into(array, paths, pre, max_pixels, progress, threads)
+        return DecodedImages(array, side, built=True, location=None, failed=failed)
 
     folder = Path(cache_dir or default_cache_dir())
     key = fingerprint(paths, sha256, pre)
@@ -133,10 +134,12 @@ def decoded_images(
         else:
             built = False
             log.info("using the decoded-image cache %s", target)
+        meta = json.loads((target / "meta.json").read_text(encoding="utf-8"))
     array = np.load(target / "images.npy", mmap_mode="r")
     if array.shape != (len(paths), pre.in_chans, side, side):
         raise DataError(f"decoded-image cache {target} has shape {array.shape}; delete the folder to rebuild it")
-    return DecodedImages(array, side, built=built, location=target)
+    failed = [(int(index), reason) for index, reason in meta.get("failed", [])]
+    return DecodedImages(array, side, built=built, location=target, failed=failed)
 
 
 def fingerprint(paths: Sequence[Path], sha256: Sequence[str], pre: Preprocessing) -> str:
@@ -146,9 +149,10 @@ def fingerprint(paths: Sequence[Path], sha256: Sequence[str], pre: Preprocessing
     for path, content in zip(paths, sha256, strict=True):
         try:
             stat = os.stat(path)
-        except OSError as exc:
-            raise DataError(f"cannot read {path} ({exc.strerror}); it was there when the data was scanned") from None
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{content}\n".encode())
+            size, mtime = stat.st_size, stat.st_mtime_ns
+        except OSError:  # gone since the scan: the build records it as a failure; its return changes the key
+            size, mtime = -1, -1
+        digest.update(f"{path}\0{size}\0{mtime}\0{content}\n".encode())
     return digest.hexdigest()[:32]
 
 
@@ -163,10 +167,16 @@ def _build(target: Path, paths, pre, max_pixels, progress, threads) -> None:
         array = np.lib.format.open_memmap(
             staging / "images.npy", mode="w+", dtype=np.uint8, shape=(len(paths), pre.in_chans, side, side)
         )
-        _decode_into(array, paths, pre, max_pixels, progress, threads)
+        failed = _decode_into(array, paths, pre, max_pixels, progress, threads)
         array.flush()
         del array
-        meta = {"version": FORMAT_VERSION, "count": len(paths), "side": side, "preprocessing": pre.to_dict()}
+        meta = {
+            "version": FORMAT_VERSION,
+            "count": len(paths),
+            "side": side,
+            "preprocessing": pre.to_dict(),
+            "failed": failed,
+        }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         if target.exists():  # an incomplete folder left by a killed builder
             shutil.rmtree(target)
@@ -176,16 +186,19 @@ def _build(target: Path, paths, pre, max_pixels, progress, threads) -> None:
     log.info("decoded %d images once into %s (%.1f MB)", len(paths), target, len(paths) * pre.in_chans * side**2 / 1e6)
 
 
-def _decode_into(array: np.ndarray, paths, pre: Preprocessing, max_pixels: int, progress: Progress, threads) -> None:
+def _decode_into(
+    array: np.ndarray, paths, pre: Preprocessing, max_pixels: int, progress: Progress, threads
+) -> list[tuple[int, str]]:
+    """Decode every image into its row; returns the rows that could not be decoded (left black) and why."""
     side = cache_side(pre)
     to_tensor = v2.ToImage()
     resize = v2.Resize(side, interpolation=INTERPOLATIONS[pre.interpolation], antialias=True)
 
-    def decode(index: int) -> None:
+    def decode(index: int) -> str | None:
         try:
             image = load_image(paths[index], color=pre.color, max_pixels=max_pixels)
-        except ImageError as exc:
-            raise DataError(f"{exc}; the file changed since the data was scanned") from None
+        except (ImageError, OSError) as exc:
+            return f"{exc} (changed or removed since the scan)"
         resized = resize(to_tensor(image))
         # Store the S x S square around the pixels eval keeps: eval's center crop of img_size must land on the
         # same pixels as a direct center crop of the resized image (the two roundings can differ by one).
@@ -193,13 +206,18 @@ def _decode_into(array: np.ndarray, paths, pre: Preprocessing, max_pixels: int, 
         top = round((height - pre.img_size) / 2.0) - round((side - pre.img_size) / 2.0)
         left = round((width - pre.img_size) / 2.0) - round((side - pre.img_size) / 2.0)
         array[index] = resized[:, top : top + side, left : left + side].numpy()
+        return None
 
     with (
         ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool,
         progress.task("Decoding images once", total=len(paths)) as task,
     ):
-        for _ in pool.map(decode, range(len(paths))):
+        failed = []
+        for index, problem in enumerate(pool.map(decode, range(len(paths)))):
             task.advance()
+            if problem is not None:
+                failed.append((index, problem))
+    return failed
 
 
 def _physical_memory() -> int:

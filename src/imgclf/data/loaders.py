@@ -3,14 +3,19 @@ the loader) and cached (`CachedLoader`: decoded once, gathered and augmented as 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from imgclf.data.images import Color, load_image
+from imgclf.errors import ImageError
+
+log = logging.getLogger(__name__)
 
 
 class ImageDataset(Dataset):
@@ -36,9 +41,29 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = load_image(self.paths[index], color=self.color, max_pixels=self.max_pixels)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | BadSample:
+        try:
+            image = load_image(self.paths[index], color=self.color, max_pixels=self.max_pixels)
+        except (ImageError, OSError) as exc:  # changed or removed since the scan: skipped, not fatal
+            return BadSample(str(self.paths[index]), str(exc))
         return self.transform(image), self.labels[index]
+
+
+class BadSample(NamedTuple):
+    """An image that could not be loaded during training (it passes from worker processes to the loader)."""
+
+    path: str
+    reason: str
+
+
+def collate_skipping(items: list) -> tuple[torch.Tensor | None, torch.Tensor | None, list[BadSample]]:
+    """Default collation of the good samples, and the bad ones set aside."""
+    good = [item for item in items if not isinstance(item, BadSample)]
+    bad = [item for item in items if isinstance(item, BadSample)]
+    if not good:
+        return None, None, bad
+    images, targets = default_collate(good)
+    return images, targets, bad
 
 
 def auto_num_workers() -> int:
@@ -57,24 +82,88 @@ def make_loader(
     seed: int = 0,
     pin_memory: bool = False,
     drop_last: bool = False,
-) -> DataLoader:
-    """A DataLoader whose order and worker seeds come from its own generator.
+    max_bad_images: int = 10,
+) -> StreamingLoader:
+    """A DataLoader whose order and worker seeds come from its own generator, and which can start an epoch at
+    any batch (to resume after a graceful stop).
 
     Training code re-seeds `loader.generator` at the start of every epoch, so the data order of epoch N is
     the same whether the run went straight through or was resumed.
     """
     generator = torch.Generator()
     generator.manual_seed(seed)
-    return DataLoader(
+    sampler = EpochSampler(len(dataset), shuffle=shuffle, generator=generator)
+    loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
+        collate_fn=collate_skipping,
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=drop_last,
         generator=generator,
         persistent_workers=False,  # fresh workers per epoch take their seeds from the re-seeded generator
     )
+    return StreamingLoader(loader, sampler, max_bad_images=max_bad_images)
+
+
+class EpochSampler(Sampler[int]):
+    """`torch.randperm` order (as DataLoader's shuffle) or the stored order, optionally from position `start`."""
+
+    def __init__(self, count: int, *, shuffle: bool, generator: torch.Generator) -> None:
+        self.count = count
+        self.shuffle = shuffle
+        self.generator = generator
+        self.start = 0
+
+    def __iter__(self):
+        order = torch.randperm(self.count, generator=self.generator) if self.shuffle else torch.arange(self.count)
+        return iter(order[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.count - self.start
+
+
+class StreamingLoader:
+    """A DataLoader plus `iter_from(step)`, which skips images that fail to load: each is logged with its path
+    and kept in `bad_images`; past `max_bad_images`, `abort_reason` asks training to stop (with a checkpoint)."""
+
+    def __init__(self, loader: DataLoader, sampler: EpochSampler, *, max_bad_images: int = 10) -> None:
+        self.loader = loader
+        self.sampler = sampler
+        self.generator = loader.generator
+        self.dataset = loader.dataset
+        self.max_bad_images = max_bad_images
+        self.bad_images: list[BadSample] = []
+
+    @property
+    def abort_reason(self) -> str | None:
+        if len(self.bad_images) <= self.max_bad_images:
+            return None
+        shown = "; ".join(f"{b.path}: {b.reason}" for b in self.bad_images[:3])
+        return (
+            f"{len(self.bad_images)} images failed to load during training (more than data.max_bad_images = "
+            f"{self.max_bad_images}); first: {shown}"
+        )
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.sampler.count, self.loader.batch_size)
+        return full if self.loader.drop_last or rest == 0 else full + 1
+
+    def __iter__(self):
+        return self.iter_from(0)
+
+    def iter_from(self, step: int):
+        self.sampler.start = step * self.loader.batch_size
+        try:
+            for images, targets, bad in self.loader:
+                for sample in bad:
+                    log.warning("skipped %s: %s", sample.path, sample.reason)
+                self.bad_images += bad
+                if images is not None:
+                    yield images, targets
+        finally:
+            self.sampler.start = 0
 
 
 class CachedLoader:
@@ -128,10 +217,14 @@ class CachedLoader:
         return full if self.drop_last or rest == 0 else full + 1
 
     def __iter__(self):
+        return self.iter_from(0)
+
+    def iter_from(self, step: int):
+        """The epoch's batches from batch `step` on (the order is drawn in full, so it matches a fresh epoch)."""
         count = len(self.images)
         order = torch.randperm(count, generator=self.generator) if self.shuffle else torch.arange(count)
         order = order.to(self.images.device)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        for start in range(step * self.batch_size, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]
             batch, targets = self.images.index_select(0, index), self.labels.index_select(0, index)
             if batch.device != self.device:

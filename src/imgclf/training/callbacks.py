@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from imgclf.errors import TrainingDiverged
 from imgclf.files import write_csv_atomic
 from imgclf.models.finetune import Phase, phase_at, set_phase_lrs, set_trainable
 from imgclf.progress import Progress, Task
@@ -45,6 +48,9 @@ class Callback:
 
     def on_fit_end(self, state: FitState) -> None:
         pass
+
+    def on_interrupt(self, state: FitState) -> None:
+        """Training stops mid-epoch (a signal); `state.progress` says where."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +163,19 @@ class Checkpointer(Callback):
         if improved:
             state.best_metric = row[self.monitor.name]
             state.best_epoch = state.epoch
+        self._save_last(state)
+        if improved:
+            _link_or_copy(self.last, self.best)
+
+    def on_interrupt(self, state: FitState) -> None:
+        self._save_last(state)  # mid-epoch: its progress lets --resume continue at the next batch
+
+    def _save_last(self, state: FitState) -> None:
+        if not all(torch.isfinite(p).all() for p in state.model.parameters()):
+            raise TrainingDiverged(
+                f"the weights stopped being finite numbers in epoch {state.epoch}; {self.last} keeps the last good "
+                "epoch. Try a lower --lr, --set train.grad_clip=1.0, or --set train.precision=fp32"
+            )
         save_checkpoint(
             self.last,
             model=state.model,
@@ -164,8 +183,6 @@ class Checkpointer(Callback):
             schedule_state=state.schedule.state_dict(),
             meta={**self.extra_meta, **state.counters(), "monitor": self.monitor.name},
         )
-        if improved:
-            _link_or_copy(self.last, self.best)
 
     def on_fit_end(self, state: FitState) -> None:
         if self.best.exists():
@@ -222,9 +239,55 @@ class ProgressBar(Callback):
             self._pending = 0
 
     def on_epoch_end(self, state: FitState, row: dict[str, float]) -> None:
+        self._close()
+
+    def on_interrupt(self, state: FitState) -> None:
+        self._close()
+
+    def _close(self) -> None:
         if self._context is not None:
             self._context.__exit__(None, None, None)
             self._context = self._task = None
+
+
+class GracefulStop:
+    """While active, SIGINT and SIGTERM ask training to stop after the current batch (see `fit`'s
+    `should_stop`); a second SIGINT stops at once (KeyboardInterrupt), without touching written checkpoints.
+
+    Example:
+        >>> with GracefulStop() as stop:
+        ...     fit(state, ..., should_stop=stop.requested)
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def requested(self) -> str | None:
+        return signal.Signals(self.signal_number).name if self.signal_number is not None else None
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def _handle(self, number: int, frame: object) -> None:
+        if self.signal_number is not None and number == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.signal_number = number
+        log.warning(
+            "%s received: stopping after the current batch (press Ctrl-C again to stop at once)",
+            signal.Signals(number).name,
+        )
 
 
 def _short(value: object) -> object:

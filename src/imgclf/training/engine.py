@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,8 +20,32 @@ from torch import nn
 from torch.optim import Optimizer
 
 from imgclf.device import Compute
+from imgclf.errors import TrainingDiverged
 from imgclf.training.callbacks import Callback
 from imgclf.training.optim import LRSchedule, current_lr
+
+
+@dataclass
+class EpochProgress:
+    """Where a training epoch stands: batches done and the running sums of its history row. Saved in the
+    checkpoint of a graceful stop, so that the resumed epoch continues at the next batch and ends with the row
+    an uninterrupted epoch would have written."""
+
+    step: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+    lr: float | None = None  # the LR at the start of the epoch, for its history row
+    rng: list[int] | None = None  # torch's CPU generator state after the last finished batch
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.seen, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.seen, 1)
 
 
 @dataclass
@@ -40,6 +64,8 @@ class FitState:
     phase: str | None = None  # set by the Phases callback: train | frozen | fine-tune
     frozen_norms: list[nn.Module] = field(default_factory=list)  # BatchNorms kept in eval mode while training
     scaler: torch.amp.GradScaler | None = None  # fp16 on CUDA only
+    progress: EpochProgress | None = None  # a partly trained epoch, after a graceful stop
+    interrupted_by: str | None = None  # why training stopped mid-epoch (a signal, too many bad images)
 
     def counters(self) -> dict[str, Any]:
         return {
@@ -51,6 +77,7 @@ class FitState:
             "stop_reason": self.stop_reason,
             "phase": self.phase,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "progress": asdict(self.progress) if self.progress is not None else None,
         }
 
     def restore_counters(self, counters: dict[str, Any]) -> None:
@@ -61,6 +88,7 @@ class FitState:
         self.stop_reason = counters["stop_reason"]
         if self.scaler is not None and counters.get("scaler"):
             self.scaler.load_state_dict(counters["scaler"])
+        self.progress = EpochProgress(**counters["progress"]) if counters.get("progress") else None
 
     @property
     def finished(self) -> bool:
@@ -77,6 +105,7 @@ class EpochResult:
 
 BatchHook = Callable[[int, torch.Tensor, int], None]
 MixFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+StopCheck = Callable[[], "str | None"]
 
 
 def seed_epoch(seed: int, epoch: int, loader: Iterable | None = None) -> None:
@@ -101,22 +130,41 @@ def train_one_epoch(
     frozen_norms: Sequence[nn.Module] = (),
     mix: MixFn | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    progress: EpochProgress | None = None,
+    should_stop: StopCheck | None = None,
     on_batch: BatchHook | None = None,
-) -> EpochResult:
+) -> tuple[EpochProgress, bool]:
     """One pass over `loader`: (mix), forward under autocast, loss, backward, (unscale, clip), step, schedule.
 
-    `frozen_norms` stay in eval mode, so the running statistics of a frozen backbone do not move. With `mix`
-    (MixUp/CutMix) targets become mixed one-hot vectors and accuracy counts their largest class.
+    Args:
+        progress: where a resumed epoch stands (the loader then starts at its `step`), or None for a new epoch.
+        should_stop: checked after every batch; a reason (a signal's name, too many bad images) ends the epoch
+            early, after that batch.
+        frozen_norms: stay in eval mode, so the running statistics of a frozen backbone do not move.
+        mix: MixUp/CutMix; targets become mixed one-hot vectors and accuracy counts their largest class.
+
+    Returns:
+        (the epoch's progress, whether it ran to the end).
+
+    Raises:
+        TrainingDiverged: the loss is not finite; the optimizer has not taken that step.
     """
     model.train()
     for norm in frozen_norms:
         norm.eval()
     device = compute.device
+    progress = progress or EpochProgress()
     start = time.perf_counter()
-    total_loss = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    for index, (images, targets) in enumerate(loader):
+    # Continue the sums of a resumed epoch, in float64: the additions happen in the same order as in an
+    # uninterrupted epoch, so its history row comes out identical.
+    total_loss = torch.tensor(progress.loss_sum, device=device, dtype=torch.float64)
+    correct = torch.tensor(progress.correct, device=device, dtype=torch.long)
+    seen = progress.seen
+    batches = _iter_from(loader, progress.step)
+    if progress.rng is not None:  # continue the augmentation stream where the stopped run left it
+        torch.set_rng_state(torch.tensor(progress.rng, dtype=torch.uint8))
+    index, stopped = progress.step - 1, False
+    for index, (images, targets) in enumerate(batches, start=progress.step):
         images = images.to(device, non_blocking=True, memory_format=compute.memory_format)
         targets = targets.to(device, non_blocking=True)
         if mix is not None:
@@ -124,6 +172,13 @@ def train_one_epoch(
         with compute.autocast():
             logits = model(images)
             loss = loss_fn(logits, targets)
+        # note: a CPU-GPU sync point, but a NaN must stop training before it reaches the weights
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"the training loss became {loss.item()} at batch {index + 1} (lr {current_lr(optimizer):.2e}); "
+                "the checkpoints hold the last good epoch. Try a lower --lr (a tenth), --set train.grad_clip=1.0, "
+                "or --set train.precision=fp32"
+            )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:  # fp16 on CUDA: scale the loss so small gradients do not underflow
             scaler.scale(loss).backward()
@@ -141,13 +196,35 @@ def train_one_epoch(
         # Accumulate on the device: calling .item() here would be a CPU-GPU sync point every step.
         batch = targets.shape[0]
         hard = targets.argmax(1) if targets.ndim == 2 else targets
-        total_loss += loss.detach().float() * batch
+        total_loss += loss.detach().double() * batch
         correct += (logits.detach().argmax(1) == hard).sum()
         seen += batch
         if on_batch is not None:
             on_batch(index, loss.detach(), batch)
-    seconds = time.perf_counter() - start
-    return EpochResult(_mean(total_loss, seen), _mean(correct, seen), seen, seconds)
+        if should_stop is not None and should_stop() is not None:
+            stopped = True
+            break
+    if hasattr(batches, "close"):
+        batches.close()  # a stopped epoch shuts its loader workers down now, not at garbage collection
+    done = EpochProgress(
+        step=index + 1,
+        loss_sum=float(total_loss.item()),
+        correct=int(correct.item()),
+        seen=seen,
+        seconds=progress.seconds + time.perf_counter() - start,
+        lr=progress.lr,
+        rng=torch.get_rng_state().tolist(),
+    )
+    return done, not stopped
+
+
+def _iter_from(loader: Iterable, step: int):
+    """An iterator over `loader` that starts at batch `step` of the epoch's order."""
+    if step == 0:
+        return iter(loader)
+    if not hasattr(loader, "iter_from"):
+        raise TypeError(f"{type(loader).__name__} cannot start an epoch at batch {step}")
+    return loader.iter_from(step)
 
 
 @torch.no_grad()
@@ -181,9 +258,12 @@ def fit(
     monitor: str = "val_loss",
     grad_clip: float | None = None,
     mix: MixFn | None = None,
+    should_stop: StopCheck | None = None,
     callbacks: Sequence[Callback] = (),
 ) -> FitState:
-    """Train from `state.epoch` until `state.epochs` or until a callback sets `state.stop_reason`.
+    """Train from `state.epoch` (and `state.progress`, mid-epoch) until `state.epochs`, until a callback sets
+    `state.stop_reason`, or until `should_stop` gives a reason (then `state.interrupted_by` is set and the
+    callbacks' `on_interrupt` save a checkpoint to resume from).
 
     Args:
         state: model, optimizer, schedule and counters (fresh, or restored from a checkpoint).
@@ -195,6 +275,7 @@ def fit(
         monitor: history column passed to a plateau schedule.
         grad_clip: max gradient norm, or None.
         mix: MixUp/CutMix applied to each training batch, or None.
+        should_stop: returns a reason when training should stop after the current batch.
         callbacks: called in order at each hook.
 
     Returns:
@@ -212,8 +293,8 @@ def fit(
             for callback in callbacks:
                 callback.on_batch_end(state, index, loss, batch)
 
-        lr = current_lr(state.optimizer)
-        train = train_one_epoch(
+        progress = state.progress or EpochProgress(lr=current_lr(state.optimizer))
+        progress, complete = train_one_epoch(
             state.model,
             train_loader,
             state.optimizer,
@@ -224,19 +305,27 @@ def fit(
             frozen_norms=state.frozen_norms,
             mix=mix,
             scaler=state.scaler,
+            progress=progress,
+            should_stop=should_stop,
             on_batch=on_batch,
         )
+        if not complete:
+            state.progress, state.interrupted_by = progress, should_stop() if should_stop else None
+            for callback in callbacks:
+                callback.on_interrupt(state)
+            return state
+        state.progress = None
         val = evaluate_epoch(state.model, val_loader, compute)
         row = {
             "epoch": epoch,
             "phase": state.phase or "train",
-            "train_loss": train.loss,
-            "train_acc": train.accuracy,
+            "train_loss": progress.loss,
+            "train_acc": progress.accuracy,
             "val_loss": val.loss,
             "val_acc": val.accuracy,
-            "lr": lr,
-            "seconds": round(train.seconds + val.seconds, 3),
-            "images_per_s": round(train.images / max(train.seconds, 1e-9), 1),
+            "lr": progress.lr,
+            "seconds": round(progress.seconds + val.seconds, 3),
+            "images_per_s": round(progress.seen / max(progress.seconds, 1e-9), 1),
         }
         state.schedule.after_epoch(row[monitor])
         state.history.append(row)
