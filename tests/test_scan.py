@@ -495,3 +495,43 @@ def test_symlinked_class_folder_is_followed(tmp_path):
     add_images(tmp_path / "shared" / "dogs", 3)
     (root / "dog").symlink_to(tmp_path / "shared" / "dogs", target_is_directory=True)
     assert counts(scan_folder(root)) == {None: {"cat": 2, "dog": 3}}
+
+
+def test_images_smaller_than_8_px_are_problems(tmp_path):
+    root = make_split(tmp_path / "data", {"": {"cat": 2, "dog": 2}})
+    tiny = write(root / "cat" / "pixel.png", image_bytes("PNG", size=(7, 20)))
+    index = scan_folder(root)
+    assert [(p.path, p.reason) for p in index.problems] == [(tiny, "too small: 7x20 px, the minimum side is 8 px")]
+
+
+def test_a_decompression_bomb_is_rejected_before_decoding(tmp_path):
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    # A 200-megapixel grayscale PNG header with almost no data: decoding it would allocate 200 MB.
+    header = struct.pack(">IIBBBBB", 20000, 10000, 8, 0, 0, 0, 0)
+    bomb = (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+    )
+    root = make_split(tmp_path / "data", {"": {"cat": 2, "dog": 2}})
+    path = write(root / "cat" / "bomb.png", bomb)
+    index = scan_folder(root)
+    (problem,) = index.problems
+    assert problem.path == path and "exceeds the limit of 50,000,000" in problem.reason
+
+
+@pytest.mark.parametrize(
+    ("train_name", "val_name", "why"),
+    [
+        ("Cat", "cat", "case"),
+        ("cat", "cat ", "surrounding spaces"),
+        ("caf\u00e9", "cafe\u0301", "Unicode normal form"),
+    ],
+)
+def test_class_names_that_differ_only_cosmetically_are_reported(tmp_path, train_name, val_name, why):
+    root = make_split(tmp_path / "data", {"train": {train_name: 2, "dog": 2}, "val": {val_name: 1, "dog": 1}})
+    with pytest.raises(DataError, match=f"only by {why}"):
+        scan_folder(root)

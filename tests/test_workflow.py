@@ -273,3 +273,33 @@ def test_timm_model_trains_on_grayscale(tmp_path, digits_source):
     assert model_json["arch"] == {"name": "resnet10t", "num_classes": 3, "in_chans": 1, "options": {"dropout": 0.1}}
     predictions = imgclf.predict(result.run_dir, [next(digits_source.glob("digit0/*.png"))], device="cpu")
     assert predictions[0].label in {"digit0", "digit1", "digit2"}
+
+
+def test_exif_rotated_and_upright_files_predict_the_same(tmp_path, trained_run):
+    rng = np.random.default_rng(5)
+    upright = Image.fromarray(rng.integers(0, 256, (12, 20), dtype=np.uint8))
+    # Orientation 6 means "rotate 90 degrees clockwise to display": store the pixels turned the other way.
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "rotated.png", exif=exif)
+    upright.save(tmp_path / "upright.png")
+    rotated, plain = imgclf.predict(
+        trained_run, [tmp_path / "rotated.png", tmp_path / "upright.png"], top_k=3, device="cpu"
+    )
+    assert rotated.classes == plain.classes
+    np.testing.assert_allclose(rotated.probabilities, plain.probabilities, rtol=1e-6)
+
+
+def test_non_ascii_and_spaces_in_names_work_end_to_end(tmp_path, digits_source):
+    data = tmp_path / "données brutes"
+    for source in sorted(digits_source.iterdir()):
+        target = data / f"{source.name} café"
+        target.mkdir(parents=True)
+        for index, path in enumerate(sorted(source.iterdir())):
+            shutil.copy(path, target / f"ünï cödé {index}.png")
+    result = imgclf.train(data, {**FAST, "train": {"epochs": 1, "batch_size": 8}}, out=tmp_path / "sorties")
+    assert json.loads((result.run_dir / "model" / "model.json").read_text())["classes"][0] == "digit0 café"
+    predictions = imgclf.predict(result.run_dir, [data / "digit1 café"], device="cpu")
+    assert len(predictions) == 30 and all(p.error is None for p in predictions)
+    assert "ünï cödé 0.png" in {Path(p.source).name for p in predictions}

@@ -61,7 +61,11 @@ def open_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, nam
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image (content is not a format Pillow can read)") from None
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"{name}: rejected as a decompression bomb ({exc})") from None
+        # Pillow's own guard (at twice its MAX_IMAGE_PIXELS) fires before ours could: the image is larger still.
+        raise ImageError(
+            f"{name}: declares more pixels than Pillow allows ({exc}); it exceeds the limit of {max_pixels:,} "
+            "(data.max_pixels) and was rejected before decoding"
+        ) from None
     except OSError as exc:
         raise ImageError(f"{name}: cannot open ({exc})") from None
     width, height = image.size

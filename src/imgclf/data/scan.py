@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import unicodedata
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ IMAGE_EXTENSIONS = frozenset(
     ]
 )
 _SKIPPED_FOLDERS = frozenset({"__MACOSX", "__pycache__"})
+MIN_SIDE = 8  # smaller images (icons, tracking pixels, broken thumbnails) are skipped as problems
 
 
 @dataclass(frozen=True)
@@ -285,6 +287,8 @@ def _check_file(split: str | None, label: str, path: Path, *, max_pixels: int) -
         with open_image(data, max_pixels=max_pixels, name=str(path)) as image:
             width, height = image.size
             single = is_single_channel(image)
+            if min(width, height) < MIN_SIDE:
+                return Problem(path, f"too small: {width}x{height} px, the minimum side is {MIN_SIDE} px")
             image.load()
     except ImageError as exc:
         reason = str(exc).removeprefix(f"{path}: ")
@@ -338,14 +342,30 @@ def _class_map(
         present = counts.get(split, Counter())
         unknown = sorted(set(present) - set(classes))
         if unknown:
+            hints = [_near_match(label, classes) for label in unknown]
             raise DataError(
                 f"{split} split has class(es) not in train: {', '.join(unknown)}; every val/test class must "
                 f"have training images (train classes: {', '.join(classes)})"
+                + "".join(f"; {hint}" for hint in hints if hint)
             )
         missing = [label for label in classes if not present[label]]
         if missing:
             warnings.append(f"{split} split has no images of class(es): {', '.join(missing)}")
     return classes, warnings
+
+
+def _near_match(label: str, classes: tuple[str, ...]) -> str | None:
+    """Say how `label` differs from a train class that is the same name up to case, spaces or Unicode form."""
+    for name in classes:
+        for why, key in (
+            ("Unicode normal form (NFC vs NFD)", lambda t: unicodedata.normalize("NFC", t)),
+            ("surrounding spaces", str.strip),
+            ("case", str.casefold),
+            ("case, spaces or Unicode form", lambda t: unicodedata.normalize("NFC", t).strip().casefold()),
+        ):
+            if key(label) == key(name):
+                return f"'{label}' differs from train's '{name}' only by {why}: rename one folder"
+    return None
 
 
 def _first_problems(problems: list[Problem], limit: int = 3) -> str:
