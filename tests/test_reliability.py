@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 import signal
 import subprocess
@@ -277,3 +278,81 @@ def test_the_same_seed_gives_the_same_history_and_another_seed_does_not(tmp_path
     first, again, other = run(1, "a"), run(1, "b"), run(2, "c")
     assert rows(first) == rows(again)
     assert rows(first) != rows(other)
+
+
+# --- more bad input ------------------------------------------------------------------------------------------
+
+
+def test_corrupt_exif_loads_with_a_warning(tmp_path, caplog):
+    from PIL import Image
+
+    from imgclf.data.images import load_image
+
+    path = tmp_path / "bad-exif.jpg"
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(
+        buffer, "JPEG", exif=b"Exif\x00\x00MM\x00\x2a\x00\x00\x00\x08\xff\xff"
+    )
+    path.write_bytes(buffer.getvalue())
+    image = load_image(path, color="rgb")
+    assert image.size == (16, 16)
+    assert image.getpixel((8, 8))[0] > 150  # the pixels are there
+    assert f"{path}: unreadable EXIF ignored" in caplog.text
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_an_unreadable_file_is_reported(tmp_path, digits_flat):
+    from imgclf.data.scan import scan_folder
+
+    locked = sorted((digits_flat / "digit0").iterdir())[0]
+    locked.chmod(0)
+    try:
+        index = scan_folder(digits_flat)
+    finally:
+        locked.chmod(0o644)
+    assert [p.path for p in index.problems] == [locked]
+    assert "cannot read" in index.problems[0].reason
+
+
+def test_a_pickled_payload_in_a_checkpoint_is_refused_and_nothing_runs(tmp_path, digits_source):
+    run = imgclf.train(digits_source, {**FAST, "train": {"epochs": 2}}, out=tmp_path, name="r").run_dir
+    sentinel = tmp_path / "pwned"
+    import pickle
+
+    class Exploit:
+        def __reduce__(self):
+            return (Path.touch, (sentinel,))
+
+    (run / "checkpoints" / "last.safetensors").write_bytes(pickle.dumps(Exploit(), protocol=2))
+    with pytest.raises(ImgclfError, match=r"corrupted checkpoint .*last\.safetensors.*best\.safetensors"):
+        imgclf.train(None, resume=run, epochs=3)
+    assert not sentinel.exists()
+
+
+def test_gpu_out_of_memory_names_the_batch_size(tmp_path, digits_source, monkeypatch):
+    import imgclf.training.engine as engine
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(engine, "fit", out_of_memory)
+    with pytest.raises(ImgclfError, match=r"--batch-size 8 .*try --batch-size 4"):
+        imgclf.train(digits_source, {**FAST, "train": {"epochs": 1, "batch_size": 8}}, out=tmp_path)
+
+
+def test_broken_images_are_skipped_inside_worker_processes_too(tmp_path, monkeypatch, caplog):
+    data = write_digits(tmp_path / "data", per_class=20)
+    victim = sorted((data / "digit0").iterdir())[3]
+    import imgclf.workflow as workflow
+
+    original = workflow._prepare
+
+    def prepare_then_break(*args, **kwargs):
+        prepared = original(*args, **kwargs)
+        victim.write_bytes(b"garbage")
+        return prepared
+
+    monkeypatch.setattr(workflow, "_prepare", prepare_then_break)
+    config = {**FAST, "data": {"img_size": 16, "cache": "off", "num_workers": 2}, "train": {"epochs": 1}}
+    imgclf.train(data, config, out=tmp_path / "runs")
+    assert f"skipped {victim}" in caplog.text

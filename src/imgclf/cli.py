@@ -161,6 +161,9 @@ def train(
     seed: Annotated[int | None, typer.Option(help="training seed")] = None,
     device: DeviceOption = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: auto)")] = None,
+    deterministic: Annotated[
+        bool | None, typer.Option("--deterministic", help="deterministic kernels (repeatable GPU runs, slower)")
+    ] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
     out: Annotated[Path, typer.Option(help="folder that receives the run folder")] = Path("runs"),
@@ -197,6 +200,7 @@ def train(
             "train.seed": seed,
             "train.device": device,
             "data.num_workers": workers,
+            "train.deterministic": deterministic,
         }
         run_config = run_config_from(config, flags, set_)
         result = workflow.train(data, run_config, out=out, name=name, progress=RichProgress())

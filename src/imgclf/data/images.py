@@ -100,14 +100,21 @@ def load_image(
         'RGB'
     """
     name = name or _name(source)
-    with open_image(source, max_pixels=max_pixels, name=name) as image:
-        try:
-            image.load()
-            upright = _apply_exif_orientation(image, name)
-            return to_mode(upright, color)
-        except (OSError, ValueError, SyntaxError) as exc:
-            # Truncated JPEGs pass Image.verify(); only a full decode finds them.
-            raise ImageError(f"{name}: cannot decode ({exc})") from None
+    # Pillow reports a corrupt EXIF block with a warning (while opening or loading) and carries on: so do we.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with open_image(source, max_pixels=max_pixels, name=name) as image:
+            try:
+                image.load()
+                upright = _apply_exif_orientation(image, name)
+                converted = to_mode(upright, color)
+            except (OSError, ValueError, SyntaxError) as exc:
+                # Truncated JPEGs pass Image.verify(); only a full decode finds them.
+                raise ImageError(f"{name}: cannot decode ({exc})") from None
+    exif_warnings = [str(w.message).strip() for w in caught if "EXIF" in str(w.message)]
+    if exif_warnings:
+        log.warning("%s: unreadable EXIF ignored (%s)", name, exif_warnings[0])
+    return converted
 
 
 def is_single_channel(image: Image.Image) -> bool:
@@ -160,7 +167,7 @@ def _apply_exif_orientation(image: Image.Image, name: str) -> Image.Image:
     try:
         return ImageOps.exif_transpose(image)
     except Exception as exc:  # Pillow raises many types on malformed EXIF blocks
-        log.warning("%s: unreadable EXIF orientation ignored (%s)", name, exc)
+        log.warning("%s: unreadable EXIF ignored (%s)", name, exc)
         return image
 
 
