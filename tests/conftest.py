@@ -70,7 +70,7 @@ def trained_run(tmp_path_factory, digits_source) -> Path:
     import imgclf
 
     out = tmp_path_factory.mktemp("runs")
-    return imgclf.train(digits_source, FAST, out=out, name="shared").run_dir
+    return imgclf.train(digits_source, FAST, out=out, name="shared", report=False).run_dir
 
 
 def file_digests(folder: Path) -> dict[str, str]:

@@ -18,7 +18,18 @@ from imgclf.config import RunConfig, build_config
 from imgclf.files import read_csv
 
 runner = CliRunner()
-FAST_FLAGS = ["--img-size", "16", "--epochs", "1", "--batch-size", "8", "--set", "model.width=8", "--no-hflip"]
+FAST_FLAGS = [
+    "--img-size",
+    "16",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--set",
+    "model.width=8",
+    "--no-hflip",
+    "--no-report",
+]
 
 
 def run(*args: str):
@@ -35,7 +46,19 @@ def python_m(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
 def test_help_lists_every_command():
     result = run("--help")
     assert result.exit_code == 0
-    for command in ("train", "evaluate", "predict", "split", "demo", "config", "lr-find", "models"):
+    for command in (
+        "train",
+        "evaluate",
+        "predict",
+        "split",
+        "demo",
+        "config",
+        "lr-find",
+        "models",
+        "report",
+        "inspect",
+        "preview",
+    ):
         assert command in result.output
 
 
@@ -171,3 +194,4 @@ def test_console_script_train_and_demo(tmp_path):
     assert len(list((tmp_path / "digits").glob("*/*.png"))) == 1797
     (run_dir,) = list((tmp_path / "runs").iterdir())
     assert (run_dir / "model" / "weights.safetensors").is_file()
+    assert (run_dir / "report.html").is_file() and "report.html" in result.stdout

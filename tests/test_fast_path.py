@@ -209,7 +209,7 @@ def test_cached_and_streamed_training_land_in_the_same_accuracy_band(tmp_path):
     results = {}
     for cache in ("memory", "off"):
         config = {**FAST, "data": {"img_size": 16, "cache": cache}, "train": {"epochs": 4, "batch_size": 16}}
-        results[cache] = imgclf.train(data, config, out=tmp_path / "runs").metrics["accuracy"]
+        results[cache] = imgclf.train(data, config, out=tmp_path / "runs", report=False).metrics["accuracy"]
     # Same seed, same recipe, different random streams for augmentation: within 15 points of each other.
     assert min(results.values()) >= 0.8
     assert abs(results["memory"] - results["off"]) <= 0.15
@@ -222,9 +222,9 @@ def test_a_second_run_reuses_the_disk_cache(tmp_path, digits_source, caplog):
         "train": {"epochs": 1},
     }
     caplog.set_level(logging.INFO, logger="imgclf")
-    imgclf.train(digits_source, config, out=tmp_path / "runs")
+    imgclf.train(digits_source, config, out=tmp_path / "runs", report=False)
     assert "decoded 72 images once" in caplog.text
     caplog.clear()
-    imgclf.train(digits_source, config, out=tmp_path / "runs")
+    imgclf.train(digits_source, config, out=tmp_path / "runs", report=False)
     assert "using the decoded-image cache" in caplog.text
     assert "decoded 72 images once" not in caplog.text

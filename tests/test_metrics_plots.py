@@ -25,6 +25,7 @@ def test_metrics_on_known_predictions():
         "recall": 1.0,
         "f1": pytest.approx(0.8),
         "support": 2,
+        "roc_auc": pytest.approx(0.875),  # 7 of the 8 (b, not-b) pairs ranked correctly
     }
     expected_log_loss = -np.mean(np.log([0.8, 0.3, 0.7, 0.5, 0.7, 0.1]))
     assert m["log_loss"] == pytest.approx(expected_log_loss, rel=1e-5)

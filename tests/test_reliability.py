@@ -49,7 +49,7 @@ def test_a_diverging_run_stops_with_advice_and_keeps_finite_checkpoints(tmp_path
         },
     }
     with pytest.raises(TrainingDiverged, match=r"lower --lr"):
-        imgclf.train(digits_source, config, out=tmp_path, name="boom")
+        imgclf.train(digits_source, config, out=tmp_path, name="boom", report=False)
     for checkpoint in (tmp_path / "boom" / "checkpoints").glob("*.safetensors"):
         state = load_checkpoint(checkpoint).model
         assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
@@ -65,7 +65,7 @@ def test_a_stop_mid_epoch_resumes_to_the_same_weights(tmp_path, digits_source, m
         "data": {"img_size": 16, "cache": cache, "num_workers": 0},
         "train": {"epochs": 3, "batch_size": 8},
     }
-    straight = imgclf.train(digits_source, config, out=tmp_path, name="straight")
+    straight = imgclf.train(digits_source, config, out=tmp_path, name="straight", report=False)
 
     from imgclf.training import callbacks
 
@@ -79,12 +79,12 @@ def test_a_stop_mid_epoch_resumes_to_the_same_weights(tmp_path, digits_source, m
 
     monkeypatch.setattr(callbacks.GracefulStop, "requested", stop_at_batch_13)
     with pytest.raises(TrainingInterrupted, match="SIGINT: stopped in epoch 2 after batch 4") as stopped:
-        imgclf.train(digits_source, config, out=tmp_path, name="cut")
+        imgclf.train(digits_source, config, out=tmp_path, name="cut", report=False)
     assert stopped.value.exit_code == 130
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.safetensors").meta["progress"]["step"] == 4
 
-    resumed = imgclf.train(None, resume=tmp_path / "cut")
+    resumed = imgclf.train(None, resume=tmp_path / "cut", report=False)
     assert rows(resumed.history) == rows(straight.history)
     a, b = weights(straight.run_dir), weights(resumed.run_dir)
     assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -180,7 +180,7 @@ def test_an_image_removed_after_the_scan_is_skipped_and_counted(tmp_path, monkey
 
     monkeypatch.setattr(workflow, "_prepare", prepare_then_delete)
     config = {**FAST, "data": {"img_size": 16, "cache": cache}, "train": {"epochs": 2, "batch_size": 8}}
-    result = imgclf.train(data, config, out=tmp_path / "runs")
+    result = imgclf.train(data, config, out=tmp_path / "runs", report=False)
     assert f"skipped {victim}" in caplog.text or str(victim) in caplog.text
     assert result.metrics is not None
 
@@ -204,7 +204,7 @@ def test_too_many_broken_images_stop_the_run_with_exit_1(tmp_path, monkeypatch):
         "train": {"epochs": 2, "batch_size": 8},
     }
     with pytest.raises(DataError, match=r"failed to load during training.*--resume") as failure:
-        imgclf.train(data, config, out=tmp_path / "runs", name="r")
+        imgclf.train(data, config, out=tmp_path / "runs", name="r", report=False)
     assert failure.value.exit_code == 1
     assert (tmp_path / "runs" / "r" / "checkpoints" / "last.safetensors").is_file()
 
@@ -273,7 +273,7 @@ def test_the_same_seed_gives_the_same_history_and_another_seed_does_not(tmp_path
             "data": {"img_size": 16, "cache": cache, "num_workers": workers},
             "train": {"epochs": 2, "batch_size": 8, "seed": seed},
         }
-        return imgclf.train(digits_source, config, out=tmp_path, name=name).history
+        return imgclf.train(digits_source, config, out=tmp_path, name=name, report=False).history
 
     first, again, other = run(1, "a"), run(1, "b"), run(2, "c")
     assert rows(first) == rows(again)
@@ -315,7 +315,7 @@ def test_an_unreadable_file_is_reported(tmp_path, digits_flat):
 
 
 def test_a_pickled_payload_in_a_checkpoint_is_refused_and_nothing_runs(tmp_path, digits_source):
-    run = imgclf.train(digits_source, {**FAST, "train": {"epochs": 2}}, out=tmp_path, name="r").run_dir
+    run = imgclf.train(digits_source, {**FAST, "train": {"epochs": 2}}, out=tmp_path, name="r", report=False).run_dir
     sentinel = tmp_path / "pwned"
     import pickle
 
@@ -325,7 +325,7 @@ def test_a_pickled_payload_in_a_checkpoint_is_refused_and_nothing_runs(tmp_path,
 
     (run / "checkpoints" / "last.safetensors").write_bytes(pickle.dumps(Exploit(), protocol=2))
     with pytest.raises(ImgclfError, match=r"corrupted checkpoint .*last\.safetensors.*best\.safetensors"):
-        imgclf.train(None, resume=run, epochs=3)
+        imgclf.train(None, resume=run, epochs=3, report=False)
     assert not sentinel.exists()
 
 
@@ -337,7 +337,7 @@ def test_gpu_out_of_memory_names_the_batch_size(tmp_path, digits_source, monkeyp
 
     monkeypatch.setattr(engine, "fit", out_of_memory)
     with pytest.raises(ImgclfError, match=r"--batch-size 8 .*try --batch-size 4"):
-        imgclf.train(digits_source, {**FAST, "train": {"epochs": 1, "batch_size": 8}}, out=tmp_path)
+        imgclf.train(digits_source, {**FAST, "train": {"epochs": 1, "batch_size": 8}}, out=tmp_path, report=False)
 
 
 def test_broken_images_are_skipped_inside_worker_processes_too(tmp_path, monkeypatch, caplog):
@@ -354,5 +354,5 @@ def test_broken_images_are_skipped_inside_worker_processes_too(tmp_path, monkeyp
 
     monkeypatch.setattr(workflow, "_prepare", prepare_then_break)
     config = {**FAST, "data": {"img_size": 16, "cache": "off", "num_workers": 2}, "train": {"epochs": 1}}
-    imgclf.train(data, config, out=tmp_path / "runs")
+    imgclf.train(data, config, out=tmp_path / "runs", report=False)
     assert f"skipped {victim}" in caplog.text

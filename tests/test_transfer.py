@@ -110,8 +110,9 @@ def test_fine_tuning_a_pretrained_model_beats_training_from_scratch(tmp_path):
         data,
         {**base, "model": {"name": LITE0, "pretrained": True}, "train": {**base["train"], "freeze_epochs": 1}},
         out=tmp_path / "runs",
+        report=False,
     )
-    scratch = imgclf.train(data, {**base, "model": {"name": LITE0}}, out=tmp_path / "runs")
+    scratch = imgclf.train(data, {**base, "model": {"name": LITE0}}, out=tmp_path / "runs", report=False)
     assert pretrained.metrics["accuracy"] >= scratch.metrics["accuracy"] + 0.10
     assert [row["phase"] for row in pretrained.history] == ["frozen", "fine-tune", "fine-tune", "fine-tune"]
     env = json.loads((pretrained.run_dir / "env.json").read_text())
@@ -272,7 +273,7 @@ def test_a_local_weights_file_is_a_source(tmp_path, trained_run, digits_source, 
         "model": {"width": 8, "weights": str(path)},
         "train": {"epochs": 2, "freeze_epochs": 1, "batch_size": 8},
     }
-    result = imgclf.train(digits_source, config, out=tmp_path / "runs")
+    result = imgclf.train(digits_source, config, out=tmp_path / "runs", report=False)
     env = json.loads((result.run_dir / "env.json").read_text())
     assert env["pretrained_weights"]["source"] == f"file {path}"
     assert [row["phase"] for row in result.history] == ["frozen", "fine-tune"]
@@ -285,7 +286,9 @@ def test_weights_that_do_not_fit_are_listed(tmp_path, digits_source, trained_run
     path = tmp_path / "bad.safetensors"
     save_file(state, str(path))
     with pytest.raises(CheckpointError, match=r"missing \(1\): features\.0\.0\.weight.*unexpected \(1\): extra"):
-        imgclf.train(digits_source, {**FAST, "model": {"width": 8, "weights": str(path)}}, out=tmp_path / "runs")
+        imgclf.train(
+            digits_source, {**FAST, "model": {"width": 8, "weights": str(path)}}, out=tmp_path / "runs", report=False
+        )
 
 
 def test_a_pickle_that_runs_code_is_refused(tmp_path, digits_source):
@@ -298,14 +301,14 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path, digits_source):
     path = tmp_path / "evil.pth"
     path.write_bytes(pickle.dumps({"state_dict": Exploit()}, protocol=2))
     with pytest.raises(CheckpointError, match="cannot read weights"):
-        imgclf.train(digits_source, {**FAST, "model": {"weights": str(path)}}, out=tmp_path / "runs")
+        imgclf.train(digits_source, {**FAST, "model": {"weights": str(path)}}, out=tmp_path / "runs", report=False)
     assert not sentinel.exists()
 
 
 def test_explicit_color_adapts_the_pretrained_stem(tmp_path, trained_run, digits_source):
     path = small_cnn_weights(tmp_path, trained_run, ".safetensors")  # trained on gray: 1 input channel
     config = {**FAST, "data": {"img_size": 16, "color": "rgb"}, "model": {"width": 8, "weights": str(path)}}
-    result = imgclf.train(digits_source, config, out=tmp_path / "runs")
+    result = imgclf.train(digits_source, config, out=tmp_path / "runs", report=False)
     model_json = json.loads((result.run_dir / "model" / "model.json").read_text())
     assert model_json["arch"]["in_chans"] == 3  # 1-channel stem weights adapted to 3 channels
 
@@ -318,7 +321,7 @@ def test_freeze_fine_tune_resumes_exactly_in_and_across_phases(tmp_path, trained
         "model": {"width": 8, "weights": str(path)},
         "train": {"epochs": 4, "freeze_epochs": 2, "batch_size": 8, "layer_decay": 0.8},
     }
-    straight = imgclf.train(digits_source, config, out=tmp_path, name="straight")
+    straight = imgclf.train(digits_source, config, out=tmp_path, name="straight", report=False)
 
     from imgclf.training import callbacks
 
@@ -331,9 +334,9 @@ def test_freeze_fine_tune_resumes_exactly_in_and_across_phases(tmp_path, trained
 
     monkeypatch.setattr(callbacks.EpochLog, "on_epoch_end", stop_after_cut)
     with pytest.raises(KeyboardInterrupt):
-        imgclf.train(digits_source, config, out=tmp_path, name="cut")
+        imgclf.train(digits_source, config, out=tmp_path, name="cut", report=False)
     monkeypatch.undo()
-    resumed = imgclf.train(None, resume=tmp_path / "cut")
+    resumed = imgclf.train(None, resume=tmp_path / "cut", report=False)
 
     columns = ("epoch", "phase", "train_loss", "val_loss", "lr")
     assert [[r[c] for c in columns] for r in resumed.history] == [[r[c] for c in columns] for r in straight.history]
@@ -384,7 +387,7 @@ def test_lr_find_command_writes_the_plot(tmp_path, digits_source):
 
 def test_train_with_lr_auto_records_the_found_lr(tmp_path, digits_source):
     config = {**FAST, "train": {"epochs": 1, "lr": "auto", "batch_size": 8}}
-    result = imgclf.train(digits_source, config, out=tmp_path)
+    result = imgclf.train(digits_source, config, out=tmp_path, report=False)
     lr = yaml.safe_load((result.run_dir / "config.yaml").read_text())["train"]["lr"]
     assert isinstance(lr, float) and 1e-7 < lr < 10
     assert (result.run_dir / "lr_find.png").is_file()
@@ -398,7 +401,7 @@ def test_pretrained_bundle_predicts_identically_after_reload(tmp_path, digits_so
         "data": {"img_size": 32},
         "train": {"epochs": 1, "batch_size": 16},
     }
-    result = imgclf.train(digits_source, config, out=tmp_path)
+    result = imgclf.train(digits_source, config, out=tmp_path, report=False)
     at_training = read_csv(result.run_dir / "predictions.csv")
     shutil.rmtree(result.run_dir / "checkpoints")
     reloaded = imgclf.evaluate(result.run_dir, out=tmp_path / "again", device="cpu")

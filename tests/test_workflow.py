@@ -77,7 +77,7 @@ def test_train_writes_the_run_folder_contract(trained_run: Path):
 
 def test_training_learns_the_digits(tmp_path, digits_source):
     config = {**FAST, "train": {"epochs": 6, "batch_size": 8}}
-    result = imgclf.train(digits_source, config, out=tmp_path)
+    result = imgclf.train(digits_source, config, out=tmp_path, report=False)
     assert result.metrics["accuracy"] >= 0.9
     losses = [row["train_loss"] for row in result.history]
     assert losses[-1] < losses[0]
@@ -89,7 +89,7 @@ def test_val_lacking_a_class_keeps_train_class_indices(tmp_path, caplog):
     shutil.rmtree(data / "val" / "digit1")
     known = sorted((data / "val" / "digit2").iterdir())[0]
 
-    result = imgclf.train(data, {**FAST, "train": {"epochs": 1}}, out=tmp_path / "runs")
+    result = imgclf.train(data, {**FAST, "train": {"epochs": 1}}, out=tmp_path / "runs", report=False)
 
     assert "val split has no images of class(es): digit1" in caplog.text
     manifest = SplitManifest.load(result.run_dir / "manifest.csv")
@@ -104,7 +104,7 @@ def test_val_lacking_a_class_keeps_train_class_indices(tmp_path, caplog):
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, digits_source, monkeypatch):
     config = {**FAST, "train": {"epochs": 4, "batch_size": 8}}
-    straight = imgclf.train(digits_source, config, out=tmp_path, name="straight")
+    straight = imgclf.train(digits_source, config, out=tmp_path, name="straight", report=False)
 
     from imgclf.training import callbacks
 
@@ -117,11 +117,11 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, digits_source, mon
 
     monkeypatch.setattr(callbacks.EpochLog, "on_epoch_end", stop_after_two)
     with pytest.raises(KeyboardInterrupt):
-        imgclf.train(digits_source, config, out=tmp_path, name="interrupted")
+        imgclf.train(digits_source, config, out=tmp_path, name="interrupted", report=False)
     monkeypatch.undo()
     assert len(read_csv(tmp_path / "interrupted" / "history.csv")) == 2
 
-    resumed = imgclf.train(None, resume=tmp_path / "interrupted")
+    resumed = imgclf.train(None, resume=tmp_path / "interrupted", report=False)
 
     assert len(resumed.history) == 4
     columns = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
@@ -135,12 +135,12 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, digits_source, mon
 
 def test_resuming_a_finished_run_says_so(trained_run):
     with pytest.raises(ImgclfError, match="already finished"):
-        imgclf.train(None, resume=trained_run)
+        imgclf.train(None, resume=trained_run, report=False)
 
 
 def test_resume_with_more_epochs_extends_the_run(tmp_path, digits_source):
-    first = imgclf.train(digits_source, {**FAST, "train": {"epochs": 1}}, out=tmp_path)
-    extended = imgclf.train(None, resume=first.run_dir, epochs=3)
+    first = imgclf.train(digits_source, {**FAST, "train": {"epochs": 1}}, out=tmp_path, report=False)
+    extended = imgclf.train(None, resume=first.run_dir, epochs=3, report=False)
     assert [row["epoch"] for row in extended.history] == [1, 2, 3]
     assert yaml.safe_load((first.run_dir / "config.yaml").read_text())["train"]["epochs"] == 3
 
@@ -160,7 +160,7 @@ def test_dataset_with_bad_files_trains_and_reports_them(tmp_path, digits_source)
     shutil.copy(good_png, cls / "really_a_png.jpg")
     before = file_digests(data)
 
-    result = imgclf.train(data, {**FAST, "train": {"epochs": 1}}, out=tmp_path / "runs")
+    result = imgclf.train(data, {**FAST, "train": {"epochs": 1}}, out=tmp_path / "runs", report=False)
 
     problems = {Path(row["path"]).name: row["reason"] for row in read_csv(result.run_dir / "problems.csv")}
     assert set(problems) == {"truncated.jpg", "empty.jpg", "notes.png"}
@@ -221,14 +221,16 @@ def test_evaluate_refuses_classes_the_model_does_not_know(tmp_path, trained_run)
 
 def test_unknown_model_name_fails_before_scanning(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown model 'resnet-18'.*resnet18"):
-        imgclf.train(tmp_path / "does-not-matter", {"model": {"name": "resnet-18"}}, out=tmp_path / "runs")
+        imgclf.train(
+            tmp_path / "does-not-matter", {"model": {"name": "resnet-18"}}, out=tmp_path / "runs", report=False
+        )
 
 
 def test_unwritable_output_fails_before_training(tmp_path, digits_source):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ImgclfError, match="not writable"):
-        imgclf.train(digits_source, FAST, out=blocker / "runs")
+        imgclf.train(digits_source, FAST, out=blocker / "runs", report=False)
 
 
 @pytest.mark.parametrize(
@@ -247,7 +249,7 @@ def test_optimizers_schedules_and_class_weights_train(tmp_path, digits_source, o
             "lr": 0.05 if optimizer == "sgd" else 2e-3,
         },
     }
-    result = imgclf.train(digits_source, config, out=tmp_path)
+    result = imgclf.train(digits_source, config, out=tmp_path, report=False)
     lrs = [row["lr"] for row in result.history]
     assert all(np.isfinite(row["train_loss"]) for row in result.history)
     if scheduler == "step":
@@ -259,7 +261,7 @@ def test_optimizers_schedules_and_class_weights_train(tmp_path, digits_source, o
 def test_early_stopping_stops_and_keeps_the_best_epoch(tmp_path, digits_source):
     # lr=0 cannot improve val_loss after epoch 1, so patience 1 stops after epoch 2.
     config = {**FAST, "train": {"epochs": 6, "lr": 1e-12, "scheduler": "none", "early_stopping": {"patience": 1}}}
-    result = imgclf.train(digits_source, config, out=tmp_path)
+    result = imgclf.train(digits_source, config, out=tmp_path, report=False)
     assert len(result.history) < 6
     assert result.stop_reason.startswith("early stopping")
     assert result.best_epoch == min(result.history, key=lambda r: r["val_loss"])["epoch"]
@@ -268,7 +270,7 @@ def test_early_stopping_stops_and_keeps_the_best_epoch(tmp_path, digits_source):
 @pytest.mark.slow
 def test_timm_model_trains_on_grayscale(tmp_path, digits_source):
     config = {**FAST, "model": {"name": "resnet10t"}, "data": {"img_size": 32}, "train": {"epochs": 1}}
-    result = imgclf.train(digits_source, config, out=tmp_path)
+    result = imgclf.train(digits_source, config, out=tmp_path, report=False)
     model_json = json.loads((result.run_dir / "model/model.json").read_text())
     assert model_json["arch"] == {"name": "resnet10t", "num_classes": 3, "in_chans": 1, "options": {"dropout": 0.1}}
     predictions = imgclf.predict(result.run_dir, [next(digits_source.glob("digit0/*.png"))], device="cpu")
@@ -298,7 +300,9 @@ def test_non_ascii_and_spaces_in_names_work_end_to_end(tmp_path, digits_source):
         target.mkdir(parents=True)
         for index, path in enumerate(sorted(source.iterdir())):
             shutil.copy(path, target / f"ünï cödé {index}.png")
-    result = imgclf.train(data, {**FAST, "train": {"epochs": 1, "batch_size": 8}}, out=tmp_path / "sorties")
+    result = imgclf.train(
+        data, {**FAST, "train": {"epochs": 1, "batch_size": 8}}, out=tmp_path / "sorties", report=False
+    )
     assert json.loads((result.run_dir / "model" / "model.json").read_text())["classes"][0] == "digit0 café"
     predictions = imgclf.predict(result.run_dir, [data / "digit1 café"], device="cpu")
     assert len(predictions) == 30 and all(p.error is None for p in predictions)

@@ -22,6 +22,9 @@ _EXPORTS = {
     "predict": "imgclf.workflow",
     "load_model": "imgclf.workflow",
     "split": "imgclf.workflow",
+    "report": "imgclf.workflow",
+    "inspect_data": "imgclf.explore",
+    "preview_augmentation": "imgclf.explore",
     "TrainResult": "imgclf.workflow",
     "EvalResult": "imgclf.workflow",
     "Predictor": "imgclf.deploy.predict",
@@ -52,7 +55,8 @@ if TYPE_CHECKING:
     )
     from imgclf.deploy.predict import Prediction, Predictor
     from imgclf.errors import CheckpointError, ConfigError, DataError, ImageError, ImgclfError
-    from imgclf.workflow import EvalResult, TrainResult, evaluate, load_model, predict, split, train
+    from imgclf.explore import inspect_data, preview_augmentation
+    from imgclf.workflow import EvalResult, TrainResult, evaluate, load_model, predict, report, split, train
 
 
 def __getattr__(name: str) -> Any:

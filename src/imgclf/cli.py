@@ -110,6 +110,9 @@ ImgSizeOption = Annotated[
     int | None, typer.Option("--img-size", help="training resolution (default: pretrained model's, else the data's)")
 ]
 DeviceOption = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps")]
+TTAOption = Annotated[
+    bool, typer.Option("--tta", help="average with the mirrored image (models trained with flips only)")
+]
 ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML config; flags override it")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="any config key, e.g. --set train.warmup_epochs=2")]
 
@@ -169,12 +172,18 @@ def train(
     out: Annotated[Path, typer.Option(help="folder that receives the run folder")] = Path("runs"),
     name: Annotated[str | None, typer.Option(help="run folder name (default: <model>-<time>)")] = None,
     resume: Annotated[Path | None, typer.Option(help="continue runs/<name> from its last checkpoint")] = None,
+    calibrate: Annotated[
+        bool | None, typer.Option("--calibrate", help="fit a temperature on val so probabilities match accuracy")
+    ] = None,
+    report: Annotated[
+        bool, typer.Option("--report/--no-report", help="write report.html and report.md at the end")
+    ] = True,
 ) -> None:
-    """Train a classifier, keep the best epoch by validation, and evaluate it on the test split."""
+    """Train a classifier, keep the best epoch by validation, evaluate it on the test split and write the report."""
     from imgclf import workflow
 
     if resume is not None:
-        result = workflow.train(None, resume=resume, epochs=epochs, progress=RichProgress())
+        result = workflow.train(None, resume=resume, epochs=epochs, report=report, progress=RichProgress())
     else:
         flags = {
             "model.name": model,
@@ -201,18 +210,22 @@ def train(
             "train.device": device,
             "data.num_workers": workers,
             "train.deterministic": deterministic,
+            "train.calibrate": calibrate,
         }
         run_config = run_config_from(config, flags, set_)
-        result = workflow.train(data, run_config, out=out, name=name, progress=RichProgress())
+        result = workflow.train(data, run_config, out=out, name=name, report=report, progress=RichProgress())
     if result.metrics:
         print_metrics(result.metrics)
     out_console.print(f"run folder: [bold]{escape(str(result.run_dir))}[/]")
+    print_report(result.report)
 
 
 @app.command(
     epilog=examples(
         "imgclf evaluate runs/small_cnn-20261128-120000",
         "imgclf evaluate runs/small_cnn-20261128-120000 --data other/ --split test",
+        "imgclf evaluate runs/small_cnn-20261128-120000 --tta",
+        "imgclf evaluate runs/small_cnn-20261128-120000 --calibrate",
     )
 )
 @handles_errors
@@ -223,13 +236,25 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 64,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
     out: Annotated[Path | None, typer.Option(help="folder for metrics.json etc.")] = None,
+    tta: TTAOption = False,
+    calibrate: Annotated[
+        bool, typer.Option("--calibrate", help="first fit a temperature on the run's val split (saved in model/)")
+    ] = False,
 ) -> None:
     """Metrics of the run's best model on its test split (or another folder): accuracy, top-k, per-class
     precision/recall/F1, balanced accuracy, confusion matrix, predictions.csv."""
     from imgclf import workflow
 
     result = workflow.evaluate(
-        run, data=data, split=split, batch_size=batch_size, device=device, out=out, progress=RichProgress()
+        run,
+        data=data,
+        split=split,
+        batch_size=batch_size,
+        device=device,
+        out=out,
+        tta=tta,
+        calibrate=calibrate,
+        progress=RichProgress(),
     )
     print_metrics(result.metrics)
     out_console.print(f"written to [bold]{escape(str(result.out_dir))}[/]")
@@ -239,6 +264,7 @@ def evaluate(
     epilog=examples(
         "imgclf predict runs/<name> photos/ --out preds.csv --top-k 3",
         "imgclf predict runs/<name> 'inbox/**/*.jpg'",
+        "imgclf predict runs/<name> photos/ --tta",
     )
 )
 @handles_errors
@@ -249,12 +275,13 @@ def predict(
     top_k: Annotated[int, typer.Option(min=1, help="classes per image")] = 1,
     batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 64,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
+    tta: TTAOption = False,
 ) -> None:
     """Predict images; unreadable files get a row with the error instead of stopping the run."""
     from imgclf import workflow
 
     predictions = workflow.predict(
-        run, inputs, top_k=top_k, batch_size=batch_size, device=device, progress=RichProgress()
+        run, inputs, top_k=top_k, batch_size=batch_size, device=device, tta=tta, progress=RichProgress()
     )
     failed = sum(1 for p in predictions if p.error)
     if out is not None:
@@ -305,6 +332,98 @@ def split(
         console.print(f"[yellow]{len(result.problems)} file(s) skipped:[/]")
         for problem in result.problems:
             console.print(f"  {escape(str(problem.path))}: {escape(problem.reason)}")
+
+
+@app.command(
+    epilog=examples(
+        "imgclf report runs/small_cnn-20261128-120000",
+    )
+)
+@handles_errors
+def report(
+    run: Annotated[Path, typer.Argument(help="runs/<name>")],
+    device: Annotated[str, typer.Option(help="where Grad-CAM runs: auto | cpu | cuda | mps")] = "cpu",
+) -> None:
+    """Rebuild report.html (one self-contained file) and report.md from a run folder: diagnosis, learning curves,
+    confusion matrix, per-class metrics, calibration, most confident mistakes with Grad-CAM, config."""
+    from imgclf import workflow
+
+    print_report(workflow.report(run, device=device, progress=RichProgress()))
+
+
+@app.command(
+    epilog=examples(
+        "imgclf inspect data/",
+        "imgclf inspect photos/ --out checks/",
+    )
+)
+@handles_errors
+def inspect(
+    data: Annotated[Path, typer.Argument(help="root/{train,val,test}/<class>/ or root/<class>/")],
+    out: Annotated[Path | None, typer.Option(help="output folder (default: inspect-<data folder name>)")] = None,
+    seed: Annotated[int, typer.Option(help="split seed for a flat layout, as train's data.split_seed")] = 0,
+) -> None:
+    """Dataset statistics, skipped files, duplicates and leaks, and a sample grid per class; changes nothing."""
+    from imgclf.explore import inspect_data
+
+    result = inspect_data(data, out=out, seed=seed, progress=RichProgress())
+    summary = result.summary
+    table = Table("class", *[split for split, counts in summary["counts"].items() if counts])
+    splits = [split for split, counts in summary["counts"].items() if counts]
+    for name in summary["classes"]:
+        table.add_row(escape(name), *[str(summary["counts"][split].get(name, 0)) for split in splits])
+    out_console.print(table)
+    width, height = summary["width"], summary["height"]
+    lines = [
+        f"{summary['images']} images in {len(summary['classes'])} classes ({summary['layout']} layout)",
+        f"imbalance ratio (largest / smallest training class): {summary['imbalance_ratio']}",
+        f"size: width {width['min']}-{width['max']} (median {width['median']}), height {height['min']}-"
+        f"{height['max']} (median {height['median']}); grayscale {summary['grayscale_fraction']:.0%}"
+        if width
+        else "no images",
+        f"skipped files: {summary['skipped_files']}; leaks across splits: "
+        f"{summary['duplicates']['leaks_across_splits']}; label conflicts: {summary['duplicates']['label_conflicts']}",
+    ]
+    for line in lines:
+        out_console.print(escape(line))
+    out_console.print(f"details and samples.png in [bold]{escape(str(result.out_dir))}[/]")
+
+
+@app.command(
+    epilog=examples(
+        "imgclf preview data/ --augment strong",
+        "imgclf preview data/ --augment light --no-hflip --out light.png",
+    )
+)
+@handles_errors
+def preview(
+    data: Annotated[Path, typer.Argument(help="the dataset (its train/ part is used when split)")],
+    augment: Annotated[str, typer.Option(help="auto | none | light | standard | strong")] = "auto",
+    hflip: Annotated[bool, typer.Option("--hflip/--no-hflip", help="random horizontal flips")] = True,
+    vflip: Annotated[bool, typer.Option("--vflip/--no-vflip", help="random vertical flips")] = False,
+    img_size: ImgSizeOption = None,
+    images: Annotated[int, typer.Option(min=1, help="how many images (rows)")] = 4,
+    versions: Annotated[int, typer.Option(min=1, help="augmented versions per image")] = 7,
+    seed: Annotated[int, typer.Option(help="picks the images and the random draws")] = 0,
+    out: Annotated[Path, typer.Option(help="PNG to write")] = Path("preview.png"),
+) -> None:
+    """A grid of training images next to augmented versions of them, as training will see them."""
+    from imgclf.config import build_config
+    from imgclf.explore import preview_augmentation
+
+    build_config(None, {"augment.preset": augment})  # validates the name with the config's error message
+    path = preview_augmentation(
+        data,
+        out=out,
+        preset=augment,
+        hflip=hflip,
+        vflip=vflip,
+        img_size=img_size,
+        images=images,
+        versions=versions,
+        seed=seed,
+    )
+    out_console.print(f"preview: [bold]{escape(str(path))}[/]")
 
 
 @app.command(
@@ -392,7 +511,8 @@ def demo(
     data_dir: Annotated[Path, typer.Option(help="where the digit images are written")] = Path("demo_data/digits"),
     epochs: Annotated[int | None, typer.Option(help="override the demo's epochs")] = None,
 ) -> None:
-    """Write scikit-learn's handwritten digits as an image folder, train small_cnn, evaluate on test."""
+    """Write scikit-learn's handwritten digits as an image folder, train small_cnn, evaluate on test, write the
+    report."""
     from imgclf import workflow
     from imgclf.config import build_config
     from imgclf.demo import DEMO_CONFIG, write_digits
@@ -403,6 +523,7 @@ def demo(
     if result.metrics:
         print_metrics(result.metrics)
     out_console.print(f"data: {escape(str(folder))}\nrun folder: [bold]{escape(str(result.run_dir))}[/]")
+    print_report(result.report)
 
 
 @app.command("config")
@@ -418,6 +539,15 @@ def config_command(
 
 
 # --- output ------------------------------------------------------------------------------------------------------
+
+
+def print_report(report: Any) -> None:
+    """The diagnosis in one line per verdict, and where the report is."""
+    if report is None:
+        return
+    for verdict in report.verdicts:
+        out_console.print(f"diagnosis: [bold]{escape(verdict.title)}[/]")
+    out_console.print(f"report: [bold]{escape(str(report.html))}[/] (open it in a browser; {report.markdown.name} too)")
 
 
 def print_metrics(metrics: dict[str, Any]) -> None:

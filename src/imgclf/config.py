@@ -185,6 +185,11 @@ class TrainConfig(_Section):
         "unfreezing; best for small datasets) | train (re-estimated from this data)",
     )
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    calibrate: bool = Field(
+        False,
+        description="after training, fit a temperature on the validation split so that predicted probabilities "
+        "match accuracy (temperature scaling; never changes the predicted class); stored in the model bundle",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
         description="autocast dtype; auto = bf16 on CPUs and GPUs with native bf16, fp16 on older GPUs, else fp32",

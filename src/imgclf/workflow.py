@@ -24,7 +24,7 @@ from imgclf.data.split import (
     save_duplicates,
     warn_about_duplicates,
 )
-from imgclf.data.transforms import Preprocessing, auto_img_size
+from imgclf.data.transforms import Preprocessing, auto_img_size, resolve_preset
 from imgclf.errors import ConfigError, DataError, ImgclfError, TrainingInterrupted
 from imgclf.files import write_atomic, write_csv_atomic, write_json_atomic
 from imgclf.progress import NO_PROGRESS, Progress
@@ -41,6 +41,8 @@ from imgclf.tracking.runs import (
 log = logging.getLogger(__name__)
 
 PROBLEM_COLUMNS = ("path", "reason")
+# predictions.csv: these, then one `p_<class>` probability column per class
+PREDICTION_COLUMNS = ("path", "true", "predicted", "probability", "correct", "error")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class TrainResult:
     history: list[dict[str, float]]
     best_epoch: int | None
     stop_reason: str | None
+    report: Any = None  # evaluation.report.Report: report.html, report.md and the diagnosis; None with report=False
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ def train(
     name: str | None = None,
     resume: Path | str | None = None,
     epochs: int | None = None,
+    report: bool = True,
     progress: Progress = NO_PROGRESS,
 ) -> TrainResult:
     """Train a classifier on an image folder and evaluate it on the test split.
@@ -91,6 +95,7 @@ def train(
         name: run folder name; default `<model>-<timestamp>`.
         resume: an existing run folder to continue from its last checkpoint.
         epochs: with `resume`, a new total number of epochs (to extend a finished run).
+        report: write report.html and report.md into the run folder at the end (see `report`).
         progress: progress reporter (the CLI passes a rich one).
 
     Returns:
@@ -102,7 +107,7 @@ def train(
         0.97
     """
     if resume is not None:
-        return _resume(Path(resume), epochs=epochs, progress=progress)
+        return _resume(Path(resume), epochs=epochs, report=report, progress=progress)
     if data is None:
         raise ConfigError("train needs a data folder (or --resume runs/<name>)")
     check_writable(Path(out))
@@ -116,7 +121,7 @@ def train(
     if prepared.weights is not None:
         env["pretrained_weights"] = {"source": prepared.weights.source, "not_used": list(prepared.weights.tried)}
     write_env(paths, env)
-    return _train_run(paths, config, prepared.manifest, progress=progress, weights=prepared.weights)
+    return _train_run(paths, config, prepared.manifest, progress=progress, weights=prepared.weights, report=report)
 
 
 def lr_find(
@@ -168,6 +173,8 @@ def evaluate(
     batch_size: int = 64,
     device: str = "auto",
     out: Path | str | None = None,
+    tta: bool = False,
+    calibrate: bool = False,
     progress: Progress = NO_PROGRESS,
 ) -> EvalResult:
     """Evaluate a run's best model on its test split, or on another labelled folder.
@@ -179,6 +186,9 @@ def evaluate(
         batch_size: images per forward pass.
         device: auto | cpu | cuda | mps.
         out: where to write metrics.json etc.; default the run folder (or `run/eval-<data>-<split>` for `data`).
+        tta: average each image's probabilities with its mirror's (only for models trained with flips).
+        calibrate: first fit a temperature on the run's validation split (stored in `model/`, used from then on
+            by evaluate and predict; the fit and ECE before/after go to calibration.json).
         progress: progress reporter.
 
     Returns:
@@ -187,6 +197,12 @@ def evaluate(
     from imgclf.deploy.predict import Predictor
 
     predictor = Predictor.load(Path(run), device=device)
+    if tta:
+        predictor.check_tta()  # before any work
+    if calibrate:
+        paths = find_run(Path(run))
+        manifest = SplitManifest.load(paths.manifest)
+        predictor = _calibrate(predictor, paths, manifest, batch_size=batch_size, progress=progress)
     if data is None:
         paths = find_run(Path(run))
         rows, used_split = _manifest_rows(SplitManifest.load(paths.manifest), split)
@@ -195,8 +211,29 @@ def evaluate(
         rows, used_split = _folder_rows(Path(data), split, predictor.classes)
         default_out = Path(run) / f"eval-{Path(data).resolve().name}-{used_split}"
         out_dir = Path(out) if out else default_out
-    metrics = _evaluate_rows(predictor, rows, used_split, out_dir, batch_size=batch_size, progress=progress)
+    metrics = _evaluate_rows(predictor, rows, used_split, out_dir, batch_size=batch_size, tta=tta, progress=progress)
     return EvalResult(metrics=metrics, out_dir=out_dir)
+
+
+def report(run: Path | str, *, device: str = "cpu", progress: Progress = NO_PROGRESS):
+    """Rebuild `report.html` and `report.md` of a run from its folder alone (no retraining, no checkpoints).
+
+    Args:
+        run: the run folder.
+        device: where Grad-CAM runs the model.
+        progress: progress reporter.
+
+    Returns:
+        A `Report` (paths of both files and the diagnosis).
+
+    Example:
+        >>> imgclf.report("runs/small_cnn-20261128-120000").verdicts[0].kind
+        'good_fit'
+    """
+    from imgclf.device import select_device
+    from imgclf.evaluation.report import build_report
+
+    return build_report(Path(run), device=select_device(device), progress=progress)
 
 
 def load_model(path: Path | str, device: str = "auto"):
@@ -219,6 +256,7 @@ def predict(
     top_k: int = 1,
     batch_size: int = 64,
     device: str = "auto",
+    tta: bool = False,
     progress: Progress = NO_PROGRESS,
 ) -> list:
     """Predict files, folders (recursive) or glob patterns.
@@ -229,6 +267,7 @@ def predict(
         top_k: classes reported per image.
         batch_size: images per forward pass.
         device: used when `model` is a path.
+        tta: average each image's probabilities with its mirror's (only for models trained with flips).
         progress: progress reporter.
 
     Returns:
@@ -237,10 +276,12 @@ def predict(
     from imgclf.deploy.predict import Predictor, collect_inputs
 
     predictor = model if isinstance(model, Predictor) else Predictor.load(Path(model), device=device)
+    if tta:
+        predictor.check_tta()
     files = collect_inputs(inputs)
     if not files:
         raise DataError(f"no image files found in {', '.join(str(i) for i in inputs)}")
-    return predictor.predict(files, top_k=top_k, batch_size=batch_size, progress=progress)
+    return predictor.predict(files, top_k=top_k, batch_size=batch_size, tta=tta, progress=progress)
 
 
 def write_predictions_csv(predictions: Sequence, path: Path, top_k: int) -> None:
@@ -306,8 +347,10 @@ def _train_run(
     progress: Progress,
     checkpoint=None,
     weights=None,
+    report: bool = True,
 ) -> TrainResult:
-    """The recipe: loaders -> model, optimizer, phases -> callbacks -> fit -> bundle -> test evaluation."""
+    """The recipe: loaders -> model, optimizer, phases -> callbacks -> fit -> bundle (-> temperature) -> test
+    evaluation -> report."""
     from imgclf import recipe
     from imgclf.deploy.bundle import ModelBundle, save_bundle
     from imgclf.deploy.predict import Predictor
@@ -397,21 +440,28 @@ def _train_run(
         if stop.signal_number is not None:
             raise TrainingInterrupted(f"{state.interrupted_by}: {where}", stop.signal_number)
         raise DataError(f"{state.interrupted_by}. The run {where} once the files are fixed or removed")
-    # 5. ship the best weights with their preprocessing, then evaluate them once on test
+    # 5. ship the best weights with their preprocessing (and a temperature fitted on val), evaluate once on test
     bundle = ModelBundle(
         spec=spec,
         classes=classes,
         preprocessing=pre,
         training={"run": paths.root.name, "best_epoch": state.best_epoch, monitor.name: state.best_metric},
+        hflip_valid=config.augment.hflip,
     )
     save_bundle(paths.model, state.model, bundle)
     model = state.model.to(memory_format=torch.contiguous_format)
     predictor = Predictor(bundle, model, compute.device, max_pixels=config.data.max_pixels)
+    batch_size = 2 * config.train.batch_size
+    if config.train.calibrate:
+        predictor = _calibrate(predictor, paths, manifest, batch_size=batch_size, progress=progress)
     rows, used_split = _manifest_rows(manifest, "test")
-    metrics = _evaluate_rows(
-        predictor, rows, used_split, paths.root, batch_size=2 * config.train.batch_size, progress=progress
-    )
-    return TrainResult(paths.root, metrics, state.history, state.best_epoch, state.stop_reason)
+    metrics = _evaluate_rows(predictor, rows, used_split, paths.root, batch_size=batch_size, progress=progress)
+    built = None
+    if report:
+        from imgclf.evaluation.report import build_report
+
+        built = build_report(paths.root, device=compute.device, progress=progress)
+    return TrainResult(paths.root, metrics, state.history, state.best_epoch, state.stop_reason, built)
 
 
 def _out_of_memory(exc: Exception, batch_size: int) -> ImgclfError:
@@ -422,7 +472,7 @@ def _out_of_memory(exc: Exception, batch_size: int) -> ImgclfError:
     )
 
 
-def _resume(run_dir: Path, *, epochs: int | None, progress: Progress) -> TrainResult:
+def _resume(run_dir: Path, *, epochs: int | None, report: bool, progress: Progress) -> TrainResult:
     from imgclf.training.checkpoint import load_checkpoint
 
     paths = find_run(run_dir)
@@ -441,7 +491,7 @@ def _resume(run_dir: Path, *, epochs: int | None, progress: Progress) -> TrainRe
             f"run {paths.root} is already finished ({reason}); pass --epochs N (N > {done}) to train further"
         )
     checkpoint.meta["epochs"] = config.train.epochs
-    return _train_run(paths, config, manifest, progress=progress, checkpoint=checkpoint)
+    return _train_run(paths, config, manifest, progress=progress, checkpoint=checkpoint, report=report)
 
 
 @dataclass(frozen=True)
@@ -506,11 +556,7 @@ def _resolve_data_settings(config: RunConfig, index: ImageIndex, manifest: Split
     std = tuple(data.std or cfg.get("std") or IMAGENET_STD)
     if color == "gray" and len(mean) == 3:
         mean, std = (round(sum(mean) / 3, 4),), (round(sum(std) / 3, 4),)
-    preset = config.augment.preset
-    if preset == "auto":
-        # Small images (MNIST, CIFAR-sized) learn faster with gentle crops; measured on Fashion-MNIST, 10k
-        # images, 6 epochs: light 0.880, standard 0.864 test accuracy.
-        preset = "light" if img_size <= 64 else "standard"
+    preset = resolve_preset(config.augment.preset, img_size)
     return build_config(
         config,
         {
@@ -583,15 +629,19 @@ def _folder_rows(folder: Path, split: str, classes: Sequence[str]) -> tuple[list
     return [(r.path, r.label) for r in records], split
 
 
-def _evaluate_rows(predictor, rows, split: str, out_dir: Path, *, batch_size: int, progress: Progress) -> dict:
+def _evaluate_rows(
+    predictor, rows, split: str, out_dir: Path, *, batch_size: int, tta: bool = False, progress: Progress
+) -> dict:
     """Predict `rows` [(path, label)], compute metrics and write metrics.json, confusion_matrix.{csv,png} and
-    predictions.csv into `out_dir`."""
+    predictions.csv (with every class probability, for the report) into `out_dir`."""
     from imgclf.evaluation.metrics import classification_metrics, confusion_matrix
     from imgclf.evaluation.plots import confusion_matrix_figure
 
     classes = predictor.classes
     class_index = {label: i for i, label in enumerate(classes)}
-    probs, errors = predictor.probabilities([path for path, _ in rows], batch_size=batch_size, progress=progress)
+    probs, errors = predictor.probabilities(
+        [path for path, _ in rows], batch_size=batch_size, tta=tta, progress=progress
+    )
     ok = np.array([error is None for error in errors], dtype=bool)
     for _, error in zip(rows, errors):
         if error is not None:
@@ -600,7 +650,13 @@ def _evaluate_rows(predictor, rows, split: str, out_dir: Path, *, batch_size: in
         raise DataError(f"none of the {len(rows)} {split} images could be read")
     y_true = np.array([class_index[label] for _, label in rows])
     metrics = classification_metrics(y_true[ok], probs[ok], classes)
-    metrics = {"split": split, "skipped": int((~ok).sum()), **metrics}
+    metrics = {
+        "split": split,
+        "skipped": int((~ok).sum()),
+        "tta": tta,
+        "temperature": predictor.bundle.temperature,
+        **metrics,
+    }
     matrix = confusion_matrix(y_true[ok], probs[ok].argmax(1), len(classes))
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -615,14 +671,72 @@ def _evaluate_rows(predictor, rows, split: str, out_dir: Path, *, batch_size: in
     prediction_rows = []
     for (path, label), row, error in zip(rows, probs, errors):
         if error is not None:
-            prediction_rows.append([str(path), label, "", "", "", error])
+            prediction_rows.append([str(path), label, "", "", "", error, *[""] * len(classes)])
             continue
         best = int(row.argmax())
-        prediction_rows.append([str(path), label, classes[best], f"{row[best]:.6f}", int(classes[best] == label), ""])
+        prediction_rows.append(
+            [str(path), label, classes[best], f"{row[best]:.6f}", int(classes[best] == label), "", *_probs(row)]
+        )
     write_csv_atomic(
         out_dir / "predictions.csv",
-        ["path", "true", "predicted", "probability", "correct", "error"],
+        [*PREDICTION_COLUMNS, *(f"p_{name}" for name in classes)],
         prediction_rows,
     )
     log.info("%s accuracy %.4f on %d images; metrics in %s", split, metrics["accuracy"], metrics["n"], out_dir)
     return metrics
+
+
+def _probs(row: np.ndarray) -> list[str]:
+    return [f"{value:.6f}" for value in row]
+
+
+def _calibrate(predictor, paths: RunPaths, manifest: SplitManifest, *, batch_size: int, progress: Progress):
+    """Fit a temperature on the validation split, record it in calibration.json and the bundle, and return the
+    predictor that applies it. Without validation images the model is returned unchanged (warned)."""
+    from dataclasses import replace
+
+    from imgclf.deploy.bundle import save_bundle
+    from imgclf.deploy.predict import Predictor
+    from imgclf.evaluation.calibration import apply_temperature, fit_temperature
+    from imgclf.evaluation.metrics import classification_metrics, reliability_bins
+
+    rows = [(row.path, row.label) for row in manifest.split("val")]
+    if not rows:
+        log.warning("--calibrate needs a validation split; this run has none, so the model stays uncalibrated")
+        return predictor
+    uncalibrated = Predictor(replace(predictor.bundle, temperature=1.0), predictor.model, predictor.device)
+    probs, errors = uncalibrated.probabilities([p for p, _ in rows], batch_size=batch_size, progress=progress)
+    ok = np.array([error is None for error in errors], dtype=bool)
+    class_index = {label: i for i, label in enumerate(predictor.classes)}
+    y_true = np.array([class_index[label] for _, label in rows])[ok]
+    probs = probs[ok]
+    temperature = fit_temperature(probs, y_true)
+    calibrated = apply_temperature(probs, temperature)
+    before = classification_metrics(y_true, probs, predictor.classes)
+    after = classification_metrics(y_true, calibrated, predictor.classes)
+    write_json_atomic(
+        paths.calibration,
+        {
+            "method": "temperature scaling",
+            "split": "val",
+            "n": int(ok.sum()),
+            "temperature": temperature,
+            "ece_before": before["ece"],
+            "ece_after": after["ece"],
+            "log_loss_before": before["log_loss"],
+            "log_loss_after": after["log_loss"],
+            "reliability_before": reliability_bins(y_true, probs),
+            "reliability_after": reliability_bins(y_true, calibrated),
+        },
+    )
+    log.info(
+        "calibration: temperature %.3f; validation ECE %.4f -> %.4f, log loss %.4f -> %.4f",
+        temperature,
+        before["ece"],
+        after["ece"],
+        before["log_loss"],
+        after["log_loss"],
+    )
+    bundle = replace(predictor.bundle, temperature=temperature)
+    save_bundle(paths.model, predictor.model, bundle)
+    return Predictor(bundle, predictor.model, predictor.device, max_pixels=predictor.max_pixels)

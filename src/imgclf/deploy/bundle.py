@@ -35,6 +35,10 @@ class ModelBundle:
     classes: tuple[str, ...]
     preprocessing: Preprocessing
     training: dict[str, Any] = field(default_factory=dict)
+    # softmax(logits / temperature): 1.0 unless `--calibrate` fitted one on the validation split
+    temperature: float = 1.0
+    # whether a horizontally flipped image shows the same class (training used flips): gates `--tta`
+    hflip_valid: bool | None = None
 
 
 def save_bundle(folder: Path, model: nn.Module, bundle: ModelBundle) -> Path:
@@ -51,6 +55,8 @@ def save_bundle(folder: Path, model: nn.Module, bundle: ModelBundle) -> Path:
             "classes": list(bundle.classes),
             "preprocessing": bundle.preprocessing.to_dict(),
             "training": bundle.training,
+            "calibration": {"temperature": bundle.temperature},
+            "tta": {"hflip": bundle.hflip_valid},
             "versions": package_versions(("imgclf", "torch", "torchvision", "timm")),
         },
     )
@@ -79,6 +85,8 @@ def load_bundle(path: Path, device: torch.device | str = "cpu") -> tuple[ModelBu
         classes=tuple(info["classes"]),
         preprocessing=Preprocessing.from_dict(info["preprocessing"]),
         training=info.get("training", {}),
+        temperature=float(info.get("calibration", {}).get("temperature", 1.0)),
+        hflip_valid=info.get("tta", {}).get("hflip"),
     )
     model = build_model(bundle.spec)
     try:

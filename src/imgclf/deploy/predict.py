@@ -18,7 +18,7 @@ from imgclf.data.scan import looks_like_image, walk_files
 from imgclf.data.transforms import eval_transform
 from imgclf.deploy.bundle import ModelBundle, load_bundle
 from imgclf.device import select_device
-from imgclf.errors import ImageError
+from imgclf.errors import ConfigError, ImageError
 from imgclf.progress import NO_PROGRESS, Progress
 
 log = logging.getLogger(__name__)
@@ -77,18 +77,24 @@ class Predictor:
         sources: Sequence[ImageSource | Image.Image],
         *,
         batch_size: int = 64,
+        tta: bool = False,
         progress: Progress = NO_PROGRESS,
     ) -> tuple[np.ndarray, list[str | None]]:
         """Class probabilities for each source; rows of unreadable sources are NaN with an error message.
 
+        Probabilities are `softmax(logits / T)` with the bundle's temperature (1 unless calibrated).
+
         Args:
             sources: paths, bytes, file objects or PIL images.
             batch_size: images per forward pass.
+            tta: average the probabilities of each image and its horizontal mirror (see `check_tta`).
             progress: reporter, one unit per image.
 
         Returns:
             (probabilities of shape [len(sources), num_classes], error message or None per source).
         """
+        if tta:
+            self.check_tta()
         probs = np.full((len(sources), len(self.classes)), np.nan, dtype=np.float32)
         errors: list[str | None] = [None] * len(sources)
         with (
@@ -106,7 +112,7 @@ class Predictor:
                         tensors.append(outcome)
                         rows.append(start + offset)
                 if tensors:
-                    probs[rows] = self._forward(torch.stack(tensors))
+                    probs[rows] = self._forward(torch.stack(tensors), tta=tta)
                 task.advance(len(chunk))
         return probs, errors
 
@@ -116,10 +122,11 @@ class Predictor:
         *,
         top_k: int = 1,
         batch_size: int = 64,
+        tta: bool = False,
         progress: Progress = NO_PROGRESS,
     ) -> list[Prediction]:
         """Top-k predictions per source, in input order; unreadable sources get a `Prediction` with `error` set."""
-        probs, errors = self.probabilities(sources, batch_size=batch_size, progress=progress)
+        probs, errors = self.probabilities(sources, batch_size=batch_size, tta=tta, progress=progress)
         k = max(1, min(top_k, len(self.classes)))
         results = []
         for source, row, error in zip(sources, probs, errors):
@@ -131,10 +138,28 @@ class Predictor:
             results.append(Prediction(name, tuple(self.classes[i] for i in order), tuple(float(row[i]) for i in order)))
         return results
 
+    def check_tta(self) -> None:
+        """Flip TTA is only honest when a mirrored image shows the same class, i.e. training used flips.
+
+        Raises:
+            ConfigError: the model was trained with `--no-hflip` (digits, text, arrows: a mirror changes them).
+        """
+        if self.bundle.hflip_valid is False:
+            raise ConfigError(
+                "--tta averages each image with its mirror, but this model was trained without horizontal flips "
+                "(augment.hflip: false), so mirrored images are not valid inputs for it; drop --tta"
+            )
+
     @torch.no_grad()
-    def _forward(self, batch: torch.Tensor) -> np.ndarray:
-        logits = self.model(batch.to(self.device))
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+    def _forward(self, batch: torch.Tensor, *, tta: bool = False) -> np.ndarray:
+        batch = batch.to(self.device)
+        probs = self._softmax(self.model(batch))
+        if tta:
+            probs = (probs + self._softmax(self.model(batch.flip(-1)))) / 2
+        return probs.cpu().numpy()
+
+    def _softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float() / self.bundle.temperature, dim=1)
 
     def _prepare(self, source: ImageSource | Image.Image) -> torch.Tensor | str:
         pre = self.bundle.preprocessing

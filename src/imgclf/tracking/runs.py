@@ -71,6 +71,23 @@ class RunPaths:
     def predictions(self) -> Path:
         return self.root / "predictions.csv"
 
+    @property
+    def calibration(self) -> Path:
+        return self.root / "calibration.json"
+
+    @property
+    def report_html(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def report_assets(self) -> Path:
+        """PNG figures for report.md (report.html embeds the same images)."""
+        return self.root / "report"
+
 
 def create_run_dir(out: Path, name: str | None, model_name: str) -> RunPaths:
     """Make a new run folder `out/<name>`; the default name is `<model>-<YYYYmmdd-HHMMSS>` (suffixed if taken).

@@ -1,0 +1,491 @@
+"""Run folder -> `report.html` (one self-contained file: figures embedded) and `report.md` (figures in `report/`).
+
+Everything comes from files the run wrote: config.yaml, env.json, manifest.csv, problems.csv, duplicates.csv,
+history.csv, metrics.json, predictions.csv, calibration.json and the `model/` bundle (for Grad-CAM). The
+checkpoints are not needed, so a report can be rebuilt, identically, wherever the run folder and its images are.
+
+The steps: 1. read the run, 2. diagnose it, 3. draw one figure per question a reader asks, 4. render both files.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgclf.data.split import SplitManifest
+from imgclf.errors import DataError
+from imgclf.evaluation import plots
+from imgclf.evaluation.diagnose import Verdict, diagnose, read_history
+from imgclf.files import read_csv, write_bytes_atomic, write_text_atomic
+from imgclf.progress import NO_PROGRESS, Progress
+from imgclf.tracking.runs import RunPaths, find_run
+
+log = logging.getLogger(__name__)
+
+THUMBNAIL = 96  # px: gallery tiles; enough to see the object, small enough for a mailable report
+SAMPLES_PER_CLASS = 6
+MAX_SAMPLE_CLASSES = 40
+MAX_MISTAKES = 24
+MAX_GRADCAM = 8
+MAX_ROWS = 20  # problems / duplicates listed in the report; the CSVs hold all
+DPI = 100
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One rendered figure: its file stem, heading and caption, and the PNG."""
+
+    name: str
+    title: str
+    caption: str
+    png: bytes
+
+    @property
+    def data_uri(self) -> str:
+        return "data:image/png;base64," + base64.b64encode(self.png).decode("ascii")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What the run folder says, read once."""
+
+    paths: RunPaths
+    config: dict[str, Any]
+    config_text: str
+    env: dict[str, Any]
+    model: dict[str, Any]
+    manifest: SplitManifest
+    problems: list[dict[str, str]]
+    duplicates: list[dict[str, str]]
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]
+    predictions: list[dict[str, str]]
+    probs: np.ndarray  # [n readable predictions, classes], rows in the order of `readable`
+    readable: list[dict[str, str]]
+    calibration: dict[str, Any] | None
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.model["classes"])
+
+
+@dataclass(frozen=True)
+class Report:
+    """Where the report went and what it concluded."""
+
+    html: Path
+    markdown: Path
+    verdicts: tuple[Verdict, ...]
+
+
+def build_report(run: Path | str, *, device: Any = "cpu", progress: Progress = NO_PROGRESS) -> Report:
+    """Write `report.html`, `report.md` and `report/*.png` into a run folder, from its files alone.
+
+    Args:
+        run: the run folder.
+        device: where Grad-CAM runs the model.
+        progress: progress reporter.
+
+    Returns:
+        The two report files and the diagnosis.
+
+    Example:
+        >>> build_report("runs/small_cnn-20261128-120000").html
+        PosixPath('runs/small_cnn-20261128-120000/report.html')
+    """
+    # 1. read
+    record = read_run(find_run(Path(run)))
+    # 2. diagnose
+    verdicts = tuple(diagnose_run(record))
+    # 3. draw
+    figures = draw_figures(record, device=device, progress=progress)
+    # 4. render
+    context = _context(record, verdicts, figures)
+    paths = record.paths
+    html = _template("report.html.j2").render(**context, embed=True)
+    markdown = _template("report.md.j2").render(**context, embed=False, assets=paths.report_assets.name)
+    paths.report_assets.mkdir(exist_ok=True)
+    for figure in figures.values():
+        write_bytes_atomic(paths.report_assets / f"{figure.name}.png", figure.png)
+    write_text_atomic(paths.report_html, html)
+    write_text_atomic(paths.report_md, markdown)
+    log.info("report: %s (and %s)", paths.report_html, paths.report_md.name)
+    return Report(paths.report_html, paths.report_md, verdicts)
+
+
+def read_run(paths: RunPaths) -> RunRecord:
+    """Read every file the report uses; a missing required file is named with the command that makes it."""
+    import yaml
+
+    for required, how in (
+        (paths.history, "imgclf train"),
+        (paths.metrics, f"imgclf evaluate {paths.root}"),
+        (paths.predictions, f"imgclf evaluate {paths.root}"),
+        (paths.model / "model.json", "imgclf train"),
+    ):
+        if not required.exists():
+            raise DataError(f"cannot build the report: {required} is missing (it is written by `{how}`)")
+    config_text = paths.config.read_text(encoding="utf-8") if paths.config.exists() else ""
+    model = json.loads((paths.model / "model.json").read_text(encoding="utf-8"))
+    classes = model["classes"]
+    predictions = read_csv(paths.predictions)
+    readable = [row for row in predictions if not row.get("error")]
+    if readable and f"p_{classes[0]}" not in readable[0]:
+        raise DataError(
+            f"{paths.predictions} has no probability columns (written by an older imgclf); run "
+            f"`imgclf evaluate {paths.root}` once to rewrite it"
+        )
+    probs = np.array([[float(row[f"p_{name}"]) for name in classes] for row in readable], dtype=np.float64)
+    return RunRecord(
+        paths=paths,
+        config=yaml.safe_load(config_text) or {},
+        config_text=config_text,
+        env=_read_json(paths.env) or {},
+        model=model,
+        manifest=SplitManifest.load(paths.manifest),
+        problems=read_csv(paths.problems) if paths.problems.exists() else [],
+        duplicates=read_csv(paths.duplicates) if paths.duplicates.exists() else [],
+        history=read_history(paths.history),
+        metrics=_read_json(paths.metrics) or {},
+        predictions=predictions,
+        probs=probs.reshape(len(readable), len(classes)),
+        readable=readable,
+        calibration=_read_json(paths.calibration),
+    )
+
+
+def diagnose_run(record: RunRecord) -> list[Verdict]:
+    """The diagnosis with the dataset's evidence: train counts, per-class recall, leaks, val vs test."""
+    per_class = record.metrics.get("per_class", {})
+    history = record.history
+    val_accuracies = [row["val_acc"] for row in history if row.get("val_acc") is not None]
+    best_epoch = record.model.get("training", {}).get("best_epoch")
+    val_accuracy = None
+    if val_accuracies:
+        best = [row for row in history if row["epoch"] == best_epoch and row.get("val_acc") is not None]
+        val_accuracy = best[0]["val_acc"] if best else max(val_accuracies)
+    return diagnose(
+        history,
+        train_counts=dict(record.manifest.counts()["train"]),
+        per_class_recall={name: values["recall"] for name, values in per_class.items() if values["support"]},
+        leaks=sum(1 for row in record.duplicates if row.get("split_a") != row.get("split_b")),
+        val_accuracy=val_accuracy,
+        test_accuracy=record.metrics.get("accuracy"),
+    )
+
+
+def draw_figures(record: RunRecord, *, device: Any = "cpu", progress: Progress = NO_PROGRESS) -> dict[str, Figure]:
+    """Every figure of the report, in reading order, rendered to PNG."""
+    from imgclf.evaluation.metrics import confusion_matrix, reliability_bins
+
+    classes = record.classes
+    figures: dict[str, Figure] = {}
+
+    def add(name: str, title: str, caption: str, figure) -> None:
+        figures[name] = Figure(name, title, caption, _png(figure))
+
+    train_rows = record.manifest.split("train")
+    samples = _samples_per_class(train_rows, classes[:MAX_SAMPLE_CLASSES], record)
+    if samples:
+        shown = "" if len(classes) <= MAX_SAMPLE_CLASSES else f" (the first {MAX_SAMPLE_CLASSES} classes)"
+        add("samples", "Training images", f"A few training images per class{shown}.", plots.sample_grid_figure(samples))
+    best_epoch = record.model.get("training", {}).get("best_epoch")
+    add(
+        "learning_curves",
+        "Learning curves",
+        "Loss, accuracy and learning rate per epoch; the best epoch (kept weights) and phase changes are marked.",
+        plots.learning_curves_figure(record.history, best_epoch=best_epoch),
+    )
+    y_true = np.array([classes.index(row["true"]) for row in record.readable], dtype=np.int64)
+    matrix = confusion_matrix(y_true, record.probs.argmax(axis=1), len(classes)) if len(y_true) else None
+    split = record.metrics.get("split", "test")
+    if matrix is not None:
+        add(
+            "confusion_counts",
+            "Confusion matrix (counts)",
+            f"Rows: true class, columns: predicted class, on the {split} split.",
+            plots.confusion_matrix_figure(matrix, classes),
+        )
+        add(
+            "confusion_normalized",
+            "Confusion matrix (row-normalised)",
+            "Each row sums to 1: the diagonal is each class's recall.",
+            plots.confusion_matrix_figure(matrix, classes, normalize=True),
+        )
+    if record.metrics.get("per_class"):
+        add(
+            "per_class",
+            "Precision, recall and F1 per class",
+            f"On the {split} split.",
+            plots.per_class_figure(record.metrics["per_class"]),
+        )
+    if len(y_true):
+        add(
+            "reliability",
+            "Calibration (reliability diagram)",
+            "Accuracy against confidence: a calibrated model's bars follow the diagonal.",
+            plots.reliability_figure(_reliability_curves(record, y_true, reliability_bins)),
+        )
+    mistakes = _mistakes(record)
+    if mistakes:
+        images = [_thumbnail(Path(row["path"]), record) for row in mistakes]
+        add(
+            "mistakes",
+            "Most confident mistakes",
+            f"The {len(mistakes)} misclassified {split} images the model was surest about, most confident first.",
+            plots.mistakes_figure(
+                images,
+                [row["true"] for row in mistakes],
+                [row["predicted"] for row in mistakes],
+                [float(row["probability"]) for row in mistakes],
+                [row["path"] for row in mistakes],
+            ),
+        )
+        gradcam = _gradcam(record, mistakes[:MAX_GRADCAM], device=device, progress=progress)
+        if gradcam is not None:
+            add(
+                "gradcam",
+                "Grad-CAM of the mistakes",
+                "Where the model looked for the class it (wrongly) predicted: warm colours weigh most.",
+                gradcam,
+            )
+    return figures
+
+
+# --- pieces of the figures --------------------------------------------------------------------------------------
+
+
+def _reliability_curves(record: RunRecord, y_true: np.ndarray, reliability_bins) -> dict[str, dict[str, Any]]:
+    """Test-split reliability; with a fitted temperature, also how the raw model looked (the same logits
+    without it: softmax(log p * T) undoes softmax(z / T))."""
+    from imgclf.evaluation.calibration import apply_temperature
+
+    temperature = float(record.metrics.get("temperature", 1.0))
+    split = record.metrics.get("split", "test")
+    if temperature == 1.0:
+        return {f"{split}": reliability_bins(y_true, record.probs)}
+    raw = apply_temperature(record.probs, 1.0 / temperature)
+    return {
+        f"{split}, before calibration": reliability_bins(y_true, raw),
+        f"{split}, after (T={temperature:.2f})": reliability_bins(y_true, record.probs),
+    }
+
+
+def _mistakes(record: RunRecord) -> list[dict[str, str]]:
+    wrong = [row for row in record.readable if row["correct"] == "0"]
+    return sorted(wrong, key=lambda row: (-float(row["probability"]), row["path"]))[:MAX_MISTAKES]
+
+
+def _samples_per_class(rows, classes: Sequence[str], record: RunRecord) -> dict[str, list[np.ndarray]]:
+    rng = np.random.default_rng(0)  # the same images on every rebuild
+    by_class: dict[str, list] = {name: [] for name in classes}
+    for row in rows:
+        if row.label in by_class:
+            by_class[row.label].append(row.path)
+    samples = {}
+    for name, files in by_class.items():
+        chosen = rng.permutation(len(files))[:SAMPLES_PER_CLASS]
+        samples[name] = [_thumbnail(files[i], record) for i in sorted(chosen)]
+    return {name: images for name, images in samples.items() if images}
+
+
+def _thumbnail(path: Path, record: RunRecord) -> np.ndarray:
+    """The image as the model's colour mode sees it, at most THUMBNAIL px; a grey tile when it is gone."""
+    from imgclf.data.images import load_image
+    from imgclf.errors import ImageError
+
+    color = record.model["preprocessing"].get("color", "rgb")
+    try:
+        image = load_image(path, color=color)
+    except (ImageError, OSError) as exc:
+        log.warning("report: %s", exc)
+        return np.full((THUMBNAIL, THUMBNAIL), 128, dtype=np.uint8)
+    image.thumbnail((THUMBNAIL, THUMBNAIL))
+    return np.asarray(image)
+
+
+def _gradcam(record: RunRecord, rows: Sequence[Mapping[str, str]], *, device: Any, progress: Progress):
+    """Grad-CAM for the predicted class of each row, drawn on the crop the model saw."""
+    import torch
+    from torchvision.transforms import v2
+
+    from imgclf.data.images import load_image
+    from imgclf.data.transforms import eval_transform
+    from imgclf.deploy.bundle import load_bundle
+    from imgclf.errors import ImageError, ImgclfError
+    from imgclf.evaluation.explain import grad_cam
+
+    bundle, model = load_bundle(record.paths.model, device)
+    pre = bundle.preprocessing
+    to_model = eval_transform(pre)
+    seen = v2.Compose([v2.Resize(int(pre.img_size / pre.crop_pct)), v2.CenterCrop(pre.img_size)])
+    images, tensors, targets, captions = [], [], [], []
+    with progress.task("Grad-CAM", total=len(rows)) as task:
+        for row in rows:
+            task.advance()
+            try:
+                image = load_image(Path(row["path"]), color=pre.color)
+            except (ImageError, OSError):
+                continue
+            images.append(np.asarray(seen(image)))
+            tensors.append(to_model(image))
+            targets.append(bundle.classes.index(row["predicted"]))
+            captions.append(f"true {row['true']} → {row['predicted']} ({float(row['probability']):.2f})")
+    if not tensors:
+        return None
+    try:
+        heatmaps = grad_cam(model, torch.stack(tensors).to(device), targets)
+    except ImgclfError as exc:  # a model without convolutions: the rest of the report still stands
+        log.warning("report: no Grad-CAM (%s)", exc)
+        return None
+    return plots.gradcam_figure(images, list(heatmaps), captions)
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    # No metadata: the same run folder gives the same bytes, whichever matplotlib wrote them.
+    figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+# --- text -------------------------------------------------------------------------------------------------------
+
+
+def _context(record: RunRecord, verdicts: Sequence[Verdict], figures: Mapping[str, Figure]) -> dict[str, Any]:
+    """Everything the templates print, computed here so that the templates only lay it out."""
+    metrics = record.metrics
+    counts = record.manifest.counts()
+    classes = record.classes
+    train_counts = [counts["train"].get(name, 0) for name in classes]
+    history = record.history
+    seconds = sum(row.get("seconds") or 0 for row in history)
+    speeds = [row["images_per_s"] for row in history if row.get("images_per_s")]
+    training = record.model.get("training", {})
+    config_train = record.config.get("train", {})
+    headline = [
+        ("accuracy", metrics.get("accuracy")),
+        ("balanced accuracy", metrics.get("balanced_accuracy")),
+        ("macro F1", metrics.get("macro_f1")),
+        ("top-3 accuracy", metrics.get("top3_accuracy")),
+        ("top-5 accuracy", metrics.get("top5_accuracy")),
+        ("ROC-AUC (one-vs-rest, macro)", metrics.get("roc_auc_ovr")),
+        ("log loss", metrics.get("log_loss")),
+        ("expected calibration error", metrics.get("ece")),
+    ]
+    return {
+        "run": record.paths.root.name,
+        "model_name": record.model.get("arch", {}).get("name", "?"),
+        "classes": classes,
+        "split": metrics.get("split", "test"),
+        "n_eval": metrics.get("n", len(record.readable)),
+        "skipped_eval": metrics.get("skipped", 0),
+        "tta": metrics.get("tta", False),
+        "temperature": metrics.get("temperature", 1.0),
+        "headline": [(name, _fmt(value)) for name, value in headline if value is not None],
+        "verdicts": verdicts,
+        "splits": [split for split in ("train", "val", "test") if sum(counts[split].values())],
+        "counts": {split: {name: counts[split].get(name, 0) for name in classes} for split in counts},
+        "totals": {split: sum(counts[split].values()) for split in counts},
+        "imbalance": _fmt(max(train_counts) / max(min(train_counts), 1)) if train_counts else "n/a",
+        "problems": record.problems[:MAX_ROWS],
+        "problem_count": len(record.problems),
+        "duplicates": record.duplicates[:MAX_ROWS],
+        "duplicate_count": len(record.duplicates),
+        "epochs_run": len(history),
+        "epochs_planned": config_train.get("epochs", len(history)),
+        "best_epoch": training.get("best_epoch"),
+        "phases": _phases(history),
+        "train_seconds": f"{seconds:.1f}",
+        "images_per_s": f"{sum(speeds) / len(speeds):,.0f}" if speeds else "n/a",
+        "per_class": [
+            {"name": name, **{k: _fmt(v) for k, v in values.items()}}
+            for name, values in metrics.get("per_class", {}).items()
+        ],
+        "most_confused": metrics.get("most_confused", [])[:10],
+        "calibration": _calibration_rows(record),
+        "figures": figures,
+        "config_text": record.config_text,
+        "environment": _environment(record.env),
+    }
+
+
+def _phases(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive epochs with the same phase: [{phase, first, last}]."""
+    phases: list[dict[str, Any]] = []
+    for row in history:
+        if phases and phases[-1]["phase"] == row.get("phase"):
+            phases[-1]["last"] = row["epoch"]
+        else:
+            phases.append({"phase": row.get("phase") or "train", "first": row["epoch"], "last": row["epoch"]})
+    return phases
+
+
+def _calibration_rows(record: RunRecord) -> list[tuple[str, str, str]]:
+    """(what, before, after) rows when a temperature was fitted."""
+    calibration = record.calibration
+    if not calibration or float(record.metrics.get("temperature", 1.0)) == 1.0:
+        return []
+    from imgclf.evaluation.calibration import apply_temperature
+    from imgclf.evaluation.metrics import expected_calibration_error
+
+    classes = record.classes
+    y_true = np.array([classes.index(row["true"]) for row in record.readable], dtype=np.int64)
+    raw = apply_temperature(record.probs, 1.0 / float(record.metrics["temperature"]))
+    split = record.metrics.get("split", "test")
+    return [
+        ("temperature", "1", _fmt(calibration["temperature"])),
+        (
+            f"ECE, val ({calibration['n']} images, fitted here)",
+            _fmt(calibration["ece_before"]),
+            _fmt(calibration["ece_after"]),
+        ),
+        (
+            f"ECE, {split} ({len(y_true)} images)",
+            _fmt(expected_calibration_error(y_true, raw)),
+            _fmt(expected_calibration_error(y_true, record.probs)),
+        ),
+        ("log loss, val", _fmt(calibration["log_loss_before"]), _fmt(calibration["log_loss_after"])),
+    ]
+
+
+def _environment(env: Mapping[str, Any]) -> list[tuple[str, str]]:
+    rows = [(key, str(value)) for key, value in env.items() if not isinstance(value, (dict, list)) and key != "cwd"]
+    rows += [(f"{name}", str(version)) for name, version in env.get("packages", {}).items()]
+    if env.get("command"):
+        rows.append(("command", " ".join(env["command"])))
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:,.1f}"
+    return "" if value is None else str(value)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); rerun the command that writes it") from None
+
+
+def _template(name: str):
+    import jinja2
+
+    source = resources.files("imgclf.evaluation").joinpath(name).read_text(encoding="utf-8")
+    environment = jinja2.Environment(
+        autoescape=name.endswith(".html.j2"), trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined
+    )
+    environment.filters["md"] = lambda text: str(text).replace("|", "\\|").replace("\n", " ")
+    return environment.from_string(source)
