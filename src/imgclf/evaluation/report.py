@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -24,7 +25,7 @@ import numpy as np
 from imgclf.data.split import SplitManifest
 from imgclf.errors import DataError
 from imgclf.evaluation import plots
-from imgclf.evaluation.diagnose import Verdict, diagnose, read_history
+from imgclf.evaluation.diagnose import Verdict, count_leaks, diagnose, read_history
 from imgclf.files import read_csv, write_bytes_atomic, write_text_atomic
 from imgclf.progress import NO_PROGRESS, Progress
 from imgclf.tracking.runs import RunPaths, find_run
@@ -177,7 +178,7 @@ def diagnose_run(record: RunRecord) -> list[Verdict]:
         history,
         train_counts=dict(record.manifest.counts()["train"]),
         per_class_recall={name: values["recall"] for name, values in per_class.items() if values["support"]},
-        leaks=sum(1 for row in record.duplicates if row.get("split_a") != row.get("split_b")),
+        leaks=count_leaks(record.paths.duplicates),
         val_accuracy=val_accuracy,
         test_accuracy=record.metrics.get("accuracy"),
     )
@@ -480,6 +481,14 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         raise DataError(f"{path} is not valid JSON ({exc}); rerun the command that writes it") from None
 
 
+def _code_spans(text: str):
+    """HTML for a verdict line: escaped, with `flag` spans as <code> (the diagnosis writes flags in backticks)."""
+    import markupsafe
+
+    escaped = str(markupsafe.escape(text))
+    return markupsafe.Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped))
+
+
 def _template(name: str):
     import jinja2
 
@@ -488,4 +497,5 @@ def _template(name: str):
         autoescape=name.endswith(".html.j2"), trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined
     )
     environment.filters["md"] = lambda text: str(text).replace("|", "\\|").replace("\n", " ")
+    environment.filters["code"] = _code_spans
     return environment.from_string(source)
