@@ -65,6 +65,7 @@ def test_report_has_every_section_and_decodable_figures(report_run):
         pixels = np.asarray(image.convert("L"), dtype=np.float64)
         assert pixels.std() > 5, f"{name} looks blank"
     assert 'src="http' not in html and "<script" not in html  # one file you can mail: nothing to fetch
+    assert "<code>--" in html  # the diagnosis names flags, set in code type
     markdown = (report_run / "report.md").read_text(encoding="utf-8")
     for name in FIGURES:
         assert f"(report/{name}.png)" in markdown
