@@ -110,7 +110,6 @@ def test_fine_tuning_a_pretrained_model_beats_training_from_scratch(tmp_path):
         data,
         {**base, "model": {"name": LITE0, "pretrained": True}, "train": {**base["train"], "freeze_epochs": 1}},
         out=tmp_path / "runs",
-        report=False,
     )
     scratch = imgclf.train(data, {**base, "model": {"name": LITE0}}, out=tmp_path / "runs", report=False)
     assert pretrained.metrics["accuracy"] >= scratch.metrics["accuracy"] + 0.10
@@ -124,6 +123,10 @@ def test_fine_tuning_a_pretrained_model_beats_training_from_scratch(tmp_path):
         0.875,
         "rgb",  # Fashion-MNIST is grayscale: replicated to RGB for the pretrained stem
     )
+    # the report of a timm CNN: Grad-CAM of its mistakes, the switch to fine-tuning in the phase table
+    html = (pretrained.run_dir / "report.html").read_text(encoding="utf-8")
+    assert 'id="fig-gradcam"' in html and "fine-tune" in html
+    assert pretrained.report.verdicts
 
 
 def digits_loader(tmp_path: Path, size: int = 32):
