@@ -9,6 +9,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# Overfits on purpose (diagnosis, calibration tests): no augmentation, regularisation or LR schedule, no early
+# stopping; the caller picks a split that leaves only a handful of training images per class.
+MEMORISE = {
+    "model": {"width": 32, "dropout": 0.0},
+    "augment": {"preset": "none", "hflip": False},
+    "train": {
+        "epochs": 30,
+        "batch_size": 8,
+        "lr": 0.01,
+        "scheduler": "none",
+        "weight_decay": 0.0,
+        "label_smoothing": 0.0,
+        "early_stopping": {"patience": None},
+    },
+}
+
 # Small enough to train in about a second on 2 CPU cores, big enough to learn 3 digit classes.
 FAST = {
     "data": {"img_size": 16},
@@ -124,3 +140,12 @@ def write_fashion_mnist(folder: Path, train: int, val: int, test: int) -> Path:
             for index in indices:
                 Image.fromarray(images[index]).save(target / f"{index:05d}.png")
     return folder
+
+
+def run_cli(*args):
+    """`imgclf ARGS...` in this process (typer's runner); exceptions propagate so a failure shows its traceback."""
+    from typer.testing import CliRunner
+
+    from imgclf.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)

@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 import imgclf
-from conftest import file_digests, write_digits
+from conftest import file_digests, run_cli, write_digits
 from imgclf.cli import app
 from imgclf.config import RunConfig, build_config
 from imgclf.files import read_csv
@@ -32,8 +32,7 @@ FAST_FLAGS = [
 ]
 
 
-def run(*args: str):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+run = run_cli
 
 
 def python_m(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

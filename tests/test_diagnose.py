@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import write_digits
+from conftest import MEMORISE, write_digits
 from imgclf.config import build_config, parse_assignments
 from imgclf.errors import DataError
 from imgclf.evaluation.diagnose import VERDICT_KINDS, Verdict, count_leaks, diagnose, read_history
@@ -298,18 +298,9 @@ def test_a_real_run_made_to_overfit_is_diagnosed_as_overfitting(tmp_path: Path):
 
     data = write_digits(tmp_path / "digits", classes=tuple(range(10)), per_class=40)
     config = {
+        **MEMORISE,
         "data": {"img_size": 16, "split_ratios": (0.1, 0.45, 0.45)},  # 4 training images per class, 18 val
-        "model": {"width": 32, "dropout": 0.0},
         "augment": {"preset": "none"},
-        "train": {
-            "epochs": 30,
-            "batch_size": 8,
-            "lr": 0.01,
-            "scheduler": "none",
-            "weight_decay": 0.0,
-            "label_smoothing": 0.0,
-            "early_stopping": {"patience": None},
-        },
     }
     result = imgclf.train(data, config, out=tmp_path / "runs", name="overfit", report=False)
 

@@ -8,17 +8,10 @@ import shutil
 
 import numpy as np
 from PIL import Image
-from typer.testing import CliRunner
 
 from conftest import file_digests, write_digits
-from imgclf.cli import app
+from conftest import run_cli as run
 from imgclf.files import read_csv
-
-runner = CliRunner()
-
-
-def run(*args: str):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def non_blank(path) -> bool:

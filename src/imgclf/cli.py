@@ -368,8 +368,8 @@ def inspect(
 
     result = inspect_data(data, out=out, seed=seed, progress=RichProgress())
     summary = result.summary
-    table = Table("class", *[split for split, counts in summary["counts"].items() if counts])
     splits = [split for split, counts in summary["counts"].items() if counts]
+    table = Table("class", *splits)
     for name in summary["classes"]:
         table.add_row(escape(name), *[str(summary["counts"][split].get(name, 0)) for split in splits])
     out_console.print(table)

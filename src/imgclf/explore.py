@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from imgclf.data.images import DEFAULT_MAX_PIXELS, is_single_channel, load_image, open_image
+from imgclf.data.images import DEFAULT_MAX_PIXELS, is_single_channel, load_image, load_thumbnail, open_image
 from imgclf.errors import DataError, ImageError
 from imgclf.files import write_atomic, write_csv_atomic, write_json_atomic
 from imgclf.progress import NO_PROGRESS, Progress
@@ -103,7 +103,7 @@ def inspect_data(
     for name in index.classes:
         files = [row.path for row in manifest.split("train") if row.label == name]
         chosen = sorted(rng.permutation(len(files))[:SAMPLES_PER_CLASS])
-        samples[name] = [_thumbnail(files[i]) for i in chosen]
+        samples[name] = [load_thumbnail(files[i], color="rgb", size=THUMBNAIL) for i in chosen]
     figure = sample_grid_figure(samples)
     write_atomic(out_dir / "samples.png", lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     log.info("dataset summary, problems, duplicates and samples.png in %s", out_dir)
@@ -143,11 +143,10 @@ def preview_augmentation(
         PosixPath('preview.png')
     """
     import torch
-    from torchvision.transforms import v2
 
     from imgclf.data.batch_transforms import BatchAugment
-    from imgclf.data.cache import cache_side
-    from imgclf.data.transforms import Preprocessing, auto_img_size, resolve_preset
+    from imgclf.data.cache import stored_square
+    from imgclf.data.transforms import Preprocessing, auto_img_size, eval_crop, resolve_preset
     from imgclf.deploy.predict import collect_inputs
     from imgclf.evaluation.plots import augmentation_preview_figure
 
@@ -164,16 +163,14 @@ def preview_augmentation(
     size = img_size or auto_img_size([image.size for image in decoded])
     pre = Preprocessing.default_for(size, "gray" if gray else "rgb")
     preset = resolve_preset(preset, size)
-    side = cache_side(pre)
-    square = v2.Compose([v2.ToImage(), v2.Resize(side, antialias=True), v2.CenterCrop(side)])
-    batch = torch.stack([square(image) for image in decoded])
+    batch = torch.stack([stored_square(image, pre) for image in decoded])  # what the cache would hold
     augment = BatchAugment(pre, preset, hflip=hflip, vflip=vflip)
     mean = torch.tensor(pre.mean).view(1, -1, 1, 1)
     std = torch.tensor(pre.std).view(1, -1, 1, 1)
     torch.manual_seed(seed)
     drawn = [(augment(batch) * std + mean).clamp(0, 1) for _ in range(versions)]
     augmented = [[_to_display(version[i]) for version in drawn] for i in range(len(chosen))]
-    originals = [np.asarray(v2.CenterCrop(size)(v2.Resize(side)(image))) for image in decoded]
+    originals = [np.asarray(eval_crop(pre)(image)) for image in decoded]
     mixing = " (MixUp/CutMix, which mix whole batches, are not drawn)" if preset == "strong" else ""
     title = f"augment preset {preset}, {size}px, hflip {'on' if hflip else 'off'}{mixing}"
     figure = augmentation_preview_figure(originals, augmented, title=title)
@@ -187,15 +184,6 @@ def _to_display(image) -> np.ndarray:
     """[C, H, W] float in [0, 1] -> HxW or HxWx3 float array for matplotlib."""
     array = image.permute(1, 2, 0).numpy()
     return array[..., 0] if array.shape[-1] == 1 else array
-
-
-def _thumbnail(path: Path) -> np.ndarray:
-    try:
-        image = load_image(path, color="rgb")
-    except (ImageError, OSError):
-        return np.full((THUMBNAIL, THUMBNAIL), 128, dtype=np.uint8)
-    image.thumbnail((THUMBNAIL, THUMBNAIL))
-    return np.asarray(image)
 
 
 def _single_channel(path: Path) -> bool:

@@ -629,6 +629,21 @@ def _folder_rows(folder: Path, split: str, classes: Sequence[str]) -> tuple[list
     return [(r.path, r.label) for r in records], split
 
 
+def _predict_rows(predictor, rows, split: str, *, batch_size: int, tta: bool, progress: Progress):
+    """(probabilities, error or None per row, class index per row) for `rows` [(path, label)]; unreadable rows
+    are logged, and none readable at all is an error."""
+    class_index = {label: i for i, label in enumerate(predictor.classes)}
+    probs, errors = predictor.probabilities(
+        [path for path, _ in rows], batch_size=batch_size, tta=tta, progress=progress
+    )
+    for error in errors:
+        if error is not None:
+            log.warning("skipped in evaluation: %s", error)
+    if all(error is not None for error in errors):
+        raise DataError(f"none of the {len(rows)} {split} images could be read")
+    return probs, errors, np.array([class_index[label] for _, label in rows])
+
+
 def _evaluate_rows(
     predictor, rows, split: str, out_dir: Path, *, batch_size: int, tta: bool = False, progress: Progress
 ) -> dict:
@@ -638,17 +653,8 @@ def _evaluate_rows(
     from imgclf.evaluation.plots import confusion_matrix_figure
 
     classes = predictor.classes
-    class_index = {label: i for i, label in enumerate(classes)}
-    probs, errors = predictor.probabilities(
-        [path for path, _ in rows], batch_size=batch_size, tta=tta, progress=progress
-    )
+    probs, errors, y_true = _predict_rows(predictor, rows, split, batch_size=batch_size, tta=tta, progress=progress)
     ok = np.array([error is None for error in errors], dtype=bool)
-    for _, error in zip(rows, errors):
-        if error is not None:
-            log.warning("skipped in evaluation: %s", error)
-    if not ok.any():
-        raise DataError(f"none of the {len(rows)} {split} images could be read")
-    y_true = np.array([class_index[label] for _, label in rows])
     metrics = classification_metrics(y_true[ok], probs[ok], classes)
     metrics = {
         "split": split,
@@ -697,45 +703,39 @@ def _calibrate(predictor, paths: RunPaths, manifest: SplitManifest, *, batch_siz
 
     from imgclf.deploy.bundle import save_bundle
     from imgclf.deploy.predict import Predictor
-    from imgclf.evaluation.calibration import apply_temperature, fit_temperature
-    from imgclf.evaluation.metrics import classification_metrics, reliability_bins
+    from imgclf.evaluation.calibration import apply_temperature, calibration_summary, fit_temperature
+    from imgclf.evaluation.metrics import reliability_bins
 
     rows = [(row.path, row.label) for row in manifest.split("val")]
     if not rows:
         log.warning("--calibrate needs a validation split; this run has none, so the model stays uncalibrated")
         return predictor
     uncalibrated = Predictor(replace(predictor.bundle, temperature=1.0), predictor.model, predictor.device)
-    probs, errors = uncalibrated.probabilities([p for p, _ in rows], batch_size=batch_size, progress=progress)
+    probs, errors, y_true = _predict_rows(
+        uncalibrated, rows, "val", batch_size=batch_size, tta=False, progress=progress
+    )
     ok = np.array([error is None for error in errors], dtype=bool)
-    class_index = {label: i for i, label in enumerate(predictor.classes)}
-    y_true = np.array([class_index[label] for _, label in rows])[ok]
-    probs = probs[ok]
+    probs, y_true = probs[ok], y_true[ok]
     temperature = fit_temperature(probs, y_true)
-    calibrated = apply_temperature(probs, temperature)
-    before = classification_metrics(y_true, probs, predictor.classes)
-    after = classification_metrics(y_true, calibrated, predictor.classes)
+    summary = calibration_summary(y_true, probs, temperature)
     write_json_atomic(
         paths.calibration,
         {
             "method": "temperature scaling",
             "split": "val",
             "n": int(ok.sum()),
-            "temperature": temperature,
-            "ece_before": before["ece"],
-            "ece_after": after["ece"],
-            "log_loss_before": before["log_loss"],
-            "log_loss_after": after["log_loss"],
+            **summary,
             "reliability_before": reliability_bins(y_true, probs),
-            "reliability_after": reliability_bins(y_true, calibrated),
+            "reliability_after": reliability_bins(y_true, apply_temperature(probs, temperature)),
         },
     )
     log.info(
         "calibration: temperature %.3f; validation ECE %.4f -> %.4f, log loss %.4f -> %.4f",
         temperature,
-        before["ece"],
-        after["ece"],
-        before["log_loss"],
-        after["log_loss"],
+        summary["ece_before"],
+        summary["ece_after"],
+        summary["log_loss_before"],
+        summary["log_loss_after"],
     )
     bundle = replace(predictor.bundle, temperature=temperature)
     save_bundle(paths.model, predictor.model, bundle)

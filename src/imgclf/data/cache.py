@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 from filelock import FileLock
+from PIL import Image
 from torchvision.transforms import v2
 
 from imgclf.data.images import load_image
@@ -62,6 +63,21 @@ def default_cache_dir() -> Path:
 def cache_side(pre: Preprocessing) -> int:
     """Side of the stored squares: the size eval preprocessing resizes to before its center crop."""
     return int(pre.img_size / pre.crop_pct)
+
+
+def stored_square(image: Image.Image, pre: Preprocessing) -> torch.Tensor:
+    """The uint8 [C, S, S] tensor the cache stores for one decoded image (S = `cache_side`).
+
+    It is the S x S square around the pixels eval keeps: eval's center crop of img_size lands on the same pixels
+    as a direct center crop of the resized image (the two roundings can differ by one).
+    """
+    side = cache_side(pre)
+    resize = v2.Resize(side, interpolation=INTERPOLATIONS[pre.interpolation], antialias=True)
+    resized = resize(v2.ToImage()(image))
+    height, width = resized.shape[-2:]
+    top = round((height - pre.img_size) / 2.0) - round((side - pre.img_size) / 2.0)
+    left = round((width - pre.img_size) / 2.0) - round((side - pre.img_size) / 2.0)
+    return resized[:, top : top + side, left : left + side]
 
 
 def cache_bytes(count: int, pre: Preprocessing) -> int:
@@ -190,22 +206,13 @@ def _decode_into(
     array: np.ndarray, paths, pre: Preprocessing, max_pixels: int, progress: Progress, threads
 ) -> list[tuple[int, str]]:
     """Decode every image into its row; returns the rows that could not be decoded (left black) and why."""
-    side = cache_side(pre)
-    to_tensor = v2.ToImage()
-    resize = v2.Resize(side, interpolation=INTERPOLATIONS[pre.interpolation], antialias=True)
 
     def decode(index: int) -> str | None:
         try:
             image = load_image(paths[index], color=pre.color, max_pixels=max_pixels)
         except (ImageError, OSError) as exc:
             return f"{exc} (changed or removed since the scan)"
-        resized = resize(to_tensor(image))
-        # Store the S x S square around the pixels eval keeps: eval's center crop of img_size must land on the
-        # same pixels as a direct center crop of the resized image (the two roundings can differ by one).
-        height, width = resized.shape[-2:]
-        top = round((height - pre.img_size) / 2.0) - round((side - pre.img_size) / 2.0)
-        left = round((width - pre.img_size) / 2.0) - round((side - pre.img_size) / 2.0)
-        array[index] = resized[:, top : top + side, left : left + side].numpy()
+        array[index] = stored_square(image, pre).numpy()
         return None
 
     with (

@@ -117,6 +117,19 @@ def load_image(
     return converted
 
 
+def load_thumbnail(path: Path, *, color: Color, size: int) -> np.ndarray:
+    """An image decoded as `load_image` does, shrunk to at most `size` px, as a uint8 array for a figure; a grey
+    tile (with a logged warning naming the file) when it cannot be read, so one lost file does not stop a gallery.
+    """
+    try:
+        image = load_image(path, color=color)
+    except (ImageError, OSError) as exc:
+        log.warning("cannot show %s: %s", path, exc)
+        return np.full((size, size), 128, dtype=np.uint8)
+    image.thumbnail((size, size))
+    return np.asarray(image)
+
+
 def is_single_channel(image: Image.Image) -> bool:
     """True for grayscale-like modes (L, 1, 16-bit, float, gray with alpha)."""
     return image.mode in SINGLE_CHANNEL_MODES

@@ -122,6 +122,11 @@ def eval_transform(pre: Preprocessing) -> v2.Compose:
     return v2.Compose([v2.ToImage(), *_resize_crop(pre), *_to_normalized(pre)])
 
 
+def eval_crop(pre: Preprocessing) -> v2.Compose:
+    """The pixels evaluation keeps (resize + center crop, no normalisation): what a figure shows as the input."""
+    return v2.Compose(_resize_crop(pre))
+
+
 def train_transform(pre: Preprocessing, preset: Preset, *, hflip: bool, vflip: bool) -> v2.Compose:
     """Augmentation for the training split.
 

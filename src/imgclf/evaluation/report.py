@@ -16,6 +16,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,23 @@ class RunRecord:
     @property
     def classes(self) -> tuple[str, ...]:
         return tuple(self.model["classes"])
+
+    @cached_property
+    def y_true(self) -> np.ndarray:
+        """Class indices of the readable predictions."""
+        index = {name: i for i, name in enumerate(self.classes)}
+        return np.array([index[row["true"]] for row in self.readable], dtype=np.int64)
+
+    @property
+    def temperature(self) -> float:
+        return float(self.metrics.get("temperature", 1.0))
+
+    @cached_property
+    def uncalibrated_probs(self) -> np.ndarray:
+        """The model's own probabilities: softmax(log p * T) undoes the fitted softmax(z / T)."""
+        from imgclf.evaluation.calibration import apply_temperature
+
+        return apply_temperature(self.probs, 1.0 / self.temperature)
 
 
 @dataclass(frozen=True)
@@ -206,7 +224,7 @@ def draw_figures(record: RunRecord, *, device: Any = "cpu", progress: Progress =
         "Loss, accuracy and learning rate per epoch; the best epoch (kept weights) and phase changes are marked.",
         plots.learning_curves_figure(record.history, best_epoch=best_epoch),
     )
-    y_true = np.array([classes.index(row["true"]) for row in record.readable], dtype=np.int64)
+    y_true = record.y_true
     matrix = confusion_matrix(y_true, record.probs.argmax(axis=1), len(classes)) if len(y_true) else None
     split = record.metrics.get("split", "test")
     if matrix is not None:
@@ -234,7 +252,7 @@ def draw_figures(record: RunRecord, *, device: Any = "cpu", progress: Progress =
             "reliability",
             "Calibration (reliability diagram)",
             "Accuracy against confidence: a calibrated model's bars follow the diagonal.",
-            plots.reliability_figure(_reliability_curves(record, y_true, reliability_bins)),
+            plots.reliability_figure(_reliability_curves(record, reliability_bins)),
         )
     mistakes = _mistakes(record)
     if mistakes:
@@ -265,19 +283,14 @@ def draw_figures(record: RunRecord, *, device: Any = "cpu", progress: Progress =
 # --- pieces of the figures --------------------------------------------------------------------------------------
 
 
-def _reliability_curves(record: RunRecord, y_true: np.ndarray, reliability_bins) -> dict[str, dict[str, Any]]:
-    """Test-split reliability; with a fitted temperature, also how the raw model looked (the same logits
-    without it: softmax(log p * T) undoes softmax(z / T))."""
-    from imgclf.evaluation.calibration import apply_temperature
-
-    temperature = float(record.metrics.get("temperature", 1.0))
+def _reliability_curves(record: RunRecord, reliability_bins) -> dict[str, dict[str, Any]]:
+    """Reliability on the evaluated split; with a fitted temperature, also how the uncalibrated model looked."""
     split = record.metrics.get("split", "test")
-    if temperature == 1.0:
-        return {f"{split}": reliability_bins(y_true, record.probs)}
-    raw = apply_temperature(record.probs, 1.0 / temperature)
+    if record.temperature == 1.0:
+        return {f"{split}": reliability_bins(record.y_true, record.probs)}
     return {
-        f"{split}, before calibration": reliability_bins(y_true, raw),
-        f"{split}, after (T={temperature:.2f})": reliability_bins(y_true, record.probs),
+        f"{split}, before calibration": reliability_bins(record.y_true, record.uncalibrated_probs),
+        f"{split}, after (T={record.temperature:.2f})": reliability_bins(record.y_true, record.probs),
     }
 
 
@@ -300,27 +313,18 @@ def _samples_per_class(rows, classes: Sequence[str], record: RunRecord) -> dict[
 
 
 def _thumbnail(path: Path, record: RunRecord) -> np.ndarray:
-    """The image as the model's colour mode sees it, at most THUMBNAIL px; a grey tile when it is gone."""
-    from imgclf.data.images import load_image
-    from imgclf.errors import ImageError
+    """The image in the model's colour mode, at most THUMBNAIL px."""
+    from imgclf.data.images import load_thumbnail
 
-    color = record.model["preprocessing"].get("color", "rgb")
-    try:
-        image = load_image(path, color=color)
-    except (ImageError, OSError) as exc:
-        log.warning("report: %s", exc)
-        return np.full((THUMBNAIL, THUMBNAIL), 128, dtype=np.uint8)
-    image.thumbnail((THUMBNAIL, THUMBNAIL))
-    return np.asarray(image)
+    return load_thumbnail(path, color=record.model["preprocessing"].get("color", "rgb"), size=THUMBNAIL)
 
 
 def _gradcam(record: RunRecord, rows: Sequence[Mapping[str, str]], *, device: Any, progress: Progress):
     """Grad-CAM for the predicted class of each row, drawn on the crop the model saw."""
     import torch
-    from torchvision.transforms import v2
 
     from imgclf.data.images import load_image
-    from imgclf.data.transforms import eval_transform
+    from imgclf.data.transforms import eval_crop, eval_transform
     from imgclf.deploy.bundle import load_bundle
     from imgclf.errors import ImageError, ImgclfError
     from imgclf.evaluation.explain import grad_cam
@@ -328,7 +332,7 @@ def _gradcam(record: RunRecord, rows: Sequence[Mapping[str, str]], *, device: An
     bundle, model = load_bundle(record.paths.model, device)
     pre = bundle.preprocessing
     to_model = eval_transform(pre)
-    seen = v2.Compose([v2.Resize(int(pre.img_size / pre.crop_pct)), v2.CenterCrop(pre.img_size)])
+    seen = eval_crop(pre)
     images, tensors, targets, captions = [], [], [], []
     with progress.task("Grad-CAM", total=len(rows)) as task:
         for row in rows:
@@ -433,14 +437,11 @@ def _phases(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 def _calibration_rows(record: RunRecord) -> list[tuple[str, str, str]]:
     """(what, before, after) rows when a temperature was fitted."""
     calibration = record.calibration
-    if not calibration or float(record.metrics.get("temperature", 1.0)) == 1.0:
+    if not calibration or record.temperature == 1.0:
         return []
-    from imgclf.evaluation.calibration import apply_temperature
     from imgclf.evaluation.metrics import expected_calibration_error
 
-    classes = record.classes
-    y_true = np.array([classes.index(row["true"]) for row in record.readable], dtype=np.int64)
-    raw = apply_temperature(record.probs, 1.0 / float(record.metrics["temperature"]))
+    y_true = record.y_true
     split = record.metrics.get("split", "test")
     return [
         ("temperature", "1", _fmt(calibration["temperature"])),
@@ -451,7 +452,7 @@ def _calibration_rows(record: RunRecord) -> list[tuple[str, str, str]]:
         ),
         (
             f"ECE, {split} ({len(y_true)} images)",
-            _fmt(expected_calibration_error(y_true, raw)),
+            _fmt(expected_calibration_error(y_true, record.uncalibrated_probs)),
             _fmt(expected_calibration_error(y_true, record.probs)),
         ),
         ("log loss, val", _fmt(calibration["log_loss_before"]), _fmt(calibration["log_loss_after"])),
