@@ -25,7 +25,7 @@ from imgclf.data.batch_transforms import (
 from imgclf.data.cache import choose_mode, decoded_images, fingerprint
 from imgclf.data.images import load_image
 from imgclf.data.loaders import CachedLoader
-from imgclf.data.transforms import Preprocessing, eval_transform
+from imgclf.data.transforms import Preprocessing, eval_transform, progressive_size
 from imgclf.device import resolve_compute
 from imgclf.errors import ConfigError
 
@@ -228,3 +228,37 @@ def test_a_second_run_reuses_the_disk_cache(tmp_path, digits_source, caplog):
     imgclf.train(digits_source, config, out=tmp_path / "runs", report=False)
     assert "using the decoded-image cache" in caplog.text
     assert "decoded 72 images once" not in caplog.text
+
+
+def test_progressive_size_grows_from_min_res_to_img_size():
+    for epochs in (1, 3, 8, 10, 30):
+        sizes = [progressive_size(e, epochs, 28, 16, (0.4, 0.75)) for e in range(1, epochs + 1)]
+        assert sizes[-1] == 28
+        assert sizes == sorted(sizes)
+        assert all(16 <= size <= 28 and size % 4 == 0 for size in sizes)
+    assert [progressive_size(e, 10, 28, 20, (0.4, 0.75)) for e in range(1, 11)] == [20] * 5 + [24] * 2 + [28] * 3
+    assert progressive_size(1, 10, 28, 32, (0.4, 0.75)) == 28  # min_res at or above img_size: off
+    assert [progressive_size(e, 4, 224, 160, (0.0, 0.0)) for e in range(1, 5)] == [224] * 4
+
+
+def test_progressive_resizing_trains_early_epochs_on_smaller_batches(tmp_path, digits_source):
+    config = {**FAST, "augment": {"min_res": 8, "res_ramp": [0.25, 1.0]}, "train": {"epochs": 4, "batch_size": 8}}
+    seen: list[int] = []
+    original = torch.nn.Conv2d.forward
+
+    def record(self, images):
+        if self.in_channels == 1 and torch.is_grad_enabled():  # the stem, in training
+            seen.append(images.shape[-1])
+        return original(self, images)
+
+    torch.nn.Conv2d.forward = record
+    try:
+        result = imgclf.train(digits_source, config, out=tmp_path / "runs", report=False)
+    finally:
+        torch.nn.Conv2d.forward = original
+    assert [row["img_size"] for row in result.history] == [8, 8, 12, 16]
+    steps = len(seen) // 4
+    assert seen == [8] * 2 * steps + [12] * steps + [16] * steps
+    history = (result.run_dir / "history.csv").read_text().splitlines()
+    assert history[0].endswith(",img_size") and history[1].endswith(",8")
+    assert result.metrics["n"] > 0

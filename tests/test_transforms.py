@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from imgclf.data.transforms import Preprocessing, auto_img_size, eval_transform, train_transform
+from imgclf.data.transforms import Preprocessing, auto_img_size, eval_tensor, eval_transform, train_transform
 from imgclf.errors import ConfigError
 
 
@@ -31,6 +31,25 @@ def test_eval_transform_is_deterministic_resize_crop_normalize(color):
     assert first.dtype == torch.float32
     assert torch.equal(first, second)
     assert kinds(eval_transform(pre)) == {v2.ToImage, v2.Resize, v2.CenterCrop, v2.ToDtype, v2.Normalize}
+
+
+@pytest.mark.parametrize(
+    ("color", "size", "crop_pct", "shape"),
+    [
+        ("gray", 28, 1.0, (28, 28)),
+        ("gray", 28, 1.0, (100, 80)),
+        ("rgb", 32, 0.875, (50, 37, 3)),
+        ("rgb", 24, 0.9, (17, 61, 3)),
+        ("rgb", 16, 1.0, (16, 16, 3)),
+    ],
+)
+def test_eval_tensor_is_eval_transform_bit_for_bit(color, size, crop_pct, shape):
+    pixels = np.random.default_rng(size).integers(0, 256, shape, dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    pre = Preprocessing.default_for(size, color, crop_pct=crop_pct)
+    expected = eval_transform(pre)(image)
+    assert expected.shape == (pre.in_chans, size, size)
+    assert torch.equal(eval_tensor(image, pre), expected)
 
 
 def test_normalization_uses_the_stored_statistics():

@@ -111,6 +111,24 @@ class AugmentConfig(_Section):
     )
     hflip: bool = Field(True, description="random horizontal flips; switch off for orientation-sensitive data")
     vflip: bool = Field(False, description="random vertical flips (aerial, microscopy)")
+    min_res: int | None = Field(
+        None,
+        ge=8,
+        description="progressive resizing: early epochs train on images downscaled to this size, growing to "
+        "img_size over res_ramp (cheaper epochs while the network learns coarse shapes); null = off",
+    )
+    res_ramp: tuple[float, float] = Field(
+        (0.4, 0.75),
+        description="fractions of the epochs between which the size grows from min_res to img_size (before: "
+        "min_res, after: img_size)",
+    )
+
+    @model_validator(mode="after")
+    def _check_ramp(self) -> AugmentConfig:
+        start, end = self.res_ramp
+        if not 0 <= start <= end <= 1:
+            raise ValueError(f"res_ramp must be two fractions 0 <= start <= end <= 1; received {list(self.res_ramp)}")
+        return self
 
 
 class ModelConfig(_Section):

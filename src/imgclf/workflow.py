@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from imgclf.data.split import (
     save_duplicates,
     warn_about_duplicates,
 )
-from imgclf.data.transforms import Preprocessing, auto_img_size, resolve_preset
+from imgclf.data.transforms import Preprocessing, auto_img_size, progressive_size, resolve_preset
 from imgclf.errors import ConfigError, DataError, ImgclfError, TrainingInterrupted
 from imgclf.files import write_atomic, write_csv_atomic, write_json_atomic
 from imgclf.progress import NO_PROGRESS, Progress
@@ -428,6 +429,7 @@ def _train_run(
                 mix=recipe.mixing(config, len(classes)),
                 should_stop=should_stop,
                 callbacks=callbacks,
+                resolution=_resolution_schedule(config, pre),
             )
         except torch.OutOfMemoryError as exc:
             raise _out_of_memory(exc, train_cfg.batch_size) from None
@@ -449,8 +451,7 @@ def _train_run(
         hflip_valid=config.augment.hflip,
     )
     save_bundle(paths.model, state.model, bundle)
-    model = state.model.to(memory_format=torch.contiguous_format)
-    predictor = Predictor(bundle, model, compute.device, max_pixels=config.data.max_pixels)
+    predictor = Predictor(bundle, state.model, compute.device, max_pixels=config.data.max_pixels)
     batch_size = 2 * config.train.batch_size
     if config.train.calibrate:
         predictor = _calibrate(predictor, paths, manifest, batch_size=batch_size, progress=progress)
@@ -462,6 +463,20 @@ def _train_run(
 
         built = build_report(paths.root, device=compute.device, progress=progress)
     return TrainResult(paths.root, metrics, state.history, state.best_epoch, state.stop_reason, built)
+
+
+def _resolution_schedule(config: RunConfig, pre: Preprocessing):
+    """epoch -> training image size under progressive resizing (`augment.min_res`), or None when it is off."""
+    augment = config.augment
+    if augment.min_res is None:
+        return None
+    return partial(
+        progressive_size,
+        epochs=config.train.epochs,
+        img_size=pre.img_size,
+        min_res=augment.min_res,
+        ramp=augment.res_ramp,
+    )
 
 
 def _out_of_memory(exc: Exception, batch_size: int) -> ImgclfError:

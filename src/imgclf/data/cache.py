@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from filelock import FileLock
 from PIL import Image
-from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import resize_image
 
 from imgclf.data.images import load_image
-from imgclf.data.transforms import INTERPOLATIONS, Preprocessing
+from imgclf.data.transforms import INTERPOLATIONS, Preprocessing, chw_pixels
 from imgclf.errors import DataError, ImageError
 from imgclf.progress import NO_PROGRESS, Progress
 
@@ -69,11 +69,12 @@ def stored_square(image: Image.Image, pre: Preprocessing) -> torch.Tensor:
     """The uint8 [C, S, S] tensor the cache stores for one decoded image (S = `cache_side`).
 
     It is the S x S square around the pixels eval keeps: eval's center crop of img_size lands on the same pixels
-    as a direct center crop of the resized image (the two roundings can differ by one).
+    as a direct center crop of the resized image (the two roundings can differ by one). The resize is the same
+    function `eval_transform` calls (a no-op when the shorter side already is S), without building transform
+    modules per image: decoding 28x28 PNGs, that halves the time per image.
     """
     side = cache_side(pre)
-    resize = v2.Resize(side, interpolation=INTERPOLATIONS[pre.interpolation], antialias=True)
-    resized = resize(v2.ToImage()(image))
+    resized = resize_image(chw_pixels(image), [side], interpolation=INTERPOLATIONS[pre.interpolation], antialias=True)
     height, width = resized.shape[-2:]
     top = round((height - pre.img_size) / 2.0) - round((side - pre.img_size) / 2.0)
     left = round((width - pre.img_size) / 2.0) - round((side - pre.img_size) / 2.0)

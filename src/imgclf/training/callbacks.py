@@ -28,7 +28,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HISTORY_COLUMNS = ("epoch", "phase", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s")
+HISTORY_COLUMNS = (
+    "epoch",
+    "phase",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "seconds",
+    "images_per_s",
+    "img_size",
+)
 
 
 class Callback:

@@ -133,6 +133,7 @@ def train_one_epoch(
     progress: EpochProgress | None = None,
     should_stop: StopCheck | None = None,
     on_batch: BatchHook | None = None,
+    img_size: int | None = None,
 ) -> tuple[EpochProgress, bool]:
     """One pass over `loader`: (mix), forward under autocast, loss, backward, (unscale, clip), step, schedule.
 
@@ -142,6 +143,7 @@ def train_one_epoch(
             early, after that batch.
         frozen_norms: stay in eval mode, so the running statistics of a frozen backbone do not move.
         mix: MixUp/CutMix; targets become mixed one-hot vectors and accuracy counts their largest class.
+        img_size: train on batches downscaled to this size (progressive resizing); None = as the loader gives.
 
     Returns:
         (the epoch's progress, whether it ran to the end).
@@ -167,6 +169,9 @@ def train_one_epoch(
     for index, (images, targets) in enumerate(batches, start=progress.step):
         images = images.to(device, non_blocking=True, memory_format=compute.memory_format)
         targets = targets.to(device, non_blocking=True)
+        if img_size is not None and images.shape[-1] != img_size:
+            images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", antialias=True)
+            images = images.contiguous(memory_format=compute.memory_format)
         if mix is not None:
             images, targets = mix(images, targets)
         with compute.autocast():
@@ -260,6 +265,7 @@ def fit(
     mix: MixFn | None = None,
     should_stop: StopCheck | None = None,
     callbacks: Sequence[Callback] = (),
+    resolution: Callable[[int], int] | None = None,
 ) -> FitState:
     """Train from `state.epoch` (and `state.progress`, mid-epoch) until `state.epochs`, until a callback sets
     `state.stop_reason`, or until `should_stop` gives a reason (then `state.interrupted_by` is set and the
@@ -277,6 +283,8 @@ def fit(
         mix: MixUp/CutMix applied to each training batch, or None.
         should_stop: returns a reason when training should stop after the current batch.
         callbacks: called in order at each hook.
+        resolution: epoch -> training image size (progressive resizing: `data.transforms.progressive_size`);
+            None trains at the loader's size. Validation always runs at the loader's (full) size.
 
     Returns:
         The same `state`, advanced.
@@ -308,6 +316,7 @@ def fit(
             progress=progress,
             should_stop=should_stop,
             on_batch=on_batch,
+            img_size=resolution(epoch) if resolution is not None else None,
         )
         if not complete:
             state.progress, state.interrupted_by = progress, should_stop() if should_stop else None
@@ -327,6 +336,8 @@ def fit(
             "seconds": round(progress.seconds + val.seconds, 3),
             "images_per_s": round(progress.seen / max(progress.seconds, 1e-9), 1),
         }
+        if resolution is not None:
+            row["img_size"] = resolution(epoch)
         state.schedule.after_epoch(row[monitor])
         state.history.append(row)
         state.epoch = epoch
