@@ -262,3 +262,30 @@ def test_progressive_resizing_trains_early_epochs_on_smaller_batches(tmp_path, d
     history = (result.run_dir / "history.csv").read_text().splitlines()
     assert history[0].endswith(",img_size") and history[1].endswith(",8")
     assert result.metrics["n"] > 0
+
+
+def test_forked_workers_decode_and_scan_like_threads(tmp_path, monkeypatch):
+    from imgclf.data import parallel
+    from imgclf.data.scan import scan_folder
+
+    folder = tmp_path / "data" / "a"
+    paths = photos(folder, count=9)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    photos(tmp_path / "data" / "b", count=3)
+    paths.append(folder / "broken.png")
+    pre = Preprocessing.default_for(16, "rgb")
+    results = {}
+    for name, limit in (("threads", 10**9), ("processes", 1)):
+        monkeypatch.setattr(parallel, "PROCESS_MIN_ITEMS", limit)
+        disk = decoded_images(
+            paths, hashes(paths), pre, mode="disk", cache_dir=tmp_path / name, max_pixels=10**7, threads=2
+        )
+        memory = decoded_images(paths, hashes(paths), pre, mode="memory", max_pixels=10**7, threads=2)
+        index = scan_folder(tmp_path / "data", workers=2)
+        results[name] = (np.array(disk.array), disk.failed, np.array(memory.array), memory.failed, index)
+    threads, processes = results["threads"], results["processes"]
+    assert threads[0].any() and np.array_equal(threads[0], processes[0]) and np.array_equal(processes[0], processes[2])
+    assert [index for index, _ in processes[1]] == [9] == [index for index, _ in processes[3]]
+    assert processes[1] == threads[1]
+    assert processes[4].records == threads[4].records and len(processes[4].records) == 12
+    assert processes[4].problems == threads[4].problems and len(processes[4].problems) == 1

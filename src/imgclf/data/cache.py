@@ -14,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import mmap
 import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -30,6 +31,7 @@ from PIL import Image
 from torchvision.transforms.v2.functional import resize_image
 
 from imgclf.data.images import load_image
+from imgclf.data.parallel import map_indices
 from imgclf.data.transforms import INTERPOLATIONS, Preprocessing, chw_pixels
 from imgclf.errors import DataError, ImageError
 from imgclf.progress import NO_PROGRESS, Progress
@@ -122,7 +124,7 @@ def decoded_images(
         cache_dir: where disk caches live; default `default_cache_dir()`.
         max_pixels: the decoder's pixel limit.
         progress: reporter for the build.
-        threads: decoding threads; default one per core.
+        threads: decoding processes (large jobs, Linux) or threads; default one per core.
 
     Returns:
         The array and whether it was built by this call.
@@ -136,7 +138,10 @@ def decoded_images(
     """
     side = cache_side(pre)
     if mode == "memory":
-        array = np.zeros((len(paths), pre.in_chans, side, side), dtype=np.uint8)
+        shape = (len(paths), pre.in_chans, side, side)
+        # shared anonymous memory: forked decoding workers write their rows straight into it
+        array = np.frombuffer(mmap.mmap(-1, max(1, math.prod(shape))), dtype=np.uint8)[: math.prod(shape)]
+        array = array.reshape(shape)
         failed = _decode_into(array, paths, pre, max_pixels, progress, threads)
         return DecodedImages(array, side, built=True, location=None, failed=failed)
 
@@ -216,12 +221,9 @@ def _decode_into(
         array[index] = stored_square(image, pre).numpy()
         return None
 
-    with (
-        ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool,
-        progress.task("Decoding images once", total=len(paths)) as task,
-    ):
+    with progress.task("Decoding images once", total=len(paths)) as task:
         failed = []
-        for index, problem in enumerate(pool.map(decode, range(len(paths)))):
+        for index, problem in enumerate(map_indices(decode, len(paths), workers=threads)):
             task.advance()
             if problem is not None:
                 failed.append((index, problem))

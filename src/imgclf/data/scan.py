@@ -19,12 +19,13 @@ import logging
 import os
 import unicodedata
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 from imgclf.data.images import DEFAULT_MAX_PIXELS, is_single_channel, open_image
+from imgclf.data.parallel import map_indices
 from imgclf.errors import DataError, ImageError
 from imgclf.progress import NO_PROGRESS, Progress
 
@@ -115,7 +116,7 @@ def scan_folder(
     Args:
         root: the dataset folder.
         max_pixels: images larger than this are skipped as problems.
-        workers: decoding threads; None = one per core, at least 2.
+        workers: decoding processes (large folders, Linux) or threads; None = one per core, at least 2.
         progress: reporter for the decode pass.
 
     Returns:
@@ -147,16 +148,15 @@ def scan_folder(
     jobs = [(split, label, path) for (split, label, _), found in zip(class_dirs, walked) for path in found.files]
     records: list[ImageRecord] = []
     with progress.task(f"Checking images in {root}", total=len(jobs)) as task:
-        n_threads = workers or max(2, os.cpu_count() or 1)
-        with ThreadPoolExecutor(max_workers=n_threads) as pool:
-            for outcome in pool.map(lambda job: _check_file(*job, max_pixels=max_pixels), jobs):
-                task.advance()
-                if isinstance(outcome, ImageRecord):
-                    records.append(outcome)
-                elif isinstance(outcome, Problem):
-                    problems.append(outcome)
-                else:
-                    ignored += 1
+        check = partial(_check_job, jobs, max_pixels=max_pixels)
+        for outcome in map_indices(check, len(jobs), workers=workers or max(2, os.cpu_count() or 1)):
+            task.advance()
+            if isinstance(outcome, ImageRecord):
+                records.append(outcome)
+            elif isinstance(outcome, Problem):
+                problems.append(outcome)
+            else:
+                ignored += 1
 
     classes, warnings = _class_map(root, layout, class_dirs, records, problems)
     for message in warnings:
@@ -273,6 +273,10 @@ def walk_files(folder: Path, *, outside: set[str] | frozenset[str] = frozenset()
             else:
                 found.files.append(path)
     return found
+
+
+def _check_job(jobs: list[tuple[str | None, str, Path]], index: int, *, max_pixels: int):
+    return _check_file(*jobs[index], max_pixels=max_pixels)
 
 
 def _check_file(split: str | None, label: str, path: Path, *, max_pixels: int) -> ImageRecord | Problem | None:
