@@ -78,6 +78,18 @@ def test_learning_curves_mark_the_phase_switch_and_the_best_epoch(tmp_path, as_t
     assert "fine-tuning starts" in legend
 
 
+def test_learning_curves_shade_the_epochs_trained_on_smaller_images(tmp_path):
+    sizes = ["20"] * 5 + ["24"] * 2 + ["28"] * 3
+    figure = plots.learning_curves_figure([{**row, "img_size": size} for row, size in zip(history(10), sizes)])
+    assert_drawn(figure, tmp_path)
+    legend = [text.get_text() for text in figure.axes[1].get_legend().get_texts()]
+    assert "trained at 20-24 px" in legend
+    band = next(patch for patch in figure.axes[1].patches if patch.get_label() == "trained at 20-24 px")
+    assert band.get_x() == 0.5 and band.get_width() == 7  # epochs 1-7
+    plain = plots.learning_curves_figure([{**row, "img_size": "28"} for row in history(4)])
+    assert not plain.axes[1].patches  # one size throughout: no band
+
+
 def test_learning_curves_of_one_epoch_and_without_validation(tmp_path):
     assert_drawn(plots.learning_curves_figure(history(1), best_epoch=1), tmp_path, "one")
     no_val = [{**row, "val_loss": None, "val_acc": ""} for row in history(5)]

@@ -115,11 +115,12 @@ def learning_curves_figure(history: Sequence[Mapping[str, Any]], best_epoch: int
     """Loss, accuracy (train and validation) and learning rate per epoch, side by side.
 
     A dashed line marks each epoch where the phase changes (e.g. "fine-tuning starts"), a dotted one the best
-    epoch. Missing values (None, "" or NaN, as when there is no validation split) leave gaps.
+    epoch; a grey band the epochs trained on smaller images (progressive resizing, `img_size` column). Missing
+    values (None, "" or NaN, as when there is no validation split) leave gaps.
 
     Args:
         history: one mapping per epoch with `epoch, phase, train_loss, train_acc, val_loss, val_acc, lr,
-            seconds`; numbers or their strings, as read from history.csv.
+            seconds` (and optionally `img_size`); numbers or their strings, as read from history.csv.
         best_epoch: the epoch whose weights were kept, if any.
 
     Returns:
@@ -154,6 +155,13 @@ def learning_curves_figure(history: Sequence[Mapping[str, Any]], best_epoch: int
             name = PHASE_NAMES.get(phases[index], phases[index])
             for axes in (loss_axes, accuracy_axes, lr_axes):
                 axes.axvline(boundary, color="0.35", linestyle="--", linewidth=1.2, label=f"{name} starts")
+    sizes = _column(rows, "img_size")
+    if np.isfinite(sizes).any() and np.nanmin(sizes) < np.nanmax(sizes):
+        # progressive resizing: validation runs at full size, so its curves jump when training reaches it
+        small = epochs[sizes < np.nanmax(sizes)]
+        low = f"{np.nanmin(sizes):g}-{np.nanmax(sizes[sizes < np.nanmax(sizes)]):g}"
+        for axes in (loss_axes, accuracy_axes):
+            axes.axvspan(small.min() - 0.5, small.max() + 0.5, color="0.9", zorder=0, label=f"trained at {low} px")
     best = _number(best_epoch)
     if best in epochs:
         at = int(np.flatnonzero(epochs == best)[0])
