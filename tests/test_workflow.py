@@ -56,7 +56,9 @@ def test_train_writes_the_run_folder_contract(trained_run: Path):
         "lr",
         "seconds",
         "images_per_s",
+        "img_size",
     }
+    assert {row["img_size"] for row in history} == {"16"}
 
     model_json = json.loads((trained_run / "model/model.json").read_text())
     assert model_json["classes"] == ["digit0", "digit1", "digit2"]

@@ -466,10 +466,10 @@ def _train_run(
 
 
 def _resolution_schedule(config: RunConfig, pre: Preprocessing):
-    """epoch -> training image size under progressive resizing (`augment.min_res`), or None when it is off."""
+    """epoch -> training image size: growing from `augment.min_res` (progressive resizing), else img_size."""
     augment = config.augment
     if augment.min_res is None:
-        return None
+        return lambda epoch: pre.img_size
     return partial(
         progressive_size,
         epochs=config.train.epochs,

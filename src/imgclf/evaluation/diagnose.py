@@ -102,7 +102,8 @@ class Verdict:
 def read_history(path: Path | str) -> list[dict[str, Any]]:
     """Rows of a run's `history.csv` with typed values.
 
-    The columns are epoch, phase, train_loss, train_acc, val_loss, val_acc, lr, seconds, images_per_s.
+    The columns are epoch, phase, train_loss, train_acc, val_loss, val_acc, lr, seconds, images_per_s and
+    img_size (the training image size; absent in runs from before progressive resizing).
 
     Args:
         path: the history file.
