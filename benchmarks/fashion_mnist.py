@@ -96,6 +96,7 @@ def run_imgclf(data: Path, cache: str, epochs: int, out: Path) -> dict:
 
     config = {
         "data": {"split_ratios": [0.9, 0.1, 0.0], "cache": cache},
+        "augment": {"min_res": None},  # every epoch at 28 px, as (a) trains: the same work per image
         "train": {"epochs": epochs, "batch_size": BATCH, "seed": SEED, "early_stopping": {"patience": None}},
     }
     start = time.perf_counter()

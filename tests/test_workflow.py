@@ -188,6 +188,20 @@ def test_api_predictions_match_across_inputs(trained_run, digits_source):
         assert abs(sum(a.probabilities) - 1) < 1e-5  # top-3 of 3 classes
 
 
+def test_forked_decoding_predicts_what_threads_predict(tmp_path, trained_run, digits_source, monkeypatch):
+    from imgclf.data import parallel
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    files = [*sorted(digits_source.glob("*/*.png"))[:7], broken]
+    model = imgclf.load_model(trained_run, device="cpu")
+    threaded, threaded_errors = model.probabilities(files, batch_size=3)
+    monkeypatch.setattr(parallel, "PROCESS_MIN_ITEMS", 1)
+    forked, forked_errors = model.probabilities(files, batch_size=3)
+    np.testing.assert_array_equal(forked, threaded)  # NaN in the broken file's row on both
+    assert forked_errors == threaded_errors and forked_errors[-1] and not any(forked_errors[:-1])
+
+
 def test_predict_reports_unreadable_files_without_stopping(tmp_path, trained_run, digits_source):
     folder = tmp_path / "inbox"
     (folder / "nested").mkdir(parents=True)

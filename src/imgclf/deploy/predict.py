@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import logging
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from imgclf.data.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, open_image, to_mode
+from imgclf.data.parallel import map_indices
 from imgclf.data.scan import looks_like_image, walk_files
 from imgclf.data.transforms import eval_tensor
 from imgclf.deploy.bundle import ModelBundle, load_bundle
@@ -98,22 +99,21 @@ class Predictor:
             self.check_tta()
         probs = np.full((len(sources), len(self.classes)), np.nan, dtype=np.float32)
         errors: list[str | None] = [None] * len(sources)
-        with (
-            ThreadPoolExecutor(max_workers=4) as pool,
-            progress.task("Predicting", total=len(sources)) as task,
-        ):
+        # decoded on every core while the model runs (arrays, not tensors, cross the process boundary)
+        prepared = map_indices(lambda index: _as_array(self._prepare(sources[index])), len(sources))
+        with progress.task("Predicting", total=len(sources)) as task:
             for start in range(0, len(sources), batch_size):
-                chunk = list(sources[start : start + batch_size])
-                tensors: list[torch.Tensor] = []
+                chunk = list(itertools.islice(prepared, batch_size))
+                arrays: list[np.ndarray] = []
                 rows: list[int] = []
-                for offset, outcome in enumerate(pool.map(self._prepare, chunk)):
+                for offset, outcome in enumerate(chunk):
                     if isinstance(outcome, str):
                         errors[start + offset] = outcome
                     else:
-                        tensors.append(outcome)
+                        arrays.append(outcome)
                         rows.append(start + offset)
-                if tensors:
-                    probs[rows] = self._forward(torch.stack(tensors), tta=tta)
+                if arrays:
+                    probs[rows] = self._forward(torch.from_numpy(np.stack(arrays)), tta=tta)
                 task.advance(len(chunk))
         return probs, errors
 
@@ -174,6 +174,10 @@ class Predictor:
         except OSError as exc:
             return f"{_describe(source)}: cannot read ({exc.strerror or exc})"
         return eval_tensor(image, pre)
+
+
+def _as_array(outcome: torch.Tensor | str) -> np.ndarray | str:
+    return outcome if isinstance(outcome, str) else outcome.numpy()
 
 
 def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:
