@@ -35,4 +35,14 @@ def test_unknown_model_suggests_close_names():
 def test_spec_round_trips():
     spec = model_spec("small_cnn", num_classes=3, in_chans=1, depth=4, width=16, dropout=0.1)
     assert ModelSpec.from_dict(spec.to_dict()) == spec
-    assert spec.options == {"dropout": 0.1, "depth": 4, "width": 16}
+    assert spec.options == {"dropout": 0.1, "depth": 4, "width": 16, "pool": 1}
+
+
+@pytest.mark.parametrize("pool", [1, 2, 3])
+def test_small_cnn_pools_to_a_grid_for_its_head(pool):
+    spec = model_spec("small_cnn", num_classes=4, in_chans=1, depth=3, width=8, dropout=0.0, pool=pool)
+    model = build_model(spec)
+    assert model.head.in_features == 32 * pool * pool
+    for size in (16, 28, 40):  # any input size: the pooling adapts
+        assert model(torch.zeros(2, 1, size, size)).shape == (2, 4)
+    assert build_model(ModelSpec.from_dict(spec.to_dict())).head.in_features == 32 * pool * pool

@@ -138,6 +138,13 @@ class ModelConfig(_Section):
     depth: int = Field(3, ge=3, le=5, description="small_cnn: number of conv blocks (each halves the resolution)")
     width: int = Field(32, ge=4, description="small_cnn: channels of the first block, doubled per block")
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout before the classifier head")
+    pool: int = Field(
+        1,
+        ge=1,
+        le=4,
+        description="small_cnn: average-pool the last feature map to pool x pool cells for the head (1 = global; "
+        "2 keeps coarse position, for centred images)",
+    )
     pretrained: bool = Field(
         False,
         description="start from pretrained weights: an installed weights package, the Hugging Face cache, or the hub "

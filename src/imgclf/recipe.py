@@ -195,6 +195,7 @@ def make_fit_state(
         depth=config.model.depth,
         width=config.model.width,
         dropout=config.model.dropout,
+        pool=config.model.pool,
     )
     model = build_model(spec)
     if weights is not None:

@@ -30,12 +30,14 @@ class ModelSpec:
         return cls(data["name"], int(data["num_classes"]), int(data["in_chans"]), dict(data.get("options", {})))
 
 
-def model_spec(name: str, *, num_classes: int, in_chans: int, depth: int, width: int, dropout: float) -> ModelSpec:
-    """The spec for a model name; only `small_cnn` uses depth and width."""
+def model_spec(
+    name: str, *, num_classes: int, in_chans: int, depth: int, width: int, dropout: float, pool: int = 1
+) -> ModelSpec:
+    """The spec for a model name; only `small_cnn` uses depth, width and pool."""
     check_model_name(name)
     options: dict[str, Any] = {"dropout": dropout}
     if name == SMALL_CNN:
-        options.update(depth=depth, width=width)
+        options.update(depth=depth, width=width, pool=pool)
     return ModelSpec(name=name, num_classes=num_classes, in_chans=in_chans, options=options)
 
 

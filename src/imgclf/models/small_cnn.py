@@ -35,9 +35,20 @@ class SmallCNN(nn.Module):
         depth: number of conv blocks, 3 to 5.
         width: channels of the first block; doubled per block.
         dropout: dropout before the head.
+        pool: the last feature map is average-pooled to pool x pool cells, flattened into the head: 1 is global
+            average pooling (any position); 2 keeps where things are, which centred, aligned images (Fashion-MNIST)
+            use.
     """
 
-    def __init__(self, num_classes: int, in_chans: int = 3, depth: int = 3, width: int = 32, dropout: float = 0.1):
+    def __init__(
+        self,
+        num_classes: int,
+        in_chans: int = 3,
+        depth: int = 3,
+        width: int = 32,
+        dropout: float = 0.1,
+        pool: int = 1,
+    ):
         super().__init__()
         if not 3 <= depth <= 5:
             raise ValueError(f"small_cnn depth must be 3 to 5; received {depth}")
@@ -45,9 +56,9 @@ class SmallCNN(nn.Module):
         self.features = nn.Sequential(
             *(conv_block(a, b, convs=1 if i == 0 else 2) for i, (a, b) in enumerate(itertools.pairwise(channels)))
         )
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = nn.AdaptiveAvgPool2d(pool)
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(channels[-1], num_classes)
+        self.head = nn.Linear(channels[-1] * pool * pool, num_classes)
         self.num_classes = num_classes
 
     # The parts of timm's model interface that fine-tuning uses: where the head and the stem are, and layer groups.
