@@ -137,9 +137,9 @@ class ModelConfig(_Section):
     name: str = Field("small_cnn", description="small_cnn or any timm model name (e.g. resnet18)")
     depth: int = Field(3, ge=3, le=5, description="small_cnn: number of conv blocks (each halves the resolution)")
     width: int = Field(32, ge=4, description="small_cnn: channels of the first block, doubled per block")
-    dropout: float = Field(0.1, ge=0, lt=1, description="dropout before the classifier head")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the classifier head")
     pool: int = Field(
-        1,
+        2,
         ge=1,
         le=4,
         description="small_cnn: average-pool the last feature map to pool x pool cells for the head (1 = global; "
@@ -165,15 +165,17 @@ class EarlyStoppingConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """Optimisation recipe."""
+    """Optimisation recipe. The defaults (12 epochs of AdamW at 2e-3, 1 warmup epoch then cosine, weight decay
+    0.01, label smoothing 0.1, batch 64; with small_cnn's 2x2-pooled head, no dropout and the light preset for
+    small images) reach 0.936 test accuracy on Fashion-MNIST in 16 minutes on 2 AVX2 cores (README, Speed)."""
 
-    epochs: int = Field(20, ge=1, description="maximum number of epochs")
+    epochs: int = Field(12, ge=1, description="maximum number of epochs")
     batch_size: int = Field(64, ge=1, description="images per optimisation step")
     optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="adamw | adam | sgd")
     lr: float | Literal["auto"] = Field(
         2e-3, description="peak learning rate; auto = the LR finder's suggestion (see imgclf lr-find)"
     )
-    weight_decay: float = Field(0.05, ge=0, description="decoupled (adamw) or L2 (adam, sgd) weight decay")
+    weight_decay: float = Field(0.01, ge=0, description="decoupled (adamw) or L2 (adam, sgd) weight decay")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum")
     nesterov: bool = Field(True, description="sgd: Nesterov momentum")
     scheduler: Literal["cosine", "step", "plateau", "none"] = Field(
