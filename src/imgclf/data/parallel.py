@@ -1,4 +1,4 @@
-"""Run a per-image function over many images on every core: the scan's decode check and the cache build.
+"""Run a per-image function over many images on every core: the scan's decode check, the cache build, prediction.
 
 Decoding a small image is mostly Python work inside Pillow, so threads queue on the GIL: on 2 cores a thread
 pool checked 28x28 PNGs only ~1.2x as fast as one thread. Forked processes each have their own interpreter;
@@ -26,23 +26,20 @@ CHUNK = 64  # items per message between processes
 _task: Callable[[int], object] | None = None  # the function, as the forked workers inherit it
 
 
-def map_indices(
-    function: Callable[[int], T], count: int, *, workers: int | None = None, processes: bool = True
-) -> Iterator[T]:
+def map_indices(function: Callable[[int], T], count: int, *, workers: int | None = None) -> Iterator[T]:
     """`function(i)` for i in range(count), in order, on `workers` processes (or threads).
 
     Args:
         function: called with an index; its result must be picklable (processes send it back).
         count: number of indices.
         workers: processes or threads; default one per core.
-        processes: allow forked processes (large jobs on Linux); False always uses threads.
 
     Example:
         >>> list(map_indices(lambda i: i * i, 4))
         [0, 1, 4, 9]
     """
     workers = workers or os.cpu_count() or 1
-    if processes and workers > 1 and count >= PROCESS_MIN_ITEMS and sys.platform == "linux":
+    if workers > 1 and count >= PROCESS_MIN_ITEMS and sys.platform == "linux":
         yield from _forked(function, count, workers)
     else:
         with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -116,7 +116,7 @@ def progressive_size(epoch: int, epochs: int, img_size: int, min_res: int, ramp:
 
     Example:
         >>> [progressive_size(e, 10, 28, 20, (0.4, 0.75)) for e in range(1, 11)]
-        [20, 20, 20, 20, 24, 24, 28, 28, 28, 28]
+        [20, 20, 20, 20, 20, 24, 24, 28, 28, 28]
     """
     if min_res >= img_size:
         return img_size

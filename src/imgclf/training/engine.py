@@ -294,6 +294,7 @@ def fit(
     while not state.finished:
         epoch = state.epoch + 1
         seed_epoch(seed, epoch, train_loader)
+        img_size = resolution(epoch) if resolution is not None else None
         for callback in callbacks:
             callback.on_epoch_start(state)
 
@@ -316,7 +317,7 @@ def fit(
             progress=progress,
             should_stop=should_stop,
             on_batch=on_batch,
-            img_size=resolution(epoch) if resolution is not None else None,
+            img_size=img_size,
         )
         if not complete:
             state.progress, state.interrupted_by = progress, should_stop() if should_stop else None
@@ -336,8 +337,8 @@ def fit(
             "seconds": round(progress.seconds + val.seconds, 3),
             "images_per_s": round(progress.seen / max(progress.seconds, 1e-9), 1),
         }
-        if resolution is not None:
-            row["img_size"] = resolution(epoch)
+        if img_size is not None:
+            row["img_size"] = img_size
         state.schedule.after_epoch(row[monitor])
         state.history.append(row)
         state.epoch = epoch
