@@ -1,7 +1,7 @@
 """Fashion-MNIST benchmarks: imgclf's data paths against the PyTorch tutorial pipeline, and the default recipe.
 
     python benchmarks/fashion_mnist.py throughput [--epochs 2] [--per-class N] [--json out.json]
-    python benchmarks/fashion_mnist.py recipe [--json out.json]
+    python benchmarks/fashion_mnist.py recipe [--set model.early_pool=true] [--json out.json]
     python benchmarks/fashion_mnist.py all
 
 `throughput` trains the same model (imgclf's default small_cnn), for the same epochs, with the same seed and
@@ -15,7 +15,7 @@ model's FLOPs per training image, the GFLOP/s it reaches and this machine's fp32
 
 `recipe` runs `imgclf.train` with every default on the full set (54,000 train / 6,000 val from the official
 training set, the official 10,000 test images as test) and reports wall time (scan and cache build included)
-and test accuracy.
+and test accuracy; `--set KEY=VALUE` (as in `imgclf train`) changes settings of that recipe.
 
 The PNG dataset is written once from Debian's dataset-fashion-mnist IDX files into --data (default
 ~/.cache/imgclf-bench/fashion-mnist).
@@ -119,10 +119,9 @@ def run_tutorial(data: Path, epochs: int) -> dict:
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
-    from imgclf.models.small_cnn import SmallCNN
+    from imgclf.data.transforms import Preprocessing, eval_transform, train_transform
 
     torch.manual_seed(SEED)
-    from imgclf.data.transforms import Preprocessing, eval_transform, train_transform
 
     # The same per-image augmentation imgclf's default picks for 28 px images ("light"), built with torchvision.
     pre = Preprocessing.default_for(28, "gray")
@@ -133,8 +132,8 @@ def run_tutorial(data: Path, epochs: int) -> dict:
     train = Subset(full, order[: int(0.9 * len(full))].tolist())
     test = datasets.ImageFolder(data / "test", transform=test_tf)
     loader = DataLoader(train, batch_size=BATCH, shuffle=True, num_workers=2, drop_last=True)
-    model = SmallCNN(10, in_chans=1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    model = default_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     steps = epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)  # the tutorial's
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
@@ -176,10 +175,9 @@ def model_rate(precision: str, seconds: float) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from imgclf.device import resolve_compute
-    from imgclf.models.small_cnn import SmallCNN
 
     compute = resolve_compute("auto", precision, True)
-    model = SmallCNN(10, in_chans=1).to(compute.device, memory_format=compute.memory_format)
+    model = default_model().to(compute.device, memory_format=compute.memory_format)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     images = torch.randn(BATCH, 1, 28, 28, device=compute.device).contiguous(memory_format=compute.memory_format)
     targets = torch.randint(0, 10, (BATCH,), device=compute.device)
@@ -209,6 +207,14 @@ def model_rate(precision: str, seconds: float) -> dict:
         "mflop_per_image": flops / 1e6,
         "gflop_per_s": flops * rate / 1e9,
     }
+
+
+def default_model():
+    """imgclf's default small_cnn for 10 grayscale classes, as `imgclf train` builds it."""
+    from imgclf.config import ModelConfig
+    from imgclf.models.registry import build_model, model_spec
+
+    return build_model(model_spec(ModelConfig(), num_classes=10, in_chans=1))
 
 
 def matmul_rates(n: int = 2048) -> dict:
@@ -258,7 +264,7 @@ def child(which: str, data: Path, epochs: int, work: Path) -> None:
     print(json.dumps(result))
 
 
-def in_child(which: str, data: Path, epochs: int, work: Path) -> dict:
+def in_child(which: str, data: Path, epochs: int, work: Path, assignments: tuple[str, ...] = ()) -> dict:
     command = [
         sys.executable,
         __file__,
@@ -270,6 +276,7 @@ def in_child(which: str, data: Path, epochs: int, work: Path) -> dict:
         str(epochs),
         "--work",
         str(work),
+        *(f"--set={item}" for item in assignments),
     ]
     env = {**os.environ, "IMGCLF_CACHE_DIR": str(work / "cache")}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -326,23 +333,26 @@ def throughput(data: Path, epochs: int, per_class: int | None, work: Path) -> di
     return report
 
 
-def recipe(data: Path, work: Path) -> dict:
+def recipe(data: Path, work: Path, assignments: tuple[str, ...] = ()) -> dict:
     start = time.perf_counter()
-    result = in_child("recipe", data, 0, work)
-    report = {**result, "wall_seconds_total": time.perf_counter() - start}
+    result = in_child("recipe", data, 0, work, assignments)
+    report = {**result, "settings": list(assignments), "wall_seconds_total": time.perf_counter() - start}
+    changed = f" with {', '.join(assignments)}" if assignments else ""
     print(
-        f"\nDefault recipe on Fashion-MNIST (54k train / 6k val / 10k test): test accuracy "
+        f"\nDefault recipe{changed} on Fashion-MNIST (54k train / 6k val / 10k test): test accuracy "
         f"{result['test_accuracy']:.4f} in {report['wall_seconds_total']:.0f} s wall "
         f"(scan, cache build, training, evaluation), {result['precision']}, peak RSS {result['peak_rss_mb']:.0f} MB"
     )
     return report
 
 
-def recipe_child(data: Path, work: Path) -> None:
+def recipe_child(data: Path, work: Path, assignments: list[str]) -> None:
     import imgclf
+    from imgclf.config import build_config, parse_assignments
 
     start = time.perf_counter()
-    result = imgclf.train(data, {"data": {"split_ratios": [0.9, 0.1, 0.0]}}, out=work / "runs")
+    config = build_config({"data": {"split_ratios": [0.9, 0.1, 0.0]}}, parse_assignments(assignments))
+    result = imgclf.train(data, config, out=work / "runs")
     print(
         json.dumps(
             {
@@ -365,11 +375,14 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="recipe: change a setting, as imgclf train does"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="imgclf-bench-"))
     if args.child == "recipe":
-        return recipe_child(args.data, work)
+        return recipe_child(args.data, work, args.set)
     if args.child:
         return child(args.child, args.data, args.epochs, work)
     data = prepare(args.data)
@@ -377,7 +390,7 @@ def main() -> None:
     if args.what in ("throughput", "all"):
         report["throughput"] = throughput(data, args.epochs, args.per_class, work)
     if args.what in ("recipe", "all"):
-        report["recipe"] = recipe(data, work)
+        report["recipe"] = recipe(data, work, tuple(args.set))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
         print(f"\nJSON written to {args.json}")

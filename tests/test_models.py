@@ -5,14 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
+from imgclf.config import ModelConfig
 from imgclf.errors import ConfigError
 from imgclf.models.registry import ModelSpec, build_model, check_model_name, model_spec
+from imgclf.models.small_cnn import SmallCNN
 
 
+def small_cnn_spec(num_classes: int, in_chans: int, **options) -> ModelSpec:
+    return model_spec(ModelConfig(**{"width": 8, **options}), num_classes=num_classes, in_chans=in_chans)
+
+
+@pytest.mark.parametrize("early_pool", [False, True])
 @pytest.mark.parametrize("depth", [3, 4, 5])
 @pytest.mark.parametrize("in_chans", [1, 3])
-def test_small_cnn_shapes(depth, in_chans):
-    model = build_model(model_spec("small_cnn", num_classes=7, in_chans=in_chans, depth=depth, width=8, dropout=0.2))
+def test_small_cnn_shapes(depth, in_chans, early_pool):
+    model = build_model(small_cnn_spec(7, in_chans, depth=depth, dropout=0.2, early_pool=early_pool))
     assert len(model.features) == depth
     out = model(torch.randn(2, in_chans, 32, 32))
     assert out.shape == (2, 7)
@@ -33,14 +40,38 @@ def test_unknown_model_suggests_close_names():
 
 
 def test_spec_round_trips():
-    spec = model_spec("small_cnn", num_classes=3, in_chans=1, depth=4, width=16, dropout=0.1)
+    spec = small_cnn_spec(3, 1, depth=4, width=16, dropout=0.1, pool=1, early_pool=False)
     assert ModelSpec.from_dict(spec.to_dict()) == spec
-    assert spec.options == {"dropout": 0.1, "depth": 4, "width": 16, "pool": 1}
+    assert spec.options == {"dropout": 0.1, "depth": 4, "width": 16, "pool": 1, "early_pool": False}
+    assert model_spec(ModelConfig(name="resnet18"), num_classes=3, in_chans=1).options == {"dropout": 0.0}
+
+
+def test_small_cnn_early_pool_halves_the_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(model: torch.nn.Module) -> int:
+        with FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, 1, 28, 28))
+        return counter.get_total_flops()
+
+    classic, early = SmallCNN(10, in_chans=1, pool=2), SmallCNN(10, in_chans=1, pool=2, early_pool=True)
+    assert 0.4 < flops(early) / flops(classic) < 0.6
+    # the same parameters and the same last feature map (28 -> 14 -> 7 -> 3 px): only the pooling moved
+    assert [p.shape for p in early.parameters()] == [p.shape for p in classic.parameters()]
+    assert early.features(torch.zeros(1, 1, 28, 28)).shape == classic.features(torch.zeros(1, 1, 28, 28)).shape
+
+
+def test_bundles_without_early_pool_rebuild_the_classic_layout():
+    """Bundles written before the option existed have no `early_pool` in their spec: they must load as before."""
+    old = ModelSpec("small_cnn", num_classes=3, in_chans=1, options={"depth": 3, "width": 8, "dropout": 0.0})
+    model = build_model(old)
+    assert isinstance(model.features[1][-1], torch.nn.MaxPool2d)
+    assert set(model.state_dict()) == set(SmallCNN(3, in_chans=1, width=8).state_dict())
 
 
 @pytest.mark.parametrize("pool", [1, 2, 3])
 def test_small_cnn_pools_to_a_grid_for_its_head(pool):
-    spec = model_spec("small_cnn", num_classes=4, in_chans=1, depth=3, width=8, dropout=0.0, pool=pool)
+    spec = small_cnn_spec(4, 1, dropout=0.0, pool=pool)
     model = build_model(spec)
     assert model.head.in_features == 32 * pool * pool
     for size in (16, 28, 40):  # any input size: the pooling adapts

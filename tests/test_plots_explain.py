@@ -9,6 +9,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 from torch import nn
 
+from imgclf.config import ModelConfig
 from imgclf.errors import ConfigError, ImgclfError
 from imgclf.evaluation import plots
 from imgclf.evaluation.explain import grad_cam, overlay, target_layer
@@ -277,7 +278,7 @@ def test_confusion_matrix_of_50_classes_is_capped_and_labelled(tmp_path):
 
 def small_cnn(in_chans: int = 3, classes: int = 3, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return build_model(model_spec("small_cnn", num_classes=classes, in_chans=in_chans, depth=3, width=8, dropout=0.1))
+    return build_model(model_spec(ModelConfig(width=8, dropout=0.1, pool=1), num_classes=classes, in_chans=in_chans))
 
 
 def timm_cnn(name: str, classes: int = 3) -> nn.Module:

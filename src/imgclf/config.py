@@ -145,6 +145,12 @@ class ModelConfig(_Section):
         description="small_cnn: average-pool the last feature map to pool x pool cells for the head (1 = global; "
         "2 keeps coarse position, for centred images)",
     )
+    early_pool: bool = Field(
+        False,
+        description="small_cnn: max-pool right after each block's first conv, so its second conv runs at half the "
+        "resolution: half the FLOPs, ~1.8x the training speed on a CPU, for ~0.3 points of accuracy (Fashion-MNIST, "
+        "12 epochs: 0.932-0.934 against 0.936)",
+    )
     pretrained: bool = Field(
         False,
         description="start from pretrained weights: an installed weights package, the Hugging Face cache, or the hub "
@@ -167,7 +173,8 @@ class EarlyStoppingConfig(_Section):
 class TrainConfig(_Section):
     """Optimisation recipe. The defaults (12 epochs of AdamW at 2e-3, 1 warmup epoch then cosine, weight decay
     0.01, label smoothing 0.1, batch 64; with small_cnn's 2x2-pooled head, no dropout and the light preset for
-    small images) reach 0.936 test accuracy on Fashion-MNIST in 16 minutes on 2 AVX2 cores (README, Speed)."""
+    small images) reach 0.936 test accuracy on Fashion-MNIST in 16 minutes on 2 AVX2 cores; with
+    `model.early_pool` about 0.933 in 9 minutes (README, Speed)."""
 
     epochs: int = Field(12, ge=1, description="maximum number of epochs")
     batch_size: int = Field(64, ge=1, description="images per optimisation step")

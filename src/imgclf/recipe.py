@@ -188,15 +188,7 @@ def make_fit_state(
         raise ConfigError("internal: train.lr must be resolved before the fit state is built")
     classes = manifest.classes
     seed_epoch(train.seed, 0)  # weight initialisation
-    spec = model_spec(
-        config.model.name,
-        num_classes=len(classes),
-        in_chans=pre.in_chans,
-        depth=config.model.depth,
-        width=config.model.width,
-        dropout=config.model.dropout,
-        pool=config.model.pool,
-    )
+    spec = model_spec(config.model, num_classes=len(classes), in_chans=pre.in_chans)
     model = build_model(spec)
     if weights is not None:
         new = load_pretrained(model, weights, name=spec.name)

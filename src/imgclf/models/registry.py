@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from imgclf.errors import ConfigError
+
+if TYPE_CHECKING:
+    from imgclf.config import ModelConfig
 
 SMALL_CNN = "small_cnn"
 
@@ -30,15 +33,18 @@ class ModelSpec:
         return cls(data["name"], int(data["num_classes"]), int(data["in_chans"]), dict(data.get("options", {})))
 
 
-def model_spec(
-    name: str, *, num_classes: int, in_chans: int, depth: int, width: int, dropout: float, pool: int = 1
-) -> ModelSpec:
-    """The spec for a model name; only `small_cnn` uses depth, width and pool."""
-    check_model_name(name)
-    options: dict[str, Any] = {"dropout": dropout}
-    if name == SMALL_CNN:
-        options.update(depth=depth, width=width, pool=pool)
-    return ModelSpec(name=name, num_classes=num_classes, in_chans=in_chans, options=options)
+def model_spec(model: ModelConfig, *, num_classes: int, in_chans: int) -> ModelSpec:
+    """The spec for the `model` section of a config; only `small_cnn` uses depth, width, pool and early_pool.
+
+    Example:
+        >>> model_spec(ModelConfig(name="resnet18"), num_classes=5, in_chans=3).options
+        {'dropout': 0.0}
+    """
+    check_model_name(model.name)
+    options: dict[str, Any] = {"dropout": model.dropout}
+    if model.name == SMALL_CNN:
+        options.update(depth=model.depth, width=model.width, pool=model.pool, early_pool=model.early_pool)
+    return ModelSpec(name=model.name, num_classes=num_classes, in_chans=in_chans, options=options)
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
@@ -105,11 +111,12 @@ def describe_model(name: str) -> ModelInfo:
     """Parameter count (for a 1000-class head; small_cnn: 10 classes), input size, offline weight sources."""
     import torch
 
+    from imgclf.config import ModelConfig
     from imgclf.models.weights import offline_sources, pretrained_config
 
     with torch.device("meta"):  # shapes only: no memory, no initialisation time
         if name == SMALL_CNN:
-            model = build_model(model_spec(name, num_classes=10, in_chans=3, depth=3, width=32, dropout=0.0))
+            model = build_model(model_spec(ModelConfig(), num_classes=10, in_chans=3))
         else:
             import timm
 
