@@ -20,12 +20,8 @@ def conv_block(in_channels: int, out_channels: int, convs: int = 2, *, early_poo
         conv = nn.Conv2d(channels_in, out_channels, 3, padding=1, bias=False)
         return [conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
 
-    if not early_pool:
-        layers = [layer for i in range(convs) for layer in conv_bn_relu(in_channels if i == 0 else out_channels)]
-        return nn.Sequential(*layers, nn.MaxPool2d(2))
-    first, *rest = conv_bn_relu(in_channels)
-    layers = [first, nn.MaxPool2d(2), *rest]
-    layers += [layer for _ in range(convs - 1) for layer in conv_bn_relu(out_channels)]
+    layers = [layer for i in range(convs) for layer in conv_bn_relu(in_channels if i == 0 else out_channels)]
+    layers.insert(1 if early_pool else len(layers), nn.MaxPool2d(2))
     return nn.Sequential(*layers)
 
 
