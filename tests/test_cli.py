@@ -147,8 +147,12 @@ def test_train_evaluate_predict_end_to_end(tmp_path, digits_flat):
 
 
 def test_train_resume_from_the_command_line(tmp_path, digits_flat):
-    first = run("train", digits_flat, *FAST_FLAGS, "--out", tmp_path, "--name", "r")
+    cache = tmp_path / "decoded"
+    first = run(
+        "train", digits_flat, *FAST_FLAGS, "--out", tmp_path, "--name", "r", "--cache", "disk", "--cache-dir", cache
+    )
     assert first.exit_code == 0, first.output
+    assert len([p for p in cache.iterdir() if (p / "meta.json").is_file()]) == 2, "train and val cached in --cache-dir"
     finished = run("train", "--resume", tmp_path / "r")
     assert finished.exit_code == 1 and "already finished" in finished.output
     extended = run("train", "--resume", tmp_path / "r", "--epochs", "2")
@@ -156,10 +160,27 @@ def test_train_resume_from_the_command_line(tmp_path, digits_flat):
     assert len(read_csv(tmp_path / "r" / "history.csv")) == 2
 
 
+def test_compute_and_cache_flags_reach_the_config(tmp_path, digits_flat, monkeypatch):
+    seen = {}
+
+    def train(data, config, **kwargs):
+        seen["config"] = config
+        raise KeyboardInterrupt  # stop before any training: only the flags' way into the config is tested here
+
+    monkeypatch.setattr("imgclf.workflow.train", train)
+    args = ["--cache", "memory", "--cache-dir", tmp_path / "c", "--precision", "bf16", "--compile"]
+    assert run("train", digits_flat, *args).exit_code == 130
+    config = seen["config"]
+    assert (config.data.cache, config.data.cache_dir) == ("memory", tmp_path / "c")
+    assert (config.train.precision, config.train.compile) == ("bf16", True)
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
         (["train", "{data}", "--set", "train.epoch=3"], 2, "unknown key 'train.epoch'"),
+        (["train", "{data}", "--precision", "fp8"], 2, "train.precision"),
+        (["train", "{data}", "--cache", "sometimes"], 2, "data.cache"),
         (["train", "{data}", "--augment", "wild"], 2, "augment.preset"),
         (["train", "{data}", "--epochs", "lots"], 2, "integer"),
         (["train", "{missing}"], 1, "dataset folder not found"),

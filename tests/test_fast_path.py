@@ -25,6 +25,7 @@ from imgclf.data.batch_transforms import (
 from imgclf.data.cache import choose_mode, decoded_images, fingerprint
 from imgclf.data.images import load_image
 from imgclf.data.loaders import CachedLoader
+from imgclf.data.parallel import usable_cpus
 from imgclf.data.transforms import Preprocessing, eval_transform, progressive_size
 from imgclf.device import resolve_compute
 from imgclf.errors import ConfigError
@@ -202,6 +203,50 @@ def test_compute_settings():
     assert resolve_compute("cpu", "fp32", channels_last=True).memory_format == torch.channels_last
     with pytest.raises(ConfigError, match="fp16 is for GPUs"):
         resolve_compute("cpu", "fp16")
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"), [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")]
+)
+def test_auto_precision_picks_bf16_only_on_cpus_that_compute_it_natively(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert resolve_compute("cpu", "auto").precision == expected
+
+
+def test_cpu_threads_follow_the_usable_cores(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr("imgclf.device.usable_cpus", lambda: 1)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        resolve_compute("cpu", "fp32")
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(before)
+        monkeypatch.setenv("OMP_NUM_THREADS", str(before))  # the user's own setting wins
+        resolve_compute("cpu", "fp32")
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 2),  # cgroup v2, 1.5 CPUs' time: 2 threads
+        ({"cpu.max": "100000 100000\n"}, 1),
+        ({"cpu.max": "max 100000\n"}, None),  # no quota: the affinity mask
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # cgroup v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_usable_cpus_respects_a_container_quota(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(tmp_path) == (min(affinity, expected) if expected else affinity)
 
 
 def test_cached_and_streamed_training_land_in_the_same_accuracy_band(tmp_path):

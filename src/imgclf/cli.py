@@ -135,6 +135,7 @@ def run_config_from(config_file: Path | None, flags: dict[str, Any], assignments
         "imgclf train data/ --model tf_efficientnet_lite0 --pretrained --freeze-epochs 3 --epochs 15",
         "imgclf train data/ --model mobilenetv2_100 --weights ./mobilenetv2.safetensors --lr auto",
         "imgclf train data/ --config recipe.yaml --set train.warmup_epochs=2",
+        "imgclf train data/ --device cuda --precision bf16 --compile --cache memory",
         "imgclf train --resume runs/small_cnn-20261128-120000 [--epochs 40]",
     )
 )
@@ -164,6 +165,18 @@ def train(
     seed: Annotated[int | None, typer.Option(help="training seed")] = None,
     device: DeviceOption = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: auto)")] = None,
+    cache: Annotated[
+        str | None, typer.Option(help="decoded-image cache: auto | memory | disk | off (default: auto)")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="where disk caches live (default: $IMGCLF_CACHE_DIR or ~/.cache/imgclf)")
+    ] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: bf16/fp16 where the hardware has it)")
+    ] = None,
+    compile_: Annotated[
+        bool | None, typer.Option("--compile", help="torch.compile the model (faster on GPUs, not on CPUs)")
+    ] = None,
     deterministic: Annotated[
         bool | None, typer.Option("--deterministic", help="deterministic kernels (repeatable GPU runs, slower)")
     ] = None,
@@ -209,6 +222,10 @@ def train(
             "train.seed": seed,
             "train.device": device,
             "data.num_workers": workers,
+            "data.cache": cache,
+            "data.cache_dir": cache_dir,
+            "train.precision": precision,
+            "train.compile": compile_,
             "train.deterministic": deterministic,
             "train.calibrate": calibrate,
         }

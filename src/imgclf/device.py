@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import platform
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from imgclf.data.parallel import usable_cpus
 from imgclf.errors import ConfigError
 
 
@@ -70,7 +72,8 @@ def resolve_compute(
     Args:
         device: auto | cpu | cuda | cuda:N | mps.
         precision: auto picks bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX: about 3x the fp32 matmul
-            rate) and on CUDA GPUs that support it, fp16 on older GPUs (with a GradScaler), fp32 elsewhere.
+            rate; CPUs that only emulate it, AVX2 or AVX-512 without BF16, stay in fp32) and on CUDA GPUs that
+            support it, fp16 on older GPUs (with a GradScaler), fp32 elsewhere.
         channels_last: NHWC memory layout for convolutions (faster with oneDNN and cuDNN); ignored on MPS.
         deterministic: deterministic algorithms only (a process-wide PyTorch setting), for bit-identical GPU runs.
 
@@ -92,12 +95,24 @@ def resolve_compute(
         torch.backends.cudnn.benchmark = False
     elif torch_device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels once
+    if torch_device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(usable_cpus())  # OpenMP's default counts the host's cores, not a container's quota
     return Compute(torch_device, dtypes[precision], channels_last and torch_device.type != "mps")
 
 
 def _auto_precision(device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if device.type == "cpu" and native_cpu_bf16():
         return "bf16"
     return "fp32"
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware: AVX512-BF16 or AMX on x86 (oneDNN's own check,
+    `_is_mkldnn_bf16_supported`, also says yes for plain AVX-512, where bf16 is emulated and slower than fp32),
+    or oneDNN's bf16 kernels on Arm."""
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        return any(check is not None and check() for check in checks)
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

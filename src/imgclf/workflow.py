@@ -405,7 +405,7 @@ def _train_run(
         len(classes),
         pre.img_size,
         pre.color,
-        compute.device,
+        f"{compute.device} ({torch.get_num_threads()} threads)" if compute.device.type == "cpu" else compute.device,
         compute.precision,
         ", channels_last" if compute.channels_last else "",
         loaders.path,

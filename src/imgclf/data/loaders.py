@@ -4,7 +4,6 @@ the loader) and cached (`CachedLoader`: decoded once, gathered and augmented as 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -13,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from imgclf.data.images import Color, load_image
+from imgclf.data.parallel import usable_cpus
 from imgclf.errors import ImageError
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def collate_skipping(items: list) -> tuple[torch.Tensor | None, torch.Tensor | N
 def auto_num_workers() -> int:
     """Loader processes for this machine. On <= 2 cores, workers compete with the compute threads for the
     same cores and make training slower, so decoding stays in the main process."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cpus()
     return 0 if cores <= 2 else min(8, cores - 1)
 
 

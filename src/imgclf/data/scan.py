@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from imgclf.data.images import DEFAULT_MAX_PIXELS, is_single_channel, open_image
-from imgclf.data.parallel import map_indices
+from imgclf.data.parallel import map_indices, usable_cpus
 from imgclf.errors import DataError, ImageError
 from imgclf.progress import NO_PROGRESS, Progress
 
@@ -149,7 +149,7 @@ def scan_folder(
     records: list[ImageRecord] = []
     with progress.task(f"Checking images in {root}", total=len(jobs)) as task:
         check = partial(_check_job, jobs, max_pixels=max_pixels)
-        for outcome in map_indices(check, len(jobs), workers=workers or max(2, os.cpu_count() or 1)):
+        for outcome in map_indices(check, len(jobs), workers=workers or max(2, usable_cpus())):
             task.advance()
             if isinstance(outcome, ImageRecord):
                 records.append(outcome)

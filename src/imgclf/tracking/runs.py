@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from imgclf.data.parallel import usable_cpus
 from imgclf.errors import DataError, ImgclfError
 from imgclf.files import write_json_atomic
 
@@ -144,6 +145,7 @@ def environment_info(*, device: str, seed: int, argv: list[str] | None = None) -
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "usable_cpus": usable_cpus(),
         "device": device,
         "seed": seed,
         "command": argv if argv is not None else sys.argv,
