@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image
 
 import imgclf
 from conftest import FAST, write_digits
+from imgclf.data import cache as cache_module
 from imgclf.data.batch_transforms import (
     BatchAugment,
     color_jitter,
@@ -97,23 +99,42 @@ def test_fingerprint_follows_mtime(tmp_path):
     assert fingerprint(paths, hashes(paths), pre) != before
 
 
-def _build_in_child(args):
-    paths, digests, cache = args
+def _build_in_child(paths, digests, cache, start, results) -> None:
+    start.wait(timeout=60)  # both processes ask for the cache at the same moment
     decoded = decoded_images(
         paths, digests, Preprocessing.default_for(16, "rgb"), mode="disk", cache_dir=cache, max_pixels=10**7
     )
-    return decoded.built, str(decoded.location), np.asarray(decoded.array).sum()
+    results.put((decoded.built, str(decoded.location), int(np.asarray(decoded.array, dtype=np.int64).sum())))
 
 
-def test_two_concurrent_builders_produce_one_valid_cache(tmp_path):
+def test_two_concurrent_builders_produce_one_valid_cache(tmp_path, monkeypatch):
     paths = photos(tmp_path / "img", count=12)
     cache = tmp_path / "cache"
-    with multiprocessing.get_context("fork").Pool(2) as pool:
-        results = pool.map(_build_in_child, [(paths, hashes(paths), cache)] * 2)
-    assert sorted(built for built, _, _ in results) == [False, True], "one builds, the other reuses"
-    assert results[0][1:] == results[1][1:]
+    real = cache_module.stored_square
+
+    def slow(image, pre):  # a build that lasts ~0.6 s: the second process arrives while the first is building
+        time.sleep(0.05)
+        return real(image, pre)
+
+    monkeypatch.setattr(cache_module, "stored_square", slow)
+    context = multiprocessing.get_context("fork")
+    start, results = context.Barrier(2), context.Queue()
+    workers = [
+        context.Process(target=_build_in_child, args=(paths, hashes(paths), cache, start, results)) for _ in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    outcomes = [results.get(timeout=120) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+    assert sorted(built for built, _, _ in outcomes) == [False, True], "one builds, the other waits and reuses"
+    assert outcomes[0][1:] == outcomes[1][1:]
+    expected = decoded_images(
+        paths, hashes(paths), Preprocessing.default_for(16, "rgb"), mode="memory", max_pixels=10**7
+    )
+    assert outcomes[0][2] == int(expected.array.astype(np.int64).sum())
     folders = [p for p in cache.iterdir() if p.is_dir()]
-    assert len(folders) == 1 and (folders[0] / "meta.json").is_file()
+    assert len(folders) == 1 and (folders[0] / "meta.json").is_file(), "no staging folder left behind"
 
 
 def test_auto_mode_caches_what_fits_the_budget():
@@ -155,6 +176,19 @@ def test_flips_follow_the_switches():
     assert 0.25 < mirrored < 0.75
 
 
+@pytest.mark.parametrize(("hflip", "vflip"), [(False, False), (True, False), (False, True), (True, True)])
+def test_batch_augment_flips_follow_the_preset_switches(hflip, vflip):
+    torch.manual_seed(5)
+    pre = Preprocessing(img_size=32, color="gray", mean=(0.0,), std=(1.0,))
+    batch = torch.zeros(256, 1, 32, 32, dtype=torch.uint8)
+    batch[..., :16, :16] = 255  # bright top-left quadrant
+    out = BatchAugment(pre, "light", hflip=hflip, vflip=vflip)(batch)
+    mirrored_x = (out[..., :16].mean((1, 2, 3)) < out[..., 16:].mean((1, 2, 3))).float().mean()
+    mirrored_y = (out[..., :16, :].mean((1, 2, 3)) < out[..., 16:, :].mean((1, 2, 3))).float().mean()
+    assert 0.35 < mirrored_x < 0.65 if hflip else mirrored_x == 0
+    assert 0.35 < mirrored_y < 0.65 if vflip else mirrored_y == 0
+
+
 def test_jitter_and_erasing_vary_per_sample():
     torch.manual_seed(3)
     images = torch.full((16, 3, 8, 8), 0.5)
@@ -168,10 +202,15 @@ def test_jitter_and_erasing_vary_per_sample():
 
 def test_mixup_cutmix_labels_sum_to_one():
     torch.manual_seed(4)
-    images, labels = torch.rand(8, 1, 16, 16), torch.randint(0, 5, (8,))
-    mixed_images, mixed = mix_transform(5)(images, labels)
-    assert mixed.shape == (8, 5) and mixed_images.shape == images.shape
-    torch.testing.assert_close(mixed.sum(1), torch.ones(8))
+    images, labels = torch.rand(8, 1, 16, 16), torch.arange(8) % 5
+    mix = mix_transform(5)
+    assert [type(t).__name__ for t in mix.transforms] == ["MixUp", "CutMix"]
+    for transform in (*mix.transforms, mix):  # each branch, and the random choice between them
+        mixed_images, mixed = transform(images, labels)
+        assert mixed.shape == (8, 5) and mixed_images.shape == images.shape
+        torch.testing.assert_close(mixed.sum(1), torch.ones(8))
+        assert bool((mixed.max(1).values < 1).any()), "labels are mixed, not one-hot"
+        assert not torch.equal(mixed_images, images)
 
 
 def test_cached_loader_orders_by_its_generator():

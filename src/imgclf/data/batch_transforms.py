@@ -148,16 +148,12 @@ def random_erase(images: torch.Tensor, probability: float) -> torch.Tensor:
     top = (torch.rand(count) * (height - box_h + 1)).floor()
     left = (torch.rand(count) * (width - box_w + 1)).floor()
     erase = torch.rand(count) < probability
-    rows = torch.arange(height).view(1, -1, 1)
-    cols = torch.arange(width).view(1, 1, -1)
-    inside = (
-        (rows >= top.view(-1, 1, 1))
-        & (rows < (top + box_h).view(-1, 1, 1))
-        & (cols >= left.view(-1, 1, 1))
-        & (cols < (left + box_w).view(-1, 1, 1))
-        & erase.view(-1, 1, 1)
-    )
-    return images.masked_fill(inside.unsqueeze(1).to(images.device), 0.0)
+    # parameters from the CPU generator (re-seeded each epoch), the mask built where the images are
+    top, box_h, left, box_w, erase = (t.to(images.device).view(-1, 1, 1) for t in (top, box_h, left, box_w, erase))
+    rows = torch.arange(height, device=images.device).view(1, -1, 1)
+    cols = torch.arange(width, device=images.device).view(1, 1, -1)
+    inside = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w) & erase
+    return images.masked_fill(inside.unsqueeze(1), 0.0)
 
 
 def mix_transform(num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
