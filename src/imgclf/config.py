@@ -173,8 +173,8 @@ class EarlyStoppingConfig(_Section):
 class TrainConfig(_Section):
     """Optimisation recipe. The defaults (12 epochs of AdamW at 2e-3, 1 warmup epoch then cosine, weight decay
     0.01, label smoothing 0.1, batch 64; with small_cnn's 2x2-pooled head, no dropout and the light preset for
-    small images) reach 0.936 test accuracy on Fashion-MNIST in 16 minutes on 2 AVX2 cores; with
-    `model.early_pool` about 0.933 in 9 minutes (README, Speed)."""
+    small images) reach 0.935-0.936 test accuracy on Fashion-MNIST in 16-20 minutes on 2 AVX2 cores; with
+    `model.early_pool` 0.932-0.934 in about 9 minutes (README, Speed)."""
 
     epochs: int = Field(12, ge=1, description="maximum number of epochs")
     batch_size: int = Field(64, ge=1, description="images per optimisation step")
