@@ -11,11 +11,20 @@ batch size, four ways, each in its own process (so peak RSS is its own):
   (c) imgclf cached (the default): decoded once, whole batches augmented on the device;
   (d) the model alone: forward+backward+step on synthetic tensors, at (c)'s precision and memory format;
 and prints images/s, epoch seconds, peak RSS, test accuracy, and the ratios (c)/(a), (c)/(b), (c)/(d), plus the
-model's FLOPs per training image, the GFLOP/s it reaches and this machine's fp32/bf16 matmul GFLOP/s.
+model's FLOPs per training image, the GFLOP/s it reaches and the fp32/bf16 matmul GFLOP/s of the device the model
+runs on (the one imgclf picks: CUDA, then MPS, then CPU; (a) trains there too, in fp32 and NCHW as the tutorial does).
+
+Peak RSS is reported twice per configuration: the process's own peak (RUSAGE_SELF) and the largest peak of any of
+its finished child processes (RUSAGE_CHILDREN: DataLoader workers, imgclf's forked decoders, a `git rev-parse`).
+Forked children share the parent's pages copy-on-write and count those they map in their own RSS (Linux keeps that
+high-water mark even through an exec), so a child's figure starts at about the parent's RSS at the fork: the two
+figures overlap and do not add up to a total.
 
 `recipe` runs `imgclf.train` with every default on the full set (54,000 train / 6,000 val from the official
-training set, the official 10,000 test images as test) and reports wall time (scan and cache build included)
-and test accuracy; `--set KEY=VALUE` (as in `imgclf train`) changes settings of that recipe.
+training set, the official 10,000 test images as test), in its own cache folder (emptied first, so the cache build
+is always part of it), and reports wall time (scan and cache build included), training seconds (the sum of the
+per-epoch seconds, training and validation, which is what a "in N s of training" target reads) and test accuracy;
+`--set KEY=VALUE` (as in `imgclf train`) changes settings of that recipe.
 
 The PNG dataset is written once from Debian's dataset-fashion-mnist IDX files into --data (default
 ~/.cache/imgclf-bench/fashion-mnist).
@@ -28,6 +37,7 @@ import gzip
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -73,7 +83,8 @@ def prepare(dest: Path) -> Path:
 
 
 def subset(data: Path, per_class: int | None, work: Path) -> Path:
-    """Hard links to the first `per_class` training and test images of each class (all when None)."""
+    """Hard links (copies across filesystems) to the first `per_class` training and test images of each class
+    (all when None)."""
     if per_class is None:
         return data
     target = work / f"fashion-{per_class}"
@@ -84,7 +95,10 @@ def subset(data: Path, per_class: int | None, work: Path) -> Path:
             files = sorted((data / split / name).glob("*.png"))
             for path in files[: per_class if split == "train" else max(1, per_class // 6)]:
                 if not (folder / path.name).exists():
-                    os.link(path, folder / path.name)
+                    try:
+                        os.link(path, folder / path.name)
+                    except OSError:  # another filesystem (a tmpfs /tmp), or links not allowed
+                        shutil.copyfile(path, folder / path.name)
     return target
 
 
@@ -120,8 +134,11 @@ def run_tutorial(data: Path, epochs: int) -> dict:
     from torchvision import datasets, transforms
 
     from imgclf.data.transforms import Preprocessing, eval_transform, train_transform
+    from imgclf.device import select_device
 
     torch.manual_seed(SEED)
+    device = select_device("auto")  # the device imgclf trains on; fp32 and NCHW there, as the tutorial
+    pin = device.type == "cuda"  # the tutorial pins host memory for CUDA
 
     # The same per-image augmentation imgclf's default picks for 28 px images ("light"), built with torchvision.
     pre = Preprocessing.default_for(28, "gray")
@@ -131,8 +148,8 @@ def run_tutorial(data: Path, epochs: int) -> dict:
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(SEED))
     train = Subset(full, order[: int(0.9 * len(full))].tolist())
     test = datasets.ImageFolder(data / "test", transform=test_tf)
-    loader = DataLoader(train, batch_size=BATCH, shuffle=True, num_workers=2, drop_last=True)
-    model = default_model()
+    loader = DataLoader(train, batch_size=BATCH, shuffle=True, num_workers=2, drop_last=True, pin_memory=pin)
+    model = default_model().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     steps = epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)  # the tutorial's
@@ -140,33 +157,40 @@ def run_tutorial(data: Path, epochs: int) -> dict:
     rates, seconds = [], []
     for _ in range(epochs):
         model.train()
+        _sync(device)
         start, seen = time.perf_counter(), 0
         for images, targets in loader:
+            images, targets = images.to(device, non_blocking=pin), targets.to(device, non_blocking=pin)
             loss = loss_fn(model(images), targets)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             scheduler.step()
             seen += len(targets)
+        _sync(device)
         seconds.append(time.perf_counter() - start)
         rates.append(seen / seconds[-1])
     model.eval()
     correct = 0
     with torch.no_grad():
-        for images, targets in DataLoader(test, batch_size=512, num_workers=2):
+        for images, targets in DataLoader(test, batch_size=512, num_workers=2, pin_memory=pin):
+            images, targets = images.to(device, non_blocking=pin), targets.to(device, non_blocking=pin)
             correct += (model(images).argmax(1) == targets).sum().item()
     return {
         "images_per_s": float(np.mean(rates)),
         "epoch_seconds": float(np.mean(seconds)),
         "test_accuracy": correct / len(test),
         "precision": "fp32",
+        "device": device.type,
     }
 
 
 def run_model_only(seconds: float = 20.0) -> dict:
     """(d): forward+backward+step of the same model on synthetic tensors, at imgclf's compute settings."""
+    from imgclf.device import select_device
+
     result = {"default": model_rate("auto", seconds / 2), "fp32": model_rate("fp32", seconds / 2)}
-    result["matmul_gflop_per_s"] = matmul_rates()
+    result["matmul_gflop_per_s"] = matmul_rates(select_device("auto"))
     return result
 
 
@@ -203,6 +227,7 @@ def model_rate(precision: str, seconds: float) -> dict:
     rate = count * BATCH / (time.perf_counter() - start)
     return {
         "precision": compute.precision,
+        "device": compute.device.type,
         "images_per_s": rate,
         "mflop_per_image": flops / 1e6,
         "gflop_per_s": flops * rate / 1e9,
@@ -217,20 +242,66 @@ def default_model():
     return build_model(model_spec(ModelConfig(), num_classes=10, in_chans=1))
 
 
-def matmul_rates(n: int = 2048) -> dict:
+def matmul_rates(device=None, n: int | None = None) -> dict:
+    """GFLOP/s of n x n matmuls on `device` (the CPU by default): fp32 and bf16, plus TF32 on CUDA; a dtype whose
+    single matmul would take over ~0.5 s (emulated bf16) is measured at a smaller n, recorded in `n`.
+
+    On CUDA fp32 matmuls are strict fp32 (PyTorch's default), while cuDNN runs fp32 convolutions as TF32 by
+    default (`torch.backends.cudnn.allow_tf32`), so `basis` names the rate an fp32 conv net is compared with.
+    """
     import torch
 
-    rates = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        for _ in range(3):
-            a @ b
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < 3:
-            a @ b
-            count += 1
-        rates[name] = 2 * n**3 * count / (time.perf_counter() - start) / 1e9
+    device = torch.device("cpu") if device is None else torch.device(device)
+    cuda = device.type == "cuda"
+    n = n or (8192 if cuda else 2048)
+    kinds = [("fp32", torch.float32, False), ("bf16", torch.bfloat16, False)]
+    if cuda:
+        kinds.append(("tf32", torch.float32, True))
+    rates = {"device": device.type, "n": {}}
+    for name, dtype, tf32 in kinds:
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32 if cuda else previous
+        try:
+            small = torch.ones(64, 64, dtype=dtype, device=device)
+            small @ small  # library and kernel start-up (cuBLAS handles) outside the timed probe
+            size = min(256, n)
+            while True:  # up to n, but no matmul over ~0.5 s: an emulated bf16 one takes a minute at 2048
+                a = torch.randn(size, size, dtype=dtype, device=device)
+                b = torch.randn(size, size, dtype=dtype, device=device)
+                _sync(device)
+                start = time.perf_counter()
+                a @ b
+                _sync(device)
+                if size >= n or 8 * (time.perf_counter() - start) > 0.5:  # twice the size: 8 times the time
+                    break
+                size *= 2
+            rates["n"][name] = size
+            for _ in range(3):
+                a @ b
+            _sync(device)
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < 3:
+                a @ b
+                _sync(device)  # one finished matmul per count: the host clock reads the device's work
+                count += 1
+            rates[name] = 2 * size**3 * count / (time.perf_counter() - start) / 1e9
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+    rates["basis"] = "tf32" if cuda and torch.backends.cudnn.allow_tf32 else "fp32"
     return rates
+
+
+def _gflops(rate: float) -> str:
+    """GFLOP/s for the table: whole numbers, one decimal below 10 (an emulated bf16 matmul is ~0.3)."""
+    return f"{rate:.0f}" if rate >= 10 else f"{rate:.1f}"
+
+
+def _peak_rss() -> dict:
+    """This process's peak RSS and the largest peak among its finished children (workers), in MB."""
+    return {
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_largest_child_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
 
 
 def _sync(device) -> None:
@@ -247,7 +318,8 @@ def _precision(run_dir: Path) -> str:
 
 
 def child(which: str, data: Path, epochs: int, work: Path) -> None:
-    """Run one configuration and print its JSON (with this process's peak RSS) as the last line."""
+    """Run one configuration and print its JSON (with this process's and its largest child's peak RSS) as the
+    last line."""
     if which == "a":
         result = run_tutorial(data, epochs)
     elif which == "b":
@@ -260,11 +332,13 @@ def child(which: str, data: Path, epochs: int, work: Path) -> None:
         result = run_model_only()
     else:
         result = run_imgclf(data, "auto", epochs, work / "runs") if epochs else {}
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result.update(_peak_rss())
     print(json.dumps(result))
 
 
-def in_child(which: str, data: Path, epochs: int, work: Path, assignments: tuple[str, ...] = ()) -> dict:
+def in_child(
+    which: str, data: Path, epochs: int, work: Path, assignments: tuple[str, ...] = (), cache: Path | None = None
+) -> dict:
     command = [
         sys.executable,
         __file__,
@@ -278,7 +352,7 @@ def in_child(which: str, data: Path, epochs: int, work: Path, assignments: tuple
         str(work),
         *(f"--set={item}" for item in assignments),
     ]
-    env = {**os.environ, "IMGCLF_CACHE_DIR": str(work / "cache")}
+    env = {**os.environ, "IMGCLF_CACHE_DIR": str(cache or work / "cache")}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         sys.exit(f"configuration {which} failed:\n{done.stderr[-4000:]}")
@@ -292,7 +366,7 @@ def throughput(data: Path, epochs: int, per_class: int | None, work: Path) -> di
     data = subset(data, per_class, work)
     results = {key: in_child(key, data, epochs, work) for key in ("a", "b", "c", "d")}
     a, b, c, d = (results[k] for k in "abcd")
-    model = c["model_only"]
+    model, matmul = c["model_only"], d["matmul_gflop_per_s"]
     report = {
         "epochs": epochs,
         "batch_size": BATCH,
@@ -304,19 +378,26 @@ def throughput(data: Path, epochs: int, per_class: int | None, work: Path) -> di
         "ratio_c_over_a": c["images_per_s"] / a["images_per_s"],
         "ratio_c_over_b": c["images_per_s"] / b["images_per_s"],
         "ratio_c_over_d": c["images_per_s"] / model["images_per_s"],
-        "fp32_model_share_of_matmul": d["fp32"]["gflop_per_s"] / d["matmul_gflop_per_s"]["fp32"],
+        "fp32_model_share_of_matmul": d["fp32"]["gflop_per_s"] / matmul[matmul.get("basis", "fp32")],
     }
     rows = [
         ("(a) tutorial ImageFolder+DataLoader(2 workers)", a),
         ("(b) imgclf streaming", b),
         ("(c) imgclf cached", c),
     ]
-    print(f"\nFashion-MNIST, small_cnn, {epochs} epochs, batch {BATCH}, seed {SEED}")
-    print(f"{'pipeline':50} {'precision':>9} {'img/s':>8} {'epoch s':>8} {'peak RSS MB':>12} {'test acc':>9}")
+    print(
+        f"\nFashion-MNIST, small_cnn, {report['train_images']} training images, {epochs} epochs, batch {BATCH}, "
+        f"seed {SEED}, on {model['device']}"
+    )
+    print(
+        f"{'pipeline':50} {'precision':>9} {'img/s':>8} {'epoch s':>8} {'peak RSS MB (largest child)':>28} "
+        f"{'test acc':>9}"
+    )
     for name, row in rows:
+        rss = f"{row['peak_rss_mb']:.0f} ({row['peak_rss_largest_child_mb']:.0f})"
         print(
             f"{name:50} {row['precision']:>9} {row['images_per_s']:8.0f} {row['epoch_seconds']:8.1f} "
-            f"{row['peak_rss_mb']:12.0f} {row['test_accuracy']:9.4f}"
+            f"{rss:>28} {row['test_accuracy']:9.4f}"
         )
     print(f"{'(d) model only, synthetic tensors (after c)':50} {model['precision']:>9} {model['images_per_s']:8.0f}")
     print(f"{'    same, fp32':50} {'fp32':>9} {d['fp32']['images_per_s']:8.0f}")
@@ -324,24 +405,34 @@ def throughput(data: Path, epochs: int, per_class: int | None, work: Path) -> di
         f"ratios: (c)/(a) {report['ratio_c_over_a']:.2f}x   (c)/(b) {report['ratio_c_over_b']:.2f}x   "
         f"(c)/(d) {report['ratio_c_over_d']:.0%}"
     )
+    basis = matmul.get("basis", "fp32")
+    bf16_note = ""
+    if matmul["device"] == "cpu" and d["default"]["precision"] != "bf16":
+        bf16_note = ", emulated: no native bf16 on this CPU"
+    tf32_note = f"; cuDNN runs fp32 convolutions as TF32, so that is the basis (fp32 {_gflops(matmul['fp32'])})"
     print(
-        f"model: {model['mflop_per_image']:.0f} MFLOP per training image; fp32 {d['fp32']['gflop_per_s']:.0f} "
-        f"GFLOP/s = {report['fp32_model_share_of_matmul']:.0%} of this machine's fp32 matmul "
-        f"({d['matmul_gflop_per_s']['fp32']:.0f} GFLOP/s); {model['precision']} {model['gflop_per_s']:.0f} GFLOP/s "
-        f"(bf16 matmul {d['matmul_gflop_per_s']['bf16']:.0f} GFLOP/s)"
+        f"model: {model['mflop_per_image']:.0f} MFLOP per training image; fp32 {_gflops(d['fp32']['gflop_per_s'])} "
+        f"GFLOP/s = {report['fp32_model_share_of_matmul']:.0%} of the {matmul['device']}'s {basis} matmul "
+        f"({_gflops(matmul[basis])} GFLOP/s, n={matmul['n'][basis]}{tf32_note if basis == 'tf32' else ''}); "
+        f"{model['precision']} {_gflops(model['gflop_per_s'])} GFLOP/s "
+        f"(bf16 matmul {_gflops(matmul['bf16'])} GFLOP/s{bf16_note})"
     )
     return report
 
 
 def recipe(data: Path, work: Path, assignments: tuple[str, ...] = ()) -> dict:
+    cache = work / "recipe-cache"  # its own, emptied: the throughput run's cache must not shorten the recipe
+    shutil.rmtree(cache, ignore_errors=True)
     start = time.perf_counter()
-    result = in_child("recipe", data, 0, work, assignments)
+    result = in_child("recipe", data, 0, work, assignments, cache=cache)
     report = {**result, "settings": list(assignments), "wall_seconds_total": time.perf_counter() - start}
     changed = f" with {', '.join(assignments)}" if assignments else ""
     print(
         f"\nDefault recipe{changed} on Fashion-MNIST (54k train / 6k val / 10k test): test accuracy "
-        f"{result['test_accuracy']:.4f} in {report['wall_seconds_total']:.0f} s wall "
-        f"(scan, cache build, training, evaluation), {result['precision']}, peak RSS {result['peak_rss_mb']:.0f} MB"
+        f"{result['test_accuracy']:.4f} after {result['train_seconds']:.1f} s of training ({result['epochs']} epochs, "
+        f"validation included), {report['wall_seconds_total']:.0f} s wall (scan, cache build, training, evaluation), "
+        f"{result['precision']}, peak RSS {result['peak_rss_mb']:.0f} MB "
+        f"(largest child {result['peak_rss_largest_child_mb']:.0f} MB)"
     )
     return report
 
@@ -353,15 +444,20 @@ def recipe_child(data: Path, work: Path, assignments: list[str]) -> None:
     start = time.perf_counter()
     config = build_config({"data": {"split_ratios": [0.9, 0.1, 0.0]}}, parse_assignments(assignments))
     result = imgclf.train(data, config, out=work / "runs")
+    wall = time.perf_counter() - start
+    epoch_seconds = [float(row["seconds"]) for row in result.history]
+    cache = Path(os.environ.get("IMGCLF_CACHE_DIR", work / "recipe-cache"))
     print(
         json.dumps(
             {
                 "test_accuracy": result.metrics["accuracy"],
-                "wall_seconds": time.perf_counter() - start,
+                "wall_seconds": wall,
+                "train_seconds": sum(epoch_seconds),  # training + validation per epoch, as history.csv reports
+                "epoch_seconds": epoch_seconds,
                 "epochs": len(result.history),
                 "precision": _precision(result.run_dir),
-                "cache_mb": sum(f.stat().st_size for f in (work / "cache").rglob("*.npy")) / 1e6,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "cache_mb": sum(f.stat().st_size for f in cache.rglob("*.npy")) / 1e6,
+                **_peak_rss(),
             }
         )
     )
