@@ -265,6 +265,10 @@ def test_cpu_threads_follow_the_usable_cores(monkeypatch):
         monkeypatch.setenv("OMP_NUM_THREADS", str(before))  # the user's own setting wins
         resolve_compute("cpu", "fp32")
         assert torch.get_num_threads() == before
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setattr("imgclf.device.usable_cpus", lambda: before + 1)
+        resolve_compute("cpu", "fp32")
+        assert torch.get_num_threads() == before, "a lower thread count set by the user stays"
     finally:
         torch.set_num_threads(before)
 

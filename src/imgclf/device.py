@@ -96,7 +96,8 @@ def resolve_compute(
     elif torch_device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels once
     if torch_device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(usable_cpus())  # OpenMP's default counts the host's cores, not a container's quota
+        # OpenMP's default counts the host's cores, not a container's CPU quota; never raise a lower setting
+        torch.set_num_threads(min(torch.get_num_threads(), usable_cpus()))
     return Compute(torch_device, dtypes[precision], channels_last and torch_device.type != "mps")
 
 
