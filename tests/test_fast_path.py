@@ -29,7 +29,7 @@ from imgclf.data.images import load_image
 from imgclf.data.loaders import CachedLoader
 from imgclf.data.parallel import usable_cpus
 from imgclf.data.transforms import Preprocessing, eval_transform, progressive_size
-from imgclf.device import resolve_compute
+from imgclf.device import compile_in_place, resolve_compute
 from imgclf.errors import ConfigError
 
 
@@ -252,6 +252,27 @@ def test_auto_precision_picks_bf16_only_on_cpus_that_compute_it_natively(monkeyp
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     assert resolve_compute("cpu", "auto").precision == expected
+
+
+def test_compile_without_a_cpu_compiler_is_a_clear_config_error(monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(ConfigError, match=r"train\.compile on a CPU needs a C\+\+ compiler"):
+        compile_in_place(torch.nn.Linear(2, 2), torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_keeps_its_state_dict_keys():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(3))
+    model(torch.zeros(1, 1, 8, 8))
+    keys = list(model.state_dict())
+    eager = model(torch.ones(2, 1, 8, 8))
+    compile_in_place(model, torch.device("cpu"))
+    compiled = model(torch.ones(2, 1, 8, 8))
+    compiled.sum().backward()
+    torch.testing.assert_close(compiled, eager)
+    assert list(model.state_dict()) == keys, "checkpoints and bundles see the same names"
 
 
 def test_cpu_threads_follow_the_usable_cores(monkeypatch):

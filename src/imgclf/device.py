@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch import nn
 
 from imgclf.data.parallel import usable_cpus
 from imgclf.errors import ConfigError
@@ -117,3 +119,17 @@ def native_cpu_bf16() -> bool:
         checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
         return any(check is not None and check() for check in checks)
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def compile_in_place(model: nn.Module, device: torch.device) -> None:
+    """`torch.compile` the model in place (its state_dict keys stay the same for checkpoints and the bundle).
+
+    On a CPU, inductor builds C++ kernels at the first step; without a compiler that step would fail deep inside
+    torch, so the missing compiler is reported up front.
+    """
+    if device.type == "cpu" and not (os.environ.get("CXX") or any(map(shutil.which, ("g++", "clang++", "c++")))):
+        raise ConfigError(
+            "train.compile on a CPU needs a C++ compiler (g++ or clang++ on PATH, or $CXX); install one "
+            "(e.g. apt-get install g++) or train without --compile"
+        )
+    model.compile()

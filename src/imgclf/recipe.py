@@ -16,7 +16,7 @@ import torch
 from imgclf.config import RunConfig, build_config
 from imgclf.data.split import ManifestRow, SplitManifest
 from imgclf.data.transforms import Preprocessing, recipe
-from imgclf.device import Compute
+from imgclf.device import Compute, compile_in_place
 from imgclf.errors import ConfigError, DataError
 from imgclf.files import write_atomic, write_csv_atomic
 from imgclf.progress import NO_PROGRESS, Progress
@@ -195,7 +195,7 @@ def make_fit_state(
         log.info("pretrained weights from %s; new head: %s", weights.source, ", ".join(new))
     model = model.to(compute.device, memory_format=compute.memory_format)
     if train.compile:
-        model.compile()  # in place: state_dict keys stay the same for checkpoints and the bundle
+        compile_in_place(model, compute.device)
     optimizer = build_optimizer(
         train.optimizer,
         model,
