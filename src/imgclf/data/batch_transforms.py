@@ -148,8 +148,9 @@ def random_erase(images: torch.Tensor, probability: float) -> torch.Tensor:
     top = (torch.rand(count) * (height - box_h + 1)).floor()
     left = (torch.rand(count) * (width - box_w + 1)).floor()
     erase = torch.rand(count) < probability
-    # parameters from the CPU generator (re-seeded each epoch), the mask built where the images are
-    top, box_h, left, box_w, erase = (t.to(images.device).view(-1, 1, 1) for t in (top, box_h, left, box_w, erase))
+    # parameters from the CPU generator (re-seeded each epoch), moved in one copy; the mask built where the images are
+    params = torch.stack([top, box_h, left, box_w, erase.float()]).to(images.device).view(5, -1, 1, 1)
+    top, box_h, left, box_w, erase = params[0], params[1], params[2], params[3], params[4] > 0
     rows = torch.arange(height, device=images.device).view(1, -1, 1)
     cols = torch.arange(width, device=images.device).view(1, 1, -1)
     inside = (rows >= top) & (rows < top + box_h) & (cols >= left) & (cols < left + box_w) & erase
