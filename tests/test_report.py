@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -181,7 +180,7 @@ def test_temperature_scaling_lowers_ece_of_an_overconfident_run_and_keeps_every_
     assert calibration["log_loss_after"] < calibration["log_loss_before"]
     calibrated = Predictor.load(run_dir, device="cpu")
     assert calibrated.bundle.temperature == pytest.approx(calibration["temperature"])
-    raw = Predictor(replace(calibrated.bundle, temperature=1.0), calibrated.model, calibrated.device)
+    raw = calibrated.with_temperature(1.0)
     files = [Path(row["path"]) for row in read_csv(run_dir / "manifest.csv") if row["split"] == "val"]
     p_cal, _ = calibrated.probabilities(files)
     p_raw, _ = raw.probabilities(files)

@@ -52,6 +52,20 @@ def test_eval_tensor_is_eval_transform_bit_for_bit(color, size, crop_pct, shape)
     assert torch.equal(eval_tensor(image, pre), expected)
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+def test_numpy_eval_array_is_torchvision_eval_transform_bit_for_bit(interpolation):
+    """The torch-free path (ONNX Runtime prediction, the cache) sees exactly the tensor of the DataLoader path."""
+    from imgclf.data.preprocessing import eval_array
+
+    for color, shape in (("rgb", (375, 500, 3)), ("gray", (61, 17)), ("rgb", (224, 224, 3))):
+        image = Image.fromarray(np.random.default_rng(len(shape)).integers(0, 256, shape, dtype=np.uint8))
+        pre = Preprocessing.default_for(224 if shape[0] > 100 else 28, color, crop_pct=0.875)
+        pre = Preprocessing(**{**pre.to_dict(), "interpolation": interpolation})
+        array = eval_array(image, pre)
+        assert array.dtype == np.float32
+        assert torch.equal(torch.from_numpy(array), eval_transform(pre)(image))
+
+
 def test_normalization_uses_the_stored_statistics():
     pre = Preprocessing(img_size=8, color="gray", mean=(0.5,), std=(0.25,))
     white = eval_transform(pre)(Image.new("L", (8, 8), 255))

@@ -5,6 +5,7 @@ Example:
     >>> result = imgclf.train("data/", {"train": {"epochs": 10}})
     >>> imgclf.evaluate(result.run_dir).metrics["accuracy"]
     >>> imgclf.predict(result.run_dir, ["photo.jpg"], top_k=3)
+    >>> imgclf.export(result.run_dir)  # model/model.onnx, checked against the trained model
 
 Importing imgclf is cheap: the API below is loaded on first use (torch is imported only then).
 """
@@ -22,11 +23,15 @@ _EXPORTS = {
     "predict": "imgclf.workflow",
     "load_model": "imgclf.workflow",
     "split": "imgclf.workflow",
+    "export": "imgclf.workflow",
     "report": "imgclf.workflow",
     "inspect_data": "imgclf.explore",
     "preview_augmentation": "imgclf.explore",
     "TrainResult": "imgclf.workflow",
     "EvalResult": "imgclf.workflow",
+    "ExportResult": "imgclf.deploy.export",
+    "ExportCheck": "imgclf.deploy.export",
+    "ExportCheckFailed": "imgclf.errors",
     "Predictor": "imgclf.deploy.predict",
     "Prediction": "imgclf.deploy.predict",
     "RunConfig": "imgclf.config",
@@ -53,10 +58,21 @@ if TYPE_CHECKING:
         RunConfig,
         TrainConfig,
     )
+    from imgclf.deploy.export import ExportCheck, ExportResult
     from imgclf.deploy.predict import Prediction, Predictor
-    from imgclf.errors import CheckpointError, ConfigError, DataError, ImageError, ImgclfError
+    from imgclf.errors import CheckpointError, ConfigError, DataError, ExportCheckFailed, ImageError, ImgclfError
     from imgclf.explore import inspect_data, preview_augmentation
-    from imgclf.workflow import EvalResult, TrainResult, evaluate, load_model, predict, report, split, train
+    from imgclf.workflow import (
+        EvalResult,
+        TrainResult,
+        evaluate,
+        export,
+        load_model,
+        predict,
+        report,
+        split,
+        train,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -280,29 +280,38 @@ def evaluate(
 @app.command(
     epilog=examples(
         "imgclf predict runs/<name> photos/ --out preds.csv --top-k 3",
-        "imgclf predict runs/<name> 'inbox/**/*.jpg'",
+        "imgclf predict runs/<name>/model/model.onnx photos/ --out preds.csv   # ONNX Runtime, no torch",
+        "imgclf predict runs/<name> 'inbox/**/*.jpg' --out preds.jsonl --format jsonl",
         "imgclf predict runs/<name> photos/ --tta",
     )
 )
 @handles_errors
 def predict(
-    run: Annotated[Path, typer.Argument(help="runs/<name> or its model/ folder")],
+    run: Annotated[Path, typer.Argument(help="runs/<name>, its model/ folder, or an exported .onnx file")],
     inputs: Annotated[list[str], typer.Argument(help="image files, folders (recursive) or glob patterns")],
-    out: Annotated[Path | None, typer.Option(help="CSV file to write (default: print a table)")] = None,
+    out: Annotated[Path | None, typer.Option(help="file to write (default: print a table)")] = None,
+    format_: Annotated[str, typer.Option("--format", help="csv | jsonl (for --out)")] = "csv",
     top_k: Annotated[int, typer.Option(min=1, help="classes per image")] = 1,
     batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 64,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps (PyTorch models)")] = "auto",
     tta: TTAOption = False,
 ) -> None:
     """Predict images; unreadable files get a row with the error instead of stopping the run."""
     from imgclf import workflow
 
     predictions = workflow.predict(
-        run, inputs, top_k=top_k, batch_size=batch_size, device=device, tta=tta, progress=RichProgress()
+        run,
+        inputs,
+        top_k=top_k,
+        batch_size=batch_size,
+        device=device,
+        tta=tta,
+        out=out,
+        out_format=format_,
+        progress=RichProgress(),
     )
     failed = sum(1 for p in predictions if p.error)
     if out is not None:
-        workflow.write_predictions_csv(predictions, out, top_k)
         out_console.print(f"{len(predictions)} predictions written to [bold]{escape(str(out))}[/]")
     else:
         table = Table("path", "class", "probability", "error")
@@ -316,6 +325,57 @@ def predict(
         out_console.print(table)
     if failed:
         console.print(f"[yellow]{failed} file(s) could not be read; see the error column[/]")
+
+
+@app.command(
+    epilog=examples(
+        "imgclf export runs/<name>                       # -> runs/<name>/model/model.onnx",
+        "imgclf export runs/<name> --format torchscript  # -> model.ts",
+        "imgclf export runs/<name> --format tflite       # -> model.tflite (pip install 'imgclf[tflite]')",
+        "imgclf export runs/<name> --int8                # -> model.onnx and model.int8.onnx",
+    )
+)
+@handles_errors
+def export(
+    run: Annotated[Path, typer.Argument(help="runs/<name> (its images check the export)")],
+    format_: Annotated[str, typer.Option("--format", help="onnx | torchscript | tflite")] = "onnx",
+    out: Annotated[Path | None, typer.Option(help="file to write (default: runs/<name>/model/model.<ext>)")] = None,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="also quantize to model.int8.onnx (ONNX Runtime; prints accuracy)")
+    ] = False,
+    int8_max_drop: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="most test accuracy int8 may lose (0.01 = 1 point)")
+    ] = 0.01,
+    tflite_batch: Annotated[int, typer.Option(min=1, help="the TFLite model's fixed batch size")] = 1,
+) -> None:
+    """Export the run's model and check it: eager PyTorch and the exported runtime must give the same top-1 class
+    on up to 256 of the run's validation images, at batch 1 and 7, with logits within a thousandth of the largest;
+    otherwise nothing is written (exit 1). The figures go to model.json under `exports`."""
+    from imgclf import workflow
+
+    results = workflow.export(
+        run,
+        format=format_,
+        out=out,
+        int8=int8,
+        tflite_batch=tflite_batch,
+        max_accuracy_drop=int8_max_drop,
+        progress=RichProgress(),
+    )
+    for result in results:
+        check = result.check
+        out_console.print(
+            f"[bold]{escape(str(result.path))}[/] ({result.size_bytes / 1e6:.2f} MB, {result.format}): top-1 agreement "
+            f"{check.top1_agreement:.4f}, max |Δlogit| {check.max_abs_logit_diff:.2e}"
+            + (f" (tolerance {check.tolerance:.1e})" if check.tolerance is not None else "")
+            + f" on {check.images} {check.split} images at batch {', '.join(map(str, check.batch_sizes))}"
+        )
+        if result.quantization:
+            q = result.quantization
+            out_console.print(
+                f"int8 ({escape(q['method'])}): {q['accuracy_split']} accuracy {q['fp32_accuracy']:.4f} -> "
+                f"{q['int8_accuracy']:.4f}; size {q['fp32_bytes'] / 1e6:.2f} MB -> {q['int8_bytes'] / 1e6:.2f} MB"
+            )
 
 
 @app.command(

@@ -24,11 +24,24 @@ class ConfigError(ImgclfError):
 
 
 class ImageError(ImgclfError):
-    """One image cannot be decoded or is outside the limits; names the file."""
+    """One image cannot be decoded or is outside the limits; names the file.
+
+    `kind` says which: "not_image" (no format Pillow reads), "too_large" (above the pixel limit, found from the
+    header before decoding), "corrupt" (an image format that fails to open or decode). The server maps them to
+    HTTP 415, 413 and 422.
+    """
+
+    def __init__(self, message: str, kind: str = "corrupt") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class CheckpointError(ImgclfError):
     """A checkpoint or model bundle is missing, corrupt or does not match the run."""
+
+
+class ExportCheckFailed(ImgclfError):
+    """An exported model computes something other than the trained one; the file was not kept."""
 
 
 class TrainingDiverged(ImgclfError):

@@ -146,7 +146,8 @@ def preview_augmentation(
 
     from imgclf.data.batch_transforms import BatchAugment
     from imgclf.data.cache import stored_square
-    from imgclf.data.transforms import Preprocessing, auto_img_size, eval_crop, resolve_preset
+    from imgclf.data.preprocessing import Preprocessing, eval_pixels
+    from imgclf.data.transforms import auto_img_size, resolve_preset
     from imgclf.deploy.predict import collect_inputs
     from imgclf.evaluation.plots import augmentation_preview_figure
 
@@ -170,7 +171,7 @@ def preview_augmentation(
     torch.manual_seed(seed)
     drawn = [(augment(batch) * std + mean).clamp(0, 1) for _ in range(versions)]
     augmented = [[_to_display(version[i]) for version in drawn] for i in range(len(chosen))]
-    originals = [np.asarray(eval_crop(pre)(image)) for image in decoded]
+    originals = [np.asarray(eval_pixels(image, pre)) for image in decoded]
     mixing = " (MixUp/CutMix, which mix whole batches, are not drawn)" if preset == "strong" else ""
     title = f"augment preset {preset}, {size}px, hflip {'on' if hflip else 'off'}{mixing}"
     figure = augmentation_preview_figure(originals, augmented, title=title)

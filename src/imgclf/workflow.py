@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from imgclf.config import RunConfig, build_config, load_config, save_config
 from imgclf.data.images import DEFAULT_MAX_PIXELS
+from imgclf.data.preprocessing import Preprocessing
 from imgclf.data.scan import ImageIndex, Problem, scan_folder
 from imgclf.data.split import (
     LinkMode,
@@ -25,11 +25,9 @@ from imgclf.data.split import (
     save_duplicates,
     warn_about_duplicates,
 )
-from imgclf.data.transforms import Preprocessing, auto_img_size, progressive_size, resolve_preset
 from imgclf.errors import ConfigError, DataError, ImgclfError, TrainingInterrupted
 from imgclf.files import write_atomic, write_csv_atomic, write_json_atomic
 from imgclf.progress import NO_PROGRESS, Progress
-from imgclf.recipe import is_pretrained
 from imgclf.tracking.runs import (
     RunPaths,
     check_writable,
@@ -258,50 +256,78 @@ def predict(
     batch_size: int = 64,
     device: str = "auto",
     tta: bool = False,
+    out: Path | str | None = None,
+    out_format: str = "csv",
     progress: Progress = NO_PROGRESS,
 ) -> list:
     """Predict files, folders (recursive) or glob patterns.
 
     Args:
-        model: a run folder, a bundle folder, or a loaded `Predictor`.
+        model: a run folder, a bundle folder, an exported `.onnx` file (ONNX Runtime, no torch), or a loaded
+            `Predictor`.
         inputs: files, folders or glob patterns.
         top_k: classes reported per image.
         batch_size: images per forward pass.
-        device: used when `model` is a path.
+        device: used when `model` is a run or bundle folder.
         tta: average each image's probabilities with its mirror's (only for models trained with flips).
+        out: also write the predictions to this file (atomically), one row per input.
+        out_format: csv | jsonl.
         progress: progress reporter.
 
     Returns:
         One `Prediction` per input file, in order; unreadable files carry an error message.
-    """
-    from imgclf.deploy.predict import Predictor, collect_inputs
 
+    Example:
+        >>> imgclf.predict("runs/x/model/model.onnx", ["photos/"], top_k=3, out="preds.csv")[0].label
+        'cat'
+    """
+    from imgclf.deploy.predict import OUTPUT_FORMATS, Predictor, collect_inputs, write_predictions
+
+    if out_format not in OUTPUT_FORMATS:  # before any work
+        raise ConfigError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}; received '{out_format}'")
     predictor = model if isinstance(model, Predictor) else Predictor.load(Path(model), device=device)
     if tta:
         predictor.check_tta()
     files = collect_inputs(inputs)
     if not files:
         raise DataError(f"no image files found in {', '.join(str(i) for i in inputs)}")
-    return predictor.predict(files, top_k=top_k, batch_size=batch_size, tta=tta, progress=progress)
+    predictions = predictor.predict(files, top_k=top_k, batch_size=batch_size, tta=tta, progress=progress)
+    if out is not None:
+        write_predictions(predictions, Path(out), top_k=top_k, format=out_format)
+    return predictions
 
 
-def write_predictions_csv(predictions: Sequence, path: Path, top_k: int) -> None:
-    """CSV with `path, class_1, probability_1, ..., class_k, probability_k, error`."""
-    header = ["path"]
-    for rank in range(1, top_k + 1):
-        header += [f"class_{rank}", f"probability_{rank}"]
-    header.append("error")
-    rows = []
-    for prediction in predictions:
-        row: list[Any] = [prediction.source]
-        for rank in range(top_k):
-            if rank < len(prediction.classes):
-                row += [prediction.classes[rank], f"{prediction.probabilities[rank]:.6f}"]
-            else:
-                row += ["", ""]
-        row.append(prediction.error or "")
-        rows.append(row)
-    write_csv_atomic(path, header, rows)
+def export(
+    run: Path | str,
+    *,
+    format: str = "onnx",
+    out: Path | str | None = None,
+    int8: bool = False,
+    tflite_batch: int = 1,
+    max_accuracy_drop: float = 0.01,
+    progress: Progress = NO_PROGRESS,
+) -> list:
+    """Export a run's model to ONNX (default), TorchScript or TFLite, checked against the eager model on the
+    run's own images before it is kept (see `deploy.export`); `int8` adds an ONNX Runtime int8 model.
+
+    Returns:
+        `ExportResult`s: the fp32 file's, then the int8 file's.
+
+    Example:
+        >>> imgclf.export("runs/small_cnn-20261128-120000")[0].path
+        PosixPath('runs/small_cnn-20261128-120000/model/model.onnx')
+    """
+    from imgclf.deploy.export import export_model
+
+    return export_model(
+        Path(run),
+        format=format,
+        out=out,
+        int8=int8,
+        tflite_batch=tflite_batch,
+        max_accuracy_drop=max_accuracy_drop,
+        progress=progress,
+    )
 
 
 def split(
@@ -352,9 +378,12 @@ def _train_run(
 ) -> TrainResult:
     """The recipe: loaders -> model, optimizer, phases -> callbacks -> fit -> bundle (-> temperature) -> test
     evaluation -> report."""
+    import torch
+
     from imgclf import recipe
     from imgclf.deploy.bundle import ModelBundle, save_bundle
     from imgclf.deploy.predict import Predictor
+    from imgclf.deploy.runtimes import TorchRuntime
     from imgclf.device import resolve_compute
     from imgclf.training import callbacks as cb
     from imgclf.training.engine import fit
@@ -451,7 +480,7 @@ def _train_run(
         hflip_valid=config.augment.hflip,
     )
     save_bundle(paths.model, state.model, bundle)
-    predictor = Predictor(bundle, state.model, compute.device, max_pixels=config.data.max_pixels)
+    predictor = Predictor(bundle, TorchRuntime(state.model, compute.device), max_pixels=config.data.max_pixels)
     batch_size = 2 * config.train.batch_size
     if config.train.calibrate:
         predictor = _calibrate(predictor, paths, manifest, batch_size=batch_size, progress=progress)
@@ -467,6 +496,8 @@ def _train_run(
 
 def _resolution_schedule(config: RunConfig, pre: Preprocessing):
     """epoch -> training image size: growing from `augment.min_res` (progressive resizing), else img_size."""
+    from imgclf.data.transforms import progressive_size
+
     augment = config.augment
     if augment.min_res is None:
         return lambda epoch: pre.img_size
@@ -522,6 +553,7 @@ def _prepare(data: Path, config: RunConfig, *, progress: Progress) -> _Prepared:
     from imgclf.device import select_device
     from imgclf.models.registry import check_model_name
     from imgclf.models.weights import check_pretrained_request, find_weights
+    from imgclf.recipe import is_pretrained
 
     model = config.model
     check_model_name(model.name)
@@ -540,7 +572,8 @@ def _resolve_data_settings(config: RunConfig, index: ImageIndex, manifest: Split
     Colour `auto` with pretrained weights follows the stem they were trained with: an RGB stem gets RGB input
     (grayscale images replicated to 3 channels, exactly what it saw in pretraining), a 1-channel stem gets gray.
     An explicit colour that differs from the stem gets the stem adapted instead (`weights.adapt_stem`)."""
-    from imgclf.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from imgclf.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+    from imgclf.data.transforms import auto_img_size, resolve_preset
     from imgclf.models.weights import pretrained_config, stem_channels
 
     data = config.data
@@ -714,10 +747,7 @@ def _probs(row: np.ndarray) -> list[str]:
 def _calibrate(predictor, paths: RunPaths, manifest: SplitManifest, *, batch_size: int, progress: Progress):
     """Fit a temperature on the validation split, record it in calibration.json and the bundle, and return the
     predictor that applies it. Without validation images the model is returned unchanged (warned)."""
-    from dataclasses import replace
-
-    from imgclf.deploy.bundle import save_bundle
-    from imgclf.deploy.predict import Predictor
+    from imgclf.deploy.bundle import read_model_json, save_temperature
     from imgclf.evaluation.calibration import apply_temperature, calibration_summary, fit_temperature
     from imgclf.evaluation.metrics import reliability_bins
 
@@ -725,7 +755,7 @@ def _calibrate(predictor, paths: RunPaths, manifest: SplitManifest, *, batch_siz
     if not rows:
         log.warning("--calibrate needs a validation split; this run has none, so the model stays uncalibrated")
         return predictor
-    uncalibrated = Predictor(replace(predictor.bundle, temperature=1.0), predictor.model, predictor.device)
+    uncalibrated = predictor.with_temperature(1.0)
     probs, errors, y_true = _predict_rows(
         uncalibrated, rows, "val", batch_size=batch_size, tta=False, progress=progress
     )
@@ -752,6 +782,14 @@ def _calibrate(predictor, paths: RunPaths, manifest: SplitManifest, *, batch_siz
         summary["log_loss_before"],
         summary["log_loss_after"],
     )
-    bundle = replace(predictor.bundle, temperature=temperature)
-    save_bundle(paths.model, predictor.model, bundle)
-    return Predictor(bundle, predictor.model, predictor.device, max_pixels=predictor.max_pixels)
+    calibrated = predictor.with_temperature(temperature)
+    save_temperature(paths.model, calibrated.bundle)
+    exports = sorted(read_model_json(paths.model).get("exports", {}))
+    if exports:
+        log.warning(
+            "the exported %s still carry the temperature %.3f they were made with; run imgclf export again to "
+            "ship the new one",
+            ", ".join(exports),
+            predictor.bundle.temperature,
+        )
+    return calibrated

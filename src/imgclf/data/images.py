@@ -59,12 +59,13 @@ def open_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, nam
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(stream)
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image (content is not a format Pillow can read)") from None
+        raise ImageError(f"{name}: not an image (content is not a format Pillow can read)", "not_image") from None
     except Image.DecompressionBombError as exc:
         # Pillow's own guard (at twice its MAX_IMAGE_PIXELS) fires before ours could: the image is larger still.
         raise ImageError(
             f"{name}: declares more pixels than Pillow allows ({exc}); it exceeds the limit of {max_pixels:,} "
-            "(data.max_pixels) and was rejected before decoding"
+            "(data.max_pixels) and was rejected before decoding",
+            "too_large",
         ) from None
     except OSError as exc:
         raise ImageError(f"{name}: cannot open ({exc})") from None
@@ -73,7 +74,8 @@ def open_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, nam
         image.close()
         raise ImageError(
             f"{name}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} "
-            "(data.max_pixels); resize the image or raise the limit"
+            "(data.max_pixels); resize the image or raise the limit",
+            "too_large",
         )
     return image
 

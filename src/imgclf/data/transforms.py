@@ -1,7 +1,9 @@
-"""Preprocessing that travels with the model, and the training augmentation presets (torchvision v2).
+"""The training augmentation presets (torchvision v2) and the torchvision form of the eval preprocessing.
 
-Evaluation, prediction and (later) export all use `eval_transform(preprocessing)`: resize the shorter side to
-`img_size / crop_pct`, center-crop `img_size`, scale to 0..1, normalize. Only training adds augmentation.
+Evaluation, prediction, the cache and export all preprocess as `data.preprocessing.eval_array` does: resize the
+shorter side to `img_size / crop_pct` (Pillow's antialiased filter), center-crop `img_size`, scale to 0..1,
+normalize. `eval_transform` is the same as a torchvision pipeline (the DataLoader path); only training adds
+augmentation.
 """
 
 from __future__ import annotations
@@ -9,22 +11,21 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
-import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
-from torchvision.transforms.v2 import functional as F
 
+from imgclf.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, eval_array
 from imgclf.errors import ConfigError
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing"]  # re-exported: their home is data.preprocessing
 
 Preset = Literal["none", "light", "standard", "strong"]
 PRESETS: tuple[str, ...] = ("none", "light", "standard", "strong")
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = {
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
@@ -58,43 +59,6 @@ def recipe(preset: str) -> Recipe:
     if preset not in RECIPES:
         raise ConfigError(f"augment.preset must be one of {', '.join(PRESETS)}; received '{preset}'")
     return RECIPES[preset]
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """Everything needed to turn a decoded image into the model's input; stored in the model bundle."""
-
-    img_size: int
-    color: Literal["rgb", "gray"]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    crop_pct: float = 1.0
-    interpolation: str = "bilinear"
-
-    @property
-    def in_chans(self) -> int:
-        return 3 if self.color == "rgb" else 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
-        return cls(
-            img_size=int(data["img_size"]),
-            color=data["color"],
-            mean=tuple(data["mean"]),
-            std=tuple(data["std"]),
-            crop_pct=float(data.get("crop_pct", 1.0)),
-            interpolation=data.get("interpolation", "bilinear"),
-        )
-
-    @classmethod
-    def default_for(cls, img_size: int, color: Literal["rgb", "gray"], **overrides: Any) -> Preprocessing:
-        """ImageNet statistics for RGB, their channel average for grayscale."""
-        mean = IMAGENET_MEAN if color == "rgb" else (round(sum(IMAGENET_MEAN) / 3, 4),)
-        std = IMAGENET_STD if color == "rgb" else (round(sum(IMAGENET_STD) / 3, 4),)
-        return cls(img_size=img_size, color=color, mean=mean, std=std, **overrides)
 
 
 def auto_img_size(sizes: Sequence[tuple[int, int]], low: int = 28, high: int = 224) -> int:
@@ -141,31 +105,18 @@ def resolve_preset(preset: str, img_size: int) -> str:
 
 
 def eval_transform(pre: Preprocessing) -> v2.Compose:
-    """Deterministic preprocessing for validation, test, prediction: resize, center crop, normalize."""
-    return v2.Compose([v2.ToImage(), *_resize_crop(pre), *_to_normalized(pre)])
+    """Deterministic preprocessing for validation, test, prediction: resize, center crop, normalize.
+
+    It resizes the PIL image (torchvision then calls Pillow's filter), so it gives `eval_array`'s tensor bit for
+    bit: the DataLoader path and the NumPy path (prediction, cache, ONNX Runtime) see the same pixels.
+    """
+    return v2.Compose([*_resize_crop(pre), v2.ToImage(), *_to_normalized(pre)])
 
 
 def eval_tensor(image: Image.Image, pre: Preprocessing) -> torch.Tensor:
-    """`eval_transform(pre)(image)`, bit for bit, by calling the same torchvision kernels directly: a Compose
-    re-inspects its input at every step, which costs more than the work itself on small images (28x28: 2x the
-    time per image). `Predictor` uses this; `eval_transform` stays the reference the tests compare it to."""
-    pixels = chw_pixels(image)
-    resize_to = math.floor(pre.img_size / pre.crop_pct)
-    pixels = F.resize_image(pixels, [resize_to], interpolation=INTERPOLATIONS[pre.interpolation], antialias=True)
-    pixels = F.center_crop_image(pixels, [pre.img_size])
-    scaled = F.to_dtype_image(pixels, torch.float32, scale=True)
-    return F.normalize_image(scaled, mean=list(pre.mean), std=list(pre.std))
-
-
-def chw_pixels(image: Image.Image) -> torch.Tensor:
-    """A decoded L or RGB image as a uint8 [C, H, W] tensor (what `v2.ToImage` gives, without its wrapper)."""
-    pixels = torch.from_numpy(np.array(image))
-    return pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
-
-
-def eval_crop(pre: Preprocessing) -> v2.Compose:
-    """The pixels evaluation keeps (resize + center crop, no normalisation): what a figure shows as the input."""
-    return v2.Compose(_resize_crop(pre))
+    """`eval_transform(pre)(image)` without a Compose (which re-inspects its input at every step, more work than
+    the resize itself on 28x28 images): `eval_array` as a tensor."""
+    return torch.from_numpy(eval_array(image, pre))
 
 
 def train_transform(pre: Preprocessing, preset: Preset, *, hflip: bool, vflip: bool) -> v2.Compose:
@@ -206,9 +157,8 @@ def train_transform(pre: Preprocessing, preset: Preset, *, hflip: bool, vflip: b
 
 
 def _resize_crop(pre: Preprocessing) -> list[v2.Transform]:
-    resize_to = math.floor(pre.img_size / pre.crop_pct)
     return [
-        v2.Resize(resize_to, interpolation=INTERPOLATIONS[pre.interpolation], antialias=True),
+        v2.Resize(pre.resize_to, interpolation=INTERPOLATIONS[pre.interpolation], antialias=True),
         v2.CenterCrop(pre.img_size),
     ]
 

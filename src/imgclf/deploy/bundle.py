@@ -1,6 +1,9 @@
 """The model bundle: `weights.safetensors` + `model.json` (architecture, classes, preprocessing, versions).
 
-A bundle is everything needed to predict exactly as evaluation did; it loads without pickle.
+A bundle is everything needed to predict exactly as evaluation did; it loads without pickle. Exported files
+(`model.onnx`, `model.ts`, `model.tflite`) sit beside it, and `model.json` records each one's check under
+`exports`. Reading `model.json` needs no torch (the ONNX Runtime path carries the same description in its
+metadata); only saving and loading the weights import it.
 """
 
 from __future__ import annotations
@@ -8,18 +11,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import nn
-
-from imgclf.data.transforms import Preprocessing
+from imgclf.data.preprocessing import Preprocessing
 from imgclf.errors import CheckpointError
 from imgclf.files import write_atomic, write_json_atomic
-from imgclf.models.registry import ModelSpec, build_model
+from imgclf.models.registry import ModelSpec
 from imgclf.tracking.runs import package_versions
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 FORMAT = "imgclf-model"
 FORMAT_VERSION = 1
@@ -40,27 +42,98 @@ class ModelBundle:
     # whether a horizontally flipped image shows the same class (training used flips): gates `--tta`
     hflip_valid: bool | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        """The description `model.json` and an export's metadata share."""
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "arch": self.spec.to_dict(),
+            "classes": list(self.classes),
+            "preprocessing": self.preprocessing.to_dict(),
+            "training": self.training,
+            "calibration": {"temperature": self.temperature},
+            "tta": {"hflip": self.hflip_valid},
+        }
+
+    @classmethod
+    def from_dict(cls, info: dict[str, Any], where: str) -> ModelBundle:
+        """Parse `to_dict`'s output; `where` names the file in errors."""
+        if info.get("format") != FORMAT:
+            raise CheckpointError(f"{where} is not an imgclf model (format {info.get('format')!r})")
+        try:
+            return cls(
+                spec=ModelSpec.from_dict(info["arch"]),
+                classes=tuple(info["classes"]),
+                preprocessing=Preprocessing.from_dict(info["preprocessing"]),
+                training=info.get("training", {}),
+                temperature=float(info.get("calibration", {}).get("temperature", 1.0)),
+                hflip_valid=info.get("tta", {}).get("hflip"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where} lacks or garbles a field of the model description ({exc!r})") from None
+
+
+def bundle_folder(path: Path) -> Path:
+    """The bundle folder of a run folder (`runs/<name>/model`) or of a bundle folder itself."""
+    folder = Path(path)
+    if not (folder / MODEL_JSON).exists() and (folder / "model" / MODEL_JSON).exists():
+        return folder / "model"
+    return folder
+
+
+def read_model_json(path: Path) -> dict[str, Any]:
+    """The parsed `model.json` of a bundle or run folder.
+
+    Raises:
+        CheckpointError: no bundle there, or a file that is not JSON.
+    """
+    folder = bundle_folder(path)
+    try:
+        return json.loads((folder / MODEL_JSON).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"no model bundle at {path} (expected {MODEL_JSON}; pass runs/<name>)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"corrupted {folder / MODEL_JSON} ({exc})") from None
+
+
+def read_bundle(path: Path) -> ModelBundle:
+    """The `ModelBundle` of a bundle or run folder, without loading weights (and without torch)."""
+    return ModelBundle.from_dict(read_model_json(path), str(bundle_folder(path) / MODEL_JSON))
+
 
 def save_bundle(folder: Path, model: nn.Module, bundle: ModelBundle) -> Path:
-    """Write the bundle into `folder` (created) and return it."""
+    """Write the bundle into `folder` (created) and return it. Export records of the same weights are kept."""
+    from safetensors.torch import save_file
+
     folder = Path(folder)
     weights = {name: value.detach().to("cpu", copy=True).contiguous() for name, value in model.state_dict().items()}
     write_atomic(folder / WEIGHTS, lambda tmp: save_file(weights, str(tmp), metadata={"format": FORMAT}))
-    write_json_atomic(
-        folder / MODEL_JSON,
-        {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "arch": bundle.spec.to_dict(),
-            "classes": list(bundle.classes),
-            "preprocessing": bundle.preprocessing.to_dict(),
-            "training": bundle.training,
-            "calibration": {"temperature": bundle.temperature},
-            "tta": {"hflip": bundle.hflip_valid},
-            "versions": package_versions(("imgclf", "torch", "torchvision", "timm")),
-        },
-    )
+    write_json_atomic(folder / MODEL_JSON, _model_json(bundle, exports={}))
     return folder
+
+
+def save_temperature(folder: Path, bundle: ModelBundle) -> None:
+    """Rewrite `model.json` with `bundle`'s temperature; the weights and the export records stay.
+
+    Exports made before keep the temperature they were made with in their own metadata: re-export to ship the
+    new one (the caller warns).
+    """
+    exports = read_model_json(folder).get("exports", {})
+    write_json_atomic(Path(folder) / MODEL_JSON, _model_json(bundle, exports=exports))
+
+
+def record_export(folder: Path, name: str, entry: dict[str, Any]) -> None:
+    """Add or replace `exports[name]` in `model.json` (atomically; nothing else changes)."""
+    info = read_model_json(folder)
+    info.setdefault("exports", {})[name] = entry
+    write_json_atomic(Path(folder) / MODEL_JSON, info)
+
+
+def _model_json(bundle: ModelBundle, *, exports: dict[str, Any]) -> dict[str, Any]:
+    info = {**bundle.to_dict(), "versions": package_versions(("imgclf", "torch", "torchvision", "timm"))}
+    if exports:
+        info["exports"] = exports
+    return info
 
 
 def load_bundle(path: Path, device: torch.device | str = "cpu") -> tuple[ModelBundle, nn.Module]:
@@ -69,25 +142,13 @@ def load_bundle(path: Path, device: torch.device | str = "cpu") -> tuple[ModelBu
     Raises:
         CheckpointError: missing or unreadable files, or weights that do not fit the architecture.
     """
-    folder = Path(path)
-    if not (folder / MODEL_JSON).exists() and (folder / "model" / MODEL_JSON).exists():
-        folder = folder / "model"
-    try:
-        info = json.loads((folder / MODEL_JSON).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"no model bundle at {path} (expected {MODEL_JSON}; pass runs/<name>)") from None
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"corrupted {folder / MODEL_JSON} ({exc})") from None
-    if info.get("format") != FORMAT:
-        raise CheckpointError(f"{folder / MODEL_JSON} is not an imgclf model (format {info.get('format')!r})")
-    bundle = ModelBundle(
-        spec=ModelSpec.from_dict(info["arch"]),
-        classes=tuple(info["classes"]),
-        preprocessing=Preprocessing.from_dict(info["preprocessing"]),
-        training=info.get("training", {}),
-        temperature=float(info.get("calibration", {}).get("temperature", 1.0)),
-        hflip_valid=info.get("tta", {}).get("hflip"),
-    )
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from imgclf.models.registry import build_model
+
+    folder = bundle_folder(path)
+    bundle = read_bundle(path)
     model = build_model(bundle.spec)
     try:
         weights = load_file(str(folder / WEIGHTS), device="cpu")

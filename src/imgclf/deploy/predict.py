@@ -1,28 +1,38 @@
-"""`Predictor`: load a bundle once, predict batches of files, PIL images or bytes with the eval preprocessing."""
+"""`Predictor`: load a model once, predict batches of files, PIL images or bytes with the eval preprocessing.
+
+One `Predictor` for every backend: a run folder or bundle runs eager PyTorch, an `.onnx` file runs ONNX Runtime
+with the classes, preprocessing and temperature its metadata carries (and imports no torch). Decoding and
+preprocessing are `data.images.load_image` and `data.preprocessing.eval_array`, the same as evaluation's.
+"""
 
 from __future__ import annotations
 
 import glob
 import itertools
+import json
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from imgclf.data.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, open_image, to_mode
 from imgclf.data.parallel import map_indices
+from imgclf.data.preprocessing import Preprocessing, eval_array
 from imgclf.data.scan import looks_like_image, walk_files
-from imgclf.data.transforms import eval_tensor
-from imgclf.deploy.bundle import ModelBundle, load_bundle
-from imgclf.device import select_device
-from imgclf.errors import ConfigError, ImageError
+from imgclf.deploy.bundle import ModelBundle
+from imgclf.deploy.runtimes import Runtime
+from imgclf.errors import CheckpointError, ConfigError, ImageError
+from imgclf.files import write_csv_atomic, write_text_atomic
 from imgclf.progress import NO_PROGRESS, Progress
 
 log = logging.getLogger(__name__)
+
+# the metadata_props key of an exported ONNX model that holds its `ModelBundle.to_dict()` as JSON
+ONNX_METADATA_KEY = "imgclf"
+OUTPUT_FORMATS = ("csv", "jsonl")
 
 
 @dataclass(frozen=True)
@@ -40,39 +50,75 @@ class Prediction:
 
 
 class Predictor:
-    """A loaded model plus its preprocessing.
+    """A loaded model (on any runtime) plus its preprocessing.
 
     Example:
         >>> predictor = Predictor.load("runs/small_cnn-20261128-120000")
         >>> predictor.predict(["cat.jpg"], top_k=3)[0].classes
         ('cat', 'dog', 'fox')
+        >>> Predictor.load("runs/small_cnn-20261128-120000/model/model.onnx").runtime.name
+        'onnxruntime'
     """
 
-    def __init__(
-        self,
-        bundle: ModelBundle,
-        model: torch.nn.Module,
-        device: torch.device,
-        *,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-    ) -> None:
+    def __init__(self, bundle: ModelBundle, runtime: Runtime, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.bundle = bundle
+        self.runtime = runtime
         self.max_pixels = max_pixels
-        # channels_last: oneDNN and cuDNN convolutions run faster on it (small_cnn on 2 CPU cores: 1.8x)
-        self.memory_format = torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
-        self.model = model.eval().to(memory_format=self.memory_format)
-        self.device = device
 
     @classmethod
-    def load(cls, path: Path | str, device: str = "auto") -> Predictor:
-        """From a run folder or its `model/` bundle."""
+    def load(cls, path: Path | str, device: str = "auto", *, threads: int | None = None) -> Predictor:
+        """From a run folder, its `model/` bundle (eager PyTorch on `device`) or an exported `.onnx` file
+        (ONNX Runtime on the CPU with `threads` intra-op threads, default all cores; no torch import)."""
+        path = Path(path)
+        if path.suffix == ".onnx":
+            return cls.from_onnx(path, threads=threads)
+        from imgclf.deploy.bundle import load_bundle
+        from imgclf.deploy.runtimes import TorchRuntime
+        from imgclf.device import select_device
+
         torch_device = select_device(device)
-        bundle, model = load_bundle(Path(path), torch_device)
-        return cls(bundle, model, torch_device)
+        bundle, model = load_bundle(path, torch_device)
+        return cls(bundle, TorchRuntime(model, torch_device))
+
+    @classmethod
+    def from_onnx(cls, path: Path, *, threads: int | None = None) -> Predictor:
+        """An exported `.onnx` file: its metadata says the classes, preprocessing and temperature."""
+        from imgclf.deploy.runtimes import OnnxRuntime
+
+        if not path.is_file():
+            raise CheckpointError(f"no ONNX model at {path}; make one with: imgclf export runs/<name>")
+        runtime = OnnxRuntime(path, threads=threads)
+        raw = runtime.metadata().get(ONNX_METADATA_KEY)
+        if raw is None:
+            raise CheckpointError(
+                f"{path} has no '{ONNX_METADATA_KEY}' metadata (classes, preprocessing): export it with "
+                "imgclf export, or predict with its run folder"
+            )
+        try:
+            info = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: its '{ONNX_METADATA_KEY}' metadata is not JSON ({exc})") from None
+        return cls(ModelBundle.from_dict(info, f"{path} metadata"), runtime)
 
     @property
     def classes(self) -> tuple[str, ...]:
         return self.bundle.classes
+
+    def with_temperature(self, temperature: float) -> Predictor:
+        """The same model and runtime, with probabilities `softmax(logits / temperature)`."""
+        return Predictor(replace(self.bundle, temperature=temperature), self.runtime, max_pixels=self.max_pixels)
+
+    def prepare(self, source: ImageSource | Image.Image) -> np.ndarray | str:
+        """Decode and preprocess one input into the model's float32 [C, H, W] input, or the error message."""
+        return prepare(source, self.bundle.preprocessing, max_pixels=self.max_pixels)
+
+    def predict_batch(self, batch: np.ndarray, *, tta: bool = False) -> np.ndarray:
+        """Probabilities [N, classes] for a preprocessed float32 batch [N, C, H, W] (`prepare`'s arrays stacked):
+        the one forward path of the CLI, the Python API and the server."""
+        probs = self._softmax(self.runtime.logits(batch))
+        if tta:
+            probs = (probs + self._softmax(self.runtime.logits(np.ascontiguousarray(batch[..., ::-1])))) / 2
+        return probs
 
     def probabilities(
         self,
@@ -99,8 +145,8 @@ class Predictor:
             self.check_tta()
         probs = np.full((len(sources), len(self.classes)), np.nan, dtype=np.float32)
         errors: list[str | None] = [None] * len(sources)
-        # decoded on every core while the model runs (arrays, not tensors, cross the process boundary)
-        prepared = map_indices(lambda index: _as_array(self._prepare(sources[index])), len(sources))
+        # decoded on every core while the model runs (arrays cross the process boundary)
+        prepared = map_indices(lambda index: self.prepare(sources[index]), len(sources))
         with progress.task("Predicting", total=len(sources)) as task:
             for start in range(0, len(sources), batch_size):
                 chunk = list(itertools.islice(prepared, batch_size))
@@ -113,7 +159,7 @@ class Predictor:
                         arrays.append(outcome)
                         rows.append(start + offset)
                 if arrays:
-                    probs[rows] = self._forward(torch.from_numpy(np.stack(arrays)), tta=tta)
+                    probs[rows] = self.predict_batch(np.stack(arrays), tta=tta)
                 task.advance(len(chunk))
         return probs, errors
 
@@ -128,16 +174,15 @@ class Predictor:
     ) -> list[Prediction]:
         """Top-k predictions per source, in input order; unreadable sources get a `Prediction` with `error` set."""
         probs, errors = self.probabilities(sources, batch_size=batch_size, tta=tta, progress=progress)
-        k = max(1, min(top_k, len(self.classes)))
-        results = []
-        for source, row, error in zip(sources, probs, errors):
-            name = _describe(source)
-            if error is not None:
-                results.append(Prediction(name, (), (), error))
-                continue
-            order = np.argsort(-row, kind="stable")[:k]
-            results.append(Prediction(name, tuple(self.classes[i] for i in order), tuple(float(row[i]) for i in order)))
-        return results
+        return [
+            Prediction(_describe(source), (), (), error) if error else self.top_k(_describe(source), row, top_k)
+            for source, row, error in zip(sources, probs, errors)
+        ]
+
+    def top_k(self, source: str, probabilities: np.ndarray, k: int) -> Prediction:
+        """The `k` most probable classes of one row of probabilities."""
+        order = np.argsort(-probabilities, kind="stable")[: max(1, min(k, len(self.classes)))]
+        return Prediction(source, tuple(self.classes[i] for i in order), tuple(float(probabilities[i]) for i in order))
 
     def check_tta(self) -> None:
         """Flip TTA is only honest when a mirrored image shows the same class, i.e. training used flips.
@@ -151,33 +196,26 @@ class Predictor:
                 "(augment.hflip: false), so mirrored images are not valid inputs for it; drop --tta"
             )
 
-    @torch.no_grad()
-    def _forward(self, batch: torch.Tensor, *, tta: bool = False) -> np.ndarray:
-        batch = batch.to(self.device).contiguous(memory_format=self.memory_format)
-        probs = self._softmax(self.model(batch))
-        if tta:
-            probs = (probs + self._softmax(self.model(batch.flip(-1)))) / 2
-        return probs.cpu().numpy()
-
-    def _softmax(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits.float() / self.bundle.temperature, dim=1)
-
-    def _prepare(self, source: ImageSource | Image.Image) -> torch.Tensor | str:
-        pre = self.bundle.preprocessing
-        try:
-            if isinstance(source, Image.Image):
-                image = to_mode(source, pre.color)
-            else:
-                image = load_image(source, color=pre.color, max_pixels=self.max_pixels)
-        except ImageError as exc:
-            return str(exc)
-        except OSError as exc:
-            return f"{_describe(source)}: cannot read ({exc.strerror or exc})"
-        return eval_tensor(image, pre)
+    def _softmax(self, logits: np.ndarray) -> np.ndarray:
+        scaled = logits.astype(np.float32) / np.float32(self.bundle.temperature)
+        scaled -= scaled.max(axis=1, keepdims=True)
+        exp = np.exp(scaled)
+        return exp / exp.sum(axis=1, keepdims=True)
 
 
-def _as_array(outcome: torch.Tensor | str) -> np.ndarray | str:
-    return outcome if isinstance(outcome, str) else outcome.numpy()
+def prepare(source: ImageSource | Image.Image, pre: Preprocessing, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """One input decoded by the safe decoder and preprocessed for evaluation: float32 [C, H, W], or the error
+    message (str) when it cannot be read."""
+    try:
+        if isinstance(source, Image.Image):
+            image = to_mode(source, pre.color)
+        else:
+            image = load_image(source, color=pre.color, max_pixels=max_pixels)
+    except ImageError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"{_describe(source)}: cannot read ({exc.strerror or exc})"
+    return eval_array(image, pre)
 
 
 def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:
@@ -200,6 +238,43 @@ def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:
         else:
             found.append(path)
     return found
+
+
+def write_predictions(predictions: Sequence[Prediction], path: Path, *, top_k: int, format: str = "csv") -> None:
+    """Write predictions atomically: CSV `path, class_1, probability_1, ..., class_k, probability_k, error`, or
+    JSON Lines, one `{"path", "classes", "probabilities", "error"}` object per input."""
+    if format not in OUTPUT_FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}; received '{format}'")
+    if format == "jsonl":
+        lines = (
+            json.dumps(
+                {
+                    "path": p.source,
+                    "classes": list(p.classes),
+                    "probabilities": [round(v, 6) for v in p.probabilities],
+                    "error": p.error,
+                },
+                ensure_ascii=False,
+            )
+            for p in predictions
+        )
+        write_text_atomic(path, "".join(line + "\n" for line in lines))
+        return
+    header = ["path"]
+    for rank in range(1, top_k + 1):
+        header += [f"class_{rank}", f"probability_{rank}"]
+    header.append("error")
+    rows = []
+    for prediction in predictions:
+        row: list[object] = [prediction.source]
+        for rank in range(top_k):
+            if rank < len(prediction.classes):
+                row += [prediction.classes[rank], f"{prediction.probabilities[rank]:.6f}"]
+            else:
+                row += ["", ""]
+        row.append(prediction.error or "")
+        rows.append(row)
+    write_csv_atomic(path, header, rows)
 
 
 def _sniff(path: Path) -> bool:

@@ -324,15 +324,14 @@ def _gradcam(record: RunRecord, rows: Sequence[Mapping[str, str]], *, device: An
     import torch
 
     from imgclf.data.images import load_image
-    from imgclf.data.transforms import eval_crop, eval_transform
+    from imgclf.data.preprocessing import eval_pixels
+    from imgclf.data.transforms import eval_tensor
     from imgclf.deploy.bundle import load_bundle
     from imgclf.errors import ImageError, ImgclfError
     from imgclf.evaluation.explain import grad_cam
 
     bundle, model = load_bundle(record.paths.model, device)
     pre = bundle.preprocessing
-    to_model = eval_transform(pre)
-    seen = eval_crop(pre)
     images, tensors, targets, captions = [], [], [], []
     with progress.task("Grad-CAM", total=len(rows)) as task:
         for row in rows:
@@ -341,8 +340,8 @@ def _gradcam(record: RunRecord, rows: Sequence[Mapping[str, str]], *, device: An
                 image = load_image(Path(row["path"]), color=pre.color)
             except (ImageError, OSError):
                 continue
-            images.append(np.asarray(seen(image)))
-            tensors.append(to_model(image))
+            images.append(np.asarray(eval_pixels(image, pre)))
+            tensors.append(eval_tensor(image, pre))
             targets.append(bundle.classes.index(row["predicted"]))
             captions.append(f"true {row['true']} → {row['predicted']} ({float(row['probability']):.2f})")
     if not tensors:

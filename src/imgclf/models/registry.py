@@ -6,11 +6,11 @@ import difflib
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
 from imgclf.errors import ConfigError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch stays unimported until a model is built: ModelSpec travels in ONNX metadata too
+    from torch import nn
+
     from imgclf.config import ModelConfig
 
 SMALL_CNN = "small_cnn"

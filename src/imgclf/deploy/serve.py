@@ -1,0 +1,346 @@
+"""The REST server: a FastAPI app factory around a `Predictor`, with one batching worker off the event loop.
+
+LitServe's shape (setup, decode, predict, encode; batching a setting, not a code path) on FastAPI:
+- the app loads nothing at import; its lifespan starts one worker thread, which loads the model (when given
+  a loader), runs one warm-up batch, and only then makes `/ready` answer 200;
+- `POST /predict` reads the body under a byte limit (413 as soon as it is exceeded, with or without a
+  Content-Length), sniffs every file's content (415 for non-images whatever their declared type), rejects
+  pixel bombs from their header (413 before decoding), decodes on a thread pool and hands the preprocessed
+  arrays to the worker through a bounded queue (503 with Retry-After when it is full);
+- the worker groups waiting requests into one forward pass of up to `max_batch` images, waiting at most
+  `max_delay_ms` for more (`batching=False`: one request, one forward pass); inference never runs on the event
+  loop, so `/health` answers while the model works;
+- every request has a deadline (`timeout_s`, 504 past it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from imgclf.data.images import load_image
+from imgclf.data.preprocessing import eval_array
+from imgclf.deploy.predict import Predictor
+from imgclf.errors import ConfigError, ImageError
+
+log = logging.getLogger(__name__)
+
+# HTTP status for a request whose every file failed, by ImageError.kind
+STATUS_BY_KIND = {"not_image": 415, "too_large": 413, "corrupt": 422}
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits and batching of the server (the `imgclf serve` flags)."""
+
+    max_batch: int = 32  # images per forward pass when batching
+    max_delay_ms: float = 5.0  # how long the worker waits for more requests to fill a batch
+    batching: bool = True  # False: every request is its own forward pass
+    queue_size: int = 64  # requests waiting for the model; one more is answered 503 with Retry-After
+    max_body_bytes: int = 20 * 2**20  # request body limit (413)
+    max_files: int = 16  # files per request (413)
+    max_pixels: int = 50_000_000  # per image, checked from the header before decoding (413)
+    timeout_s: float = 30.0  # per request, reading excluded (504)
+    top_k: int = 5  # classes per image unless the request asks (?top_k=)
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "queue_size", "max_body_bytes", "max_files", "max_pixels", "top_k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"serve {name} must be at least 1; received {getattr(self, name)}")
+        if self.max_delay_ms < 0 or self.timeout_s <= 0:
+            raise ConfigError(
+                f"serve max_delay_ms must be >= 0 and timeout_s > 0; received {self.max_delay_ms}, {self.timeout_s}"
+            )
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+@dataclass
+class _Job:
+    images: np.ndarray  # float32 [n, C, H, W]
+    future: Future
+
+
+class BatchWorker:
+    """One thread that owns the model: loads it, warms it up, then runs queued jobs in batches."""
+
+    def __init__(self, model: Predictor | Callable[[], Predictor], settings: ServeSettings) -> None:
+        self.settings = settings
+        self.predictor: Predictor | None = model if isinstance(model, Predictor) else None
+        self._loader = None if isinstance(model, Predictor) else model
+        self.jobs: queue.Queue[_Job] = queue.Queue(maxsize=settings.queue_size)
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+        self.warmup_ms: float | None = None
+        self.batches = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="imgclf-model", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def submit(self, images: np.ndarray) -> Future:
+        """Queue one request's images; raises `queue.Full` when `queue_size` requests already wait."""
+        job = _Job(images, Future())
+        self.jobs.put_nowait(job)
+        return job.future
+
+    def _run(self) -> None:
+        try:
+            if self.predictor is None:
+                assert self._loader is not None
+                self.predictor = self._loader()
+            pre = self.predictor.bundle.preprocessing
+            started = time.perf_counter()
+            self.predictor.predict_batch(np.zeros((1, pre.in_chans, pre.img_size, pre.img_size), np.float32))
+            self.warmup_ms = (time.perf_counter() - started) * 1000
+        except Exception as exc:  # a model that cannot load or run: /ready says why, the server stays up
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("the model could not be loaded: %s", self.load_error)
+            return
+        self.ready.set()
+        log.info("model ready (%s, warm-up %.0f ms)", self.predictor.runtime.name, self.warmup_ms)
+        while not self._stop.is_set():
+            try:
+                first = self.jobs.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self._forward(self._gather(first))
+
+    def _gather(self, first: _Job) -> list[_Job]:
+        """The first job and, when batching, those that arrive within `max_delay_ms`, up to `max_batch` images."""
+        jobs, count = [first], len(first.images)
+        if not self.settings.batching:
+            return jobs
+        deadline = time.perf_counter() + self.settings.max_delay_ms / 1000
+        while count < self.settings.max_batch:
+            try:
+                job = self.jobs.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                break
+            jobs.append(job)
+            count += len(job.images)
+        return jobs
+
+    def _forward(self, jobs: list[_Job]) -> None:
+        live = [job for job in jobs if job.future.set_running_or_notify_cancel()]  # timed-out ones are skipped
+        if not live:
+            return
+        assert self.predictor is not None
+        try:
+            probs = self.predictor.predict_batch(np.concatenate([job.images for job in live]))
+        except Exception as exc:
+            log.exception("inference failed")
+            for job in live:
+                job.future.set_exception(exc)
+            return
+        self.batches += 1
+        start = 0
+        for job in live:
+            job.future.set_result(probs[start : start + len(job.images)])
+            start += len(job.images)
+
+
+def create_app(model: Predictor | Callable[[], Predictor], settings: ServeSettings | None = None):
+    """The FastAPI app serving `model` (a loaded `Predictor`, or a function that loads one on the worker).
+
+    Example:
+        >>> app = create_app(Predictor.load("runs/x/model/model.onnx"), ServeSettings(max_batch=16))
+        >>> uvicorn.run(app, host="127.0.0.1", port=8000)
+    """
+    from fastapi import FastAPI, Query, Request
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.concurrency import run_in_threadpool
+
+    settings = settings or ServeSettings()
+    worker = BatchWorker(model, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(
+        title="imgclf",
+        summary="Image classification with a model trained by imgclf.",
+        description="POST images to /predict (multipart/form-data, one or several files); / is a page to drop "
+        "images on.",
+        lifespan=lifespan,
+    )
+    app.state.worker = worker
+
+    def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(resources.files("imgclf.deploy").joinpath("static/index.html").read_text("utf-8"))
+
+    @app.get("/health", summary="The process is alive (answers while the model works)")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="200 once the model is loaded and one warm-up batch ran, 503 before")
+    async def ready():
+        if worker.ready.is_set():
+            return {"status": "ready", "warmup_ms": worker.warmup_ms}
+        if worker.load_error:
+            return problem(503, f"the model failed to load: {worker.load_error}")
+        return problem(503, "loading the model", {"Retry-After": "1"})
+
+    @app.get("/metadata", summary="Classes, preprocessing, model, backend and limits")
+    async def metadata():
+        if worker.predictor is None:
+            return problem(503, "loading the model", {"Retry-After": "1"})
+        bundle = worker.predictor.bundle
+        return {
+            "classes": list(bundle.classes),
+            "preprocessing": bundle.preprocessing.to_dict(),
+            "model": bundle.spec.to_dict(),
+            "temperature": bundle.temperature,
+            "backend": worker.predictor.runtime.name,
+            "source_run": bundle.training.get("run"),
+            "limits": asdict(settings),
+        }
+
+    @app.post(
+        "/predict",
+        summary="Top-k classes of each uploaded image",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                            "required": ["files"],
+                        }
+                    },
+                    "image/*": {"schema": {"type": "string", "format": "binary"}},
+                },
+            },
+            "responses": {
+                "413": {"description": "body, file count or image pixels above the limits"},
+                "415": {"description": "no file is an image"},
+                "503": {"description": "the model is loading, or the queue is full (see Retry-After)"},
+                "504": {"description": "the request took longer than the timeout"},
+            },
+        },
+    )
+    async def predict(request: Request, top_k: int | None = Query(None, ge=1, description="classes per image")):
+        """Multipart form with one or several image files (any field name), or one image as the raw body.
+
+        Each image gets `{"filename", "classes", "probabilities", "error": null}`; a file that is not a usable
+        image gets its `error` and no classes, while the others are predicted. When every file fails, the answer
+        is 415 (not images), 413 (too many pixels) or 422 (corrupt)."""
+        if not worker.ready.is_set():
+            return problem(503, "the model is not ready yet", {"Retry-After": "1"})
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
+            return problem(413, f"request body of {int(declared):,} bytes exceeds {settings.max_body_bytes:,}")
+        try:
+            files = await _read_files(request, settings)
+        except BodyTooLarge:
+            return problem(413, f"request body exceeds {settings.max_body_bytes:,} bytes")
+        except ValueError as exc:
+            return problem(413 if "Too many files" in str(exc) else 400, str(exc))
+        if not files:
+            return problem(400, "no file in the request: send multipart/form-data with image files")
+        k = top_k or settings.top_k
+        try:
+            return await asyncio.wait_for(_answer(files, k), timeout=settings.timeout_s)
+        except asyncio.TimeoutError:
+            return problem(504, f"the request took longer than {settings.timeout_s} s")
+        except queue.Full:
+            return problem(503, "the server is busy: too many requests wait for the model", {"Retry-After": "1"})
+
+    async def _answer(files: list[tuple[str, bytes]], k: int):
+        predictor = worker.predictor
+        assert predictor is not None
+        pre = predictor.bundle.preprocessing
+        decoded = await run_in_threadpool(
+            lambda: [_decode(data, name, pre, settings.max_pixels) for name, data in files]
+        )
+        good = [array for array in decoded if isinstance(array, np.ndarray)]
+        if not good:
+            first = next(error for error in decoded if isinstance(error, ImageError))
+            return problem(STATUS_BY_KIND.get(first.kind, 422), str(first))
+        probs = await asyncio.wrap_future(worker.submit(np.stack(good)))
+        rows, results = iter(probs), []
+        for (name, _), outcome in zip(files, decoded):
+            if isinstance(outcome, ImageError):
+                results.append({"filename": name, "classes": [], "probabilities": [], "error": str(outcome)})
+                continue
+            prediction = predictor.top_k(name, next(rows), k)
+            results.append(
+                {
+                    "filename": name,
+                    "classes": list(prediction.classes),
+                    "probabilities": [round(p, 6) for p in prediction.probabilities],
+                    "error": None,
+                }
+            )
+        return {"predictions": results}
+
+    return app
+
+
+async def _read_files(request: Any, settings: ServeSettings) -> list[tuple[str, bytes]]:
+    """(filename, bytes) of every file of a multipart body, or the raw body as one file; the byte limit is
+    counted while the body streams in, so a chunked upload without Content-Length stops at the limit."""
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def limited() -> AsyncIterator[bytes]:
+        total = 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > settings.max_body_bytes:
+                raise BodyTooLarge
+            yield chunk
+
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        body = b"".join([chunk async for chunk in limited()])
+        return [("body", body)] if body else []
+    parser = MultiPartParser(request.headers, limited(), max_files=settings.max_files, max_fields=settings.max_files)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise ValueError(str(exc)) from None
+    files = []
+    try:
+        for _, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                files.append((value.filename or "upload", await value.read()))
+    finally:
+        await form.close()
+    return files
+
+
+def _decode(data: bytes, name: str, pre: Any, max_pixels: int) -> np.ndarray | ImageError:
+    """The model input of one uploaded file, or why it cannot be one (content sniffed, never the declared type;
+    the pixel limit is checked from the header before any pixel is decoded; EXIF orientation applied)."""
+    try:
+        return eval_array(load_image(data, color=pre.color, max_pixels=max_pixels, name=name), pre)
+    except ImageError as exc:
+        return exc
