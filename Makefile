@@ -20,8 +20,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e .
 	touch $@
 
+# Two steps: litert-torch's tree (the tflite extra) caps typing-extensions below 4.13, and one resolution of
+# everything at once backtracks for over 20 minutes; on top of the dev set, pip settles it in about 30 s.
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,tflite]'
 	touch $@
 
 clean:

@@ -380,6 +380,56 @@ def export(
 
 @app.command(
     epilog=examples(
+        "imgclf serve runs/<name> --port 8000                  # then open http://127.0.0.1:8000/",
+        "imgclf serve runs/<name>/model/model.onnx --threads 2  # ONNX Runtime",
+        "curl -F files=@cat.jpg -F files=@dog.png 'http://127.0.0.1:8000/predict?top_k=3'",
+    )
+)
+@handles_errors
+def serve(
+    model: Annotated[Path, typer.Argument(help="runs/<name>, its model/ folder, or an exported .onnx file")],
+    host: Annotated[str, typer.Option(help="address to bind (0.0.0.0 exposes it to the network)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port")] = 8000,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps (PyTorch models)")] = "auto",
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="ONNX Runtime intra-op threads (default: all cores)")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="images per forward pass when batching")] = 32,
+    max_delay_ms: Annotated[float, typer.Option(min=0, help="wait this long for more requests to batch")] = 5.0,
+    batching: Annotated[bool, typer.Option("--batching/--no-batching", help="group concurrent requests")] = True,
+    queue_size: Annotated[int, typer.Option(min=1, help="requests waiting for the model before 503")] = 64,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, help="largest request body (413 above)")] = 20.0,
+    max_files: Annotated[int, typer.Option(min=1, help="files per request (413 above)")] = 16,
+    max_pixels: Annotated[int | None, typer.Option(min=1, help="pixels per image (default: the run's)")] = None,
+    timeout: Annotated[float, typer.Option(min=0.001, help="seconds per request (504 after)")] = 30.0,
+    top_k: Annotated[int, typer.Option(min=1, help="classes per image unless ?top_k= says")] = 5,
+    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="log every request")] = True,
+) -> None:
+    """Serve the model over HTTP (FastAPI + uvicorn): POST /predict, GET /health, /ready, /metadata, OpenAPI at
+    /docs, and at / a page to drop images on. A model that cannot be loaded stops here, before listening."""
+    import uvicorn
+
+    from imgclf import workflow
+    from imgclf.deploy.serve import ServeSettings
+
+    settings = ServeSettings(
+        max_batch=max_batch,
+        max_delay_ms=max_delay_ms,
+        batching=batching,
+        queue_size=queue_size,
+        max_body_bytes=int(max_body_mb * 2**20),
+        max_files=max_files,
+        timeout_s=timeout,
+        top_k=top_k,
+        **({"max_pixels": max_pixels} if max_pixels else {}),
+    )
+    application = workflow.serve_app(model, settings, device=device, threads=threads)
+    console.print(f"serving {escape(str(model))} on http://{host}:{port}/ (Ctrl-C stops)")
+    uvicorn.run(application, host=host, port=port, log_level="info", access_log=access_log, timeout_graceful_shutdown=5)
+
+
+@app.command(
+    epilog=examples(
         "imgclf split photos/ data/ --ratios 0.8 0.1 0.1 --seed 0",
     )
 )

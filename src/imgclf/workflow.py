@@ -330,6 +330,37 @@ def export(
     )
 
 
+def serve_app(
+    model: Path | str,
+    settings: Any = None,
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+):
+    """Load a model (a run folder, bundle or `.onnx` file: errors surface here, before any port is opened) and
+    return the FastAPI app that serves it (`deploy.serve`). Unless `settings` say otherwise, the pixel limit
+    is the run's `data.max_pixels`.
+
+    Example:
+        >>> uvicorn.run(imgclf.workflow.serve_app("runs/x/model/model.onnx"), host="127.0.0.1", port=8000)
+    """
+    from dataclasses import replace
+
+    from imgclf.deploy.predict import Predictor
+    from imgclf.deploy.serve import ServeSettings, create_app
+
+    path = Path(model)
+    predictor = Predictor.load(path, device=device, threads=threads)
+    settings = settings or ServeSettings()
+    run_config = next(
+        (p / "config.yaml" for p in (path, path.parent, path.parent.parent) if (p / "config.yaml").is_file()), None
+    )
+    if run_config is not None and settings.max_pixels == ServeSettings.max_pixels:
+        settings = replace(settings, max_pixels=load_config(run_config).data.max_pixels)
+    predictor.max_pixels = settings.max_pixels
+    return create_app(predictor, settings)
+
+
 def split(
     source: Path | str,
     target: Path | str,

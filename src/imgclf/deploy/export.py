@@ -436,7 +436,9 @@ def _annotate_torchscript(path: Path, info: dict[str, Any]) -> None:
     _extra_files={"imgclf.json": ""})` reads it back)."""
     import torch
 
-    module = torch.jit.load(str(path), map_location="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(str(path), map_location="cpu")
     torch.jit.save(module, str(path), _extra_files={"imgclf.json": json.dumps(info, ensure_ascii=False)})
 
 

@@ -89,10 +89,14 @@ class TorchScriptRuntime:
     name = "torchscript"
 
     def __init__(self, path: Path) -> None:
+        import warnings
+
         import torch
 
         try:
-            self.module = torch.jit.load(str(path), map_location="cpu").eval()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch 2.9+ deprecates TorchScript; it still runs
+                self.module = torch.jit.load(str(path), map_location="cpu").eval()
         except (RuntimeError, ValueError) as exc:
             raise CheckpointError(f"cannot load {path} as TorchScript ({str(exc).strip()[:300]})") from None
 

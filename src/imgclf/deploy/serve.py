@@ -28,6 +28,11 @@ from importlib import resources
 from typing import Any
 
 import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from imgclf.data.images import load_image
 from imgclf.data.preprocessing import eval_array
@@ -85,7 +90,9 @@ class BatchWorker:
         self.ready = threading.Event()
         self.load_error: str | None = None
         self.warmup_ms: float | None = None
-        self.batches = 0
+        self.batches = 0  # forward passes run
+        self.requests = 0  # requests answered by them
+        self.images = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="imgclf-model", daemon=True)
 
@@ -152,6 +159,8 @@ class BatchWorker:
                 job.future.set_exception(exc)
             return
         self.batches += 1
+        self.requests += len(live)
+        self.images += sum(len(job.images) for job in live)
         start = 0
         for job in live:
             job.future.set_result(probs[start : start + len(job.images)])
@@ -165,10 +174,6 @@ def create_app(model: Predictor | Callable[[], Predictor], settings: ServeSettin
         >>> app = create_app(Predictor.load("runs/x/model/model.onnx"), ServeSettings(max_batch=16))
         >>> uvicorn.run(app, host="127.0.0.1", port=8000)
     """
-    from fastapi import FastAPI, Query, Request
-    from fastapi.responses import HTMLResponse, JSONResponse
-    from starlette.concurrency import run_in_threadpool
-
     settings = settings or ServeSettings()
     worker = BatchWorker(model, settings)
 
@@ -205,6 +210,10 @@ def create_app(model: Predictor | Callable[[], Predictor], settings: ServeSettin
         if worker.load_error:
             return problem(503, f"the model failed to load: {worker.load_error}")
         return problem(503, "loading the model", {"Retry-After": "1"})
+
+    @app.get("/stats", summary="Forward passes, requests and images served so far")
+    async def stats() -> dict[str, int]:
+        return {"batches": worker.batches, "requests": worker.requests, "images": worker.images}
 
     @app.get("/metadata", summary="Classes, preprocessing, model, backend and limits")
     async def metadata():
@@ -304,11 +313,9 @@ def create_app(model: Predictor | Callable[[], Predictor], settings: ServeSettin
     return app
 
 
-async def _read_files(request: Any, settings: ServeSettings) -> list[tuple[str, bytes]]:
+async def _read_files(request: Request, settings: ServeSettings) -> list[tuple[str, bytes]]:
     """(filename, bytes) of every file of a multipart body, or the raw body as one file; the byte limit is
     counted while the body streams in, so a chunked upload without Content-Length stops at the limit."""
-    from starlette.datastructures import UploadFile
-    from starlette.formparsers import MultiPartException, MultiPartParser
 
     async def limited() -> AsyncIterator[bytes]:
         total = 0
