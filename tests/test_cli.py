@@ -57,6 +57,8 @@ def test_help_lists_every_command():
         "report",
         "inspect",
         "preview",
+        "export",
+        "serve",
     ):
         assert command in result.output
 
@@ -83,7 +85,7 @@ def test_import_and_help_do_not_import_torch():
 
 
 def test_public_api_is_explicit():
-    assert set(imgclf.__all__) >= {"train", "evaluate", "predict", "load_model", "RunConfig", "__version__"}
+    assert set(imgclf.__all__) >= {"train", "evaluate", "predict", "load_model", "export", "RunConfig", "__version__"}
     for name in imgclf.__all__:
         assert getattr(imgclf, name) is not None
     with pytest.raises(AttributeError):

@@ -72,6 +72,11 @@ class Predictor:
         path = Path(path)
         if path.suffix == ".onnx":
             return cls.from_onnx(path, threads=threads)
+        if path.suffix in (".ts", ".tflite", ".pt", ".pth"):
+            raise ConfigError(
+                f"{path}: imgclf predicts with a run folder, its model/ bundle or an exported .onnx file; "
+                f"{path.suffix} files are for other runtimes (their model.json beside them describes them)"
+            )
         from imgclf.deploy.bundle import load_bundle
         from imgclf.deploy.runtimes import TorchRuntime
         from imgclf.device import select_device
