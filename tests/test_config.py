@@ -25,7 +25,7 @@ def test_precedence_defaults_then_file_then_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  epochs: 7\n  lr: 0.1\n", encoding="utf-8")
     config = load_config(path, {"train.lr": 0.5, "train.batch_size": None})
-    assert (config.train.epochs, config.train.lr, config.train.batch_size) == (7, 0.5, 64)
+    assert (config.train.epochs, config.train.lr, config.train.batch_size) == (7, 0.5, "auto")
 
 
 def test_unknown_keys_and_bad_values_name_the_key():

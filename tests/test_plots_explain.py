@@ -12,7 +12,7 @@ from torch import nn
 from imgclf.config import ModelConfig
 from imgclf.errors import ConfigError, ImgclfError
 from imgclf.evaluation import plots
-from imgclf.evaluation.explain import grad_cam, overlay, target_layer
+from imgclf.evaluation.explain import CamLayer, cam_layer, grad_cam, overlay, target_layer
 from imgclf.models.registry import ModelSpec, build_model, model_spec
 
 # --- figures -----------------------------------------------------------------------------------------------------
@@ -227,6 +227,26 @@ def test_gradcam_figure_pairs_each_image_with_its_overlay(tmp_path):
     assert [text.get_text() for text in figure.axes[0].texts] == ["true cat → dog (0.93)"] * 3
 
 
+def test_gradcam_figure_has_a_colour_bar_under_the_tiles_and_the_note_under_it(tmp_path):
+    images, batch = digit_images(28, n=5)
+    model = small_cnn(in_chans=1, classes=10)
+    layer = cam_layer(model, 28)
+    note = layer.caption()
+    figure = plots.gradcam_figure(images, list(grad_cam(model, batch)), ["true 0 → 3 (0.81)"] * 5, title="T", note=note)
+    assert_drawn(figure, tmp_path)
+    canvas, bar = figure.axes  # the colour bar is an axes of its own
+    assert "turbo" in [mesh.get_cmap().name for mesh in bar.collections] and bar.get_xlim() == (0.0, 1.0)
+    assert [label.get_text() for label in bar.get_xticklabels()] == ["0.0", "0.5", "1.0"]
+    assert "each map scaled to its own maximum" in bar.get_xlabel()
+    height = figure.get_size_inches()[1]
+    lowest_tile = max(image.get_extent()[2] for image in canvas.get_images())  # inches from the top
+    assert bar.get_position().y1 < 1 - lowest_tile / height  # below every tile
+    texts = {text.get_text(): text for text in figure.texts}
+    assert note in texts and texts[note].get_position()[1] < bar.get_position().y0  # the note under the bar
+    assert texts["T"].get_position()[1] > 1 - 0.15 / height  # the title stays at the top
+    assert len(plots.gradcam_figure(images, list(grad_cam(model, batch)), [""] * 5).texts) == 0  # no note, no text
+
+
 @pytest.mark.parametrize(
     ("name", "draw"),
     [
@@ -286,6 +306,35 @@ def timm_cnn(name: str, classes: int = 3) -> nn.Module:
     return build_model(ModelSpec(name, num_classes=classes, in_chans=3, options={"dropout": 0.0}))
 
 
+def digit_images(size: int, n: int = 4, rgb: bool = False) -> tuple[list[np.ndarray], torch.Tensor]:
+    """Real handwritten digits (scikit-learn's 8x8 scans) resized to `size` px: uint8 images and a batch in [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    scans = np.rint(load_digits().images[:n] * (255 / 16)).astype(np.uint8)
+    images = [np.asarray(Image.fromarray(scan).resize((size, size), Image.Resampling.BILINEAR)) for scan in scans]
+    batch = torch.from_numpy(np.stack(images)).float().div(255)[:, None]
+    return images, batch.repeat(1, 3, 1, 1) if rgb else batch
+
+
+def stage_maps(model: nn.Module, size: int) -> dict[str, tuple[int, int]]:
+    """The map size of every stage a timm model lists in `feature_info`, measured with hooks at `size` px."""
+    sizes = {}
+
+    def measure(name: str):
+        def hook(_module, _inputs, output) -> None:
+            sizes[name] = tuple(output.shape[-2:])
+
+        return hook
+
+    stages = [info["module"] for info in model.feature_info]
+    handles = [model.get_submodule(name).register_forward_hook(measure(name)) for name in stages]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, size, size))
+    for handle in handles:
+        handle.remove()
+    return sizes
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
@@ -302,6 +351,76 @@ def test_target_layer_is_the_last_spatial_conv_stage(name, expected):
     assert target_layer(model) is model.get_submodule(expected)
     assert model.training  # mode restored, and the dummy batch left BatchNorm statistics alone
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_default_small_cnn_at_28_px_weighs_a_7x7_map_not_its_3x3_last_one():
+    model = build_model(model_spec(ModelConfig(), num_classes=10, in_chans=1))  # the defaults: 3 blocks, width 32
+    _, batch = digit_images(28)
+    layer = cam_layer(model, 28)
+    assert (layer.name, layer.map_size, layer.input_size) == ("features.1", (7, 7), (28, 28))
+    assert layer.module is model.features[1] and not layer.coarse
+    assert layer.caption() == "Grad-CAM of features.1 (7x7 map, upsampled to 28 px)"
+    assert cam_layer(model, (28, 28)) == layer  # a side or (height, width)
+    with torch.no_grad():
+        assert model.eval().features(batch).shape[-2:] == (3, 3)  # the last map, which drew bands
+    heatmaps = grad_cam(model, batch)  # the default layer is chosen at the inputs' own size
+    np.testing.assert_allclose(heatmaps, grad_cam(model, batch, layer=layer.module), atol=1e-6)
+    assert heatmaps.shape == (4, 28, 28)
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "expected"), [("resnet18", 64, "layer2"), ("mobilenetv3_small_050", 32, "blocks.0")]
+)
+def test_timm_cnn_at_a_small_size_gets_its_deepest_stage_of_7_px_or_more(name, size, expected):
+    model = timm_cnn(name)
+    _, batch = digit_images(size, rgb=True)
+    stages = stage_maps(model, size)
+    layer = cam_layer(model, size)
+    assert layer.name == expected and layer.map_size == stages[expected] and min(layer.map_size) >= 7
+    order = list(stages)
+    deeper = order[order.index(expected) + 1 :]
+    assert deeper and all(min(stages[stage]) < 7 for stage in deeper)  # the last stage (1x1 or 2x2) was too coarse
+    heatmaps = grad_cam(model, batch, layer=layer.module)
+    assert heatmaps.shape == (4, size, size) and all(heatmap.std() > 0.05 for heatmap in heatmaps)
+
+
+def test_when_no_map_reaches_7_px_the_largest_is_taken_and_called_coarse(tmp_path):
+    resnet = cam_layer(timm_cnn("resnet18"), 12)  # every stage below 7 px: the stem's 6x6 is the largest
+    assert (resnet.name, resnet.map_size, resnet.coarse) == ("act1", (6, 6), True)
+    assert resnet.caption().split("\n") == [
+        "Grad-CAM of act1 (6x6 map, upsampled to 12 px)",
+        "coarse: a 6x6 map, each cell covers ~2 px",
+    ]
+    patchify = nn.Sequential(  # a ConvNeXt-like stride-4 stem, then a stride-2 stage: 5x5 and 2x2 at 20 px
+        nn.Sequential(nn.Conv2d(1, 8, 4, stride=4), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(8, 16, 2, stride=2), nn.ReLU()),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+    layer = cam_layer(patchify, 20)
+    assert (layer.name, layer.map_size, layer.cell) == ("0", (5, 5), 4)
+    note = layer.caption()
+    assert note.endswith("\ncoarse: a 5x5 map, each cell covers ~4 px")
+    images, batch = digit_images(20)
+    figure = plots.gradcam_figure(images, list(grad_cam(patchify, batch, layer=layer.module)), [""] * 4, note=note)
+    assert_drawn(figure, tmp_path)
+    assert [text.get_text() for text in figure.texts] == [note]
+    assert "coarse" not in cam_layer(patchify, 28).caption()  # 7x7 at 28 px
+    assert not CamLayer("0", patchify[0], (6, 6), (6, 6)).coarse  # a 6x6 map of a 6 px input: as fine as it
+
+
+def test_the_report_names_the_layer_chosen_at_the_bundles_input_size(tmp_path, digits_source):
+    from imgclf import train
+    from imgclf.evaluation import report
+    from imgclf.progress import NO_PROGRESS
+    from imgclf.tracking.runs import find_run
+
+    run = train(digits_source, {"train": {"epochs": 1}}, out=tmp_path, name="cam", report=False).run_dir  # 28 px
+    record = report.read_run(find_run(run))
+    figure = report._gradcam(record, record.readable[:3], device="cpu", progress=NO_PROGRESS)
+    assert [text.get_text() for text in figure.texts] == ["Grad-CAM of features.1 (7x7 map, upsampled to 28 px)"]
+    assert len(figure.axes) == 2  # tiles and colour bar
 
 
 def test_model_without_convolutions_is_refused_by_name():

@@ -84,8 +84,11 @@ def test_report_is_rebuilt_identically_from_the_run_folder_alone(report_run, tmp
     shutil.rmtree(copy / "report")
     result = run("report", copy)
     assert result.exit_code == 0, result.output
-    assert (copy / "report.html").read_bytes() == original
-    assert (copy / "report.md").read_bytes() == (report_run / "report.md").read_bytes()
+    # the same bytes, but for the run folder's own path in the commands it prints (`imgclf report <path>`)
+    moved = str(copy).encode()
+    assert (copy / "report.html").read_bytes() == original.replace(str(report_run).encode(), moved)
+    expected_md = (report_run / "report.md").read_bytes().replace(str(report_run).encode(), moved)
+    assert (copy / "report.md").read_bytes() == expected_md
 
 
 def test_report_names_the_missing_file(report_run, tmp_path):
@@ -160,16 +163,16 @@ def test_report_renders_in_headless_chromium(report_run, tmp_path):
 
 @pytest.mark.slow
 def test_temperature_scaling_lowers_ece_of_an_overconfident_run_and_keeps_every_class(tmp_path):
-    """No label smoothing, augmentation or weight decay, 5 training images per class, the epoch with the best
-    validation accuracy kept: right about 88 % of the time and surer than that (measured: T = 1.29, ECE 0.041 ->
-    0.028 on 600 validation images)."""
+    """No label smoothing, augmentation or weight decay, 5 training images per class, a high LR, the epoch with the
+    best validation accuracy kept: surer than it is right (measured: T = 1.98, ECE 0.100 -> 0.045 on 600
+    validation images, so the temperature is kept)."""
     from imgclf.deploy.predict import Predictor
 
     data = write_digits(tmp_path / "data", classes=range(10), per_class=100)
     config = {
         **MEMORISE,
         "data": {"img_size": 16, "split_ratios": (0.05, 0.6, 0.35)},  # 5 training images per class, 60 val
-        "train": {**MEMORISE["train"], "early_stopping": {"patience": None, "monitor": "val_acc"}},
+        "train": {**MEMORISE["train"], "lr": 0.02, "early_stopping": {"patience": None, "monitor": "val_acc"}},
     }
     run_dir = imgclf.train(data, config, out=tmp_path / "runs", name="hot", report=False).run_dir
     result = run("evaluate", run_dir, "--calibrate")

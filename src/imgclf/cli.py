@@ -257,6 +257,12 @@ def evaluate(
     calibrate: Annotated[
         bool, typer.Option("--calibrate", help="first fit a temperature on the run's val split (saved in model/)")
     ] = False,
+    force_calibration: Annotated[
+        bool,
+        typer.Option(
+            "--force-calibration", help="keep the temperature even if fitted on < 100 val images or raising val ECE"
+        ),
+    ] = False,
 ) -> None:
     """Metrics of the run's best model on its test split (or another folder): accuracy, top-k, per-class
     precision/recall/F1, balanced accuracy, confusion matrix, predictions.csv."""
@@ -271,6 +277,7 @@ def evaluate(
         out=out,
         tta=tta,
         calibrate=calibrate,
+        force_calibration=force_calibration,
         progress=RichProgress(),
     )
     print_metrics(result.metrics)

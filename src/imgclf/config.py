@@ -170,14 +170,39 @@ class EarlyStoppingConfig(_Section):
     min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
 
 
+# An epoch of fewer optimizer steps changes the model a few times only: `batch_size: auto` avoids it, training
+# warns about it, and the diagnosis waits for more (evaluation/diagnose.py).
+MIN_STEPS_PER_EPOCH = 10
+
+
+def auto_batch_size(train_images: int, largest: int = 64, smallest: int = 8) -> int:
+    """`train.batch_size: auto`: 64, halved while an epoch would have fewer than 10 steps, never below 8.
+
+    On 96 training images the fixed 64 gave one step per epoch and left 32 images out of every epoch; this
+    gives 8 (12 steps). 160 images get 16, 320 get 32, 640 and more 64.
+
+    Example:
+        >>> [auto_batch_size(n) for n in (96, 160, 320, 640, 54000)]
+        [8, 16, 32, 64, 64]
+    """
+    batch = largest
+    while batch > smallest and train_images // batch < MIN_STEPS_PER_EPOCH:
+        batch //= 2
+    return batch
+
+
 class TrainConfig(_Section):
     """Optimisation recipe. The defaults (12 epochs of AdamW at 2e-3, 1 warmup epoch then cosine, weight decay
-    0.01, label smoothing 0.1, batch 64; with small_cnn's 2x2-pooled head, no dropout and the light preset for
-    small images) reach 0.935-0.936 test accuracy on Fashion-MNIST in 16-20 minutes on 2 AVX2 cores; with
-    `model.early_pool` 0.932-0.934 in about 9 minutes (README, Speed)."""
+    0.01, label smoothing 0.1, batch 64 (`auto`: smaller on small sets); with small_cnn's 2x2-pooled head, no
+    dropout and the light preset for small images) reach 0.935-0.936 test accuracy on Fashion-MNIST in 16-20
+    minutes on 2 AVX2 cores; with `model.early_pool` 0.932-0.934 in about 9 minutes (README, Speed)."""
 
     epochs: int = Field(12, ge=1, description="maximum number of epochs")
-    batch_size: int = Field(64, ge=1, description="images per optimisation step")
+    batch_size: int | Literal["auto"] = Field(
+        "auto",
+        description="images per optimisation step; auto = 64, halved for small training sets until an epoch has "
+        "10+ steps (never below 8)",
+    )
     optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="adamw | adam | sgd")
     lr: float | Literal["auto"] = Field(
         2e-3, description="peak learning rate; auto = the LR finder's suggestion (see imgclf lr-find)"
@@ -250,6 +275,13 @@ class TrainConfig(_Section):
                 "or the backbone is never fine-tuned"
             )
         return self
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"must be at least 1 or 'auto'; received {value}")
+        return value
 
 
 class RunConfig(_Section):

@@ -40,6 +40,21 @@ def select_device(name: str = "auto") -> torch.device:
     return device
 
 
+def describe_device(device: torch.device) -> str:
+    """The device a run computes on, as its records name it: `cpu`, `mps`, or `cuda:0 (NVIDIA H200)`.
+
+    A CUDA device without an index (what `select_device("auto")` returns) is the current one, named with its index.
+
+    Example:
+        >>> describe_device(select_device("auto"))
+        'cuda:0 (NVIDIA H200)'
+    """
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return str(device)
+
+
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from imgclf.config import RunConfig, build_config
+from imgclf.config import MIN_STEPS_PER_EPOCH, RunConfig, build_config
 from imgclf.data.split import ManifestRow, SplitManifest
 from imgclf.data.transforms import Preprocessing, recipe
 from imgclf.device import Compute, compile_in_place
@@ -57,11 +57,32 @@ def make_loaders(
             "no validation images: add a val folder or give data.split_ratios a val share > 0 "
             "(model selection and early stopping need a validation split)"
         )
-    batch_size = min(config.train.batch_size, len(train_rows))
+    batch_size = min(int(config.train.batch_size), len(train_rows))
+    steps, dropped = epoch_steps(len(train_rows), batch_size)
+    if steps < MIN_STEPS_PER_EPOCH:
+        log.warning(
+            "only %d optimizer step%s per epoch (%d training images, batch %d): the model changes a few times per "
+            "epoch, and the learning curves show little; a smaller --batch-size gives more steps",
+            steps,
+            "" if steps == 1 else "s",
+            len(train_rows),
+            batch_size,
+        )
+    if dropped:
+        log.info("%d training image(s) left out of each epoch (a last batch of one breaks BatchNorm)", dropped)
     mode = choose_mode(config.data.cache, len(train_rows) + len(val_rows), pre, config.data.cache_budget)
     if mode == "off":
         return _streaming_loaders(config, manifest, pre, compute, batch_size)
     return _cached_loaders(config, manifest, pre, compute, batch_size, mode, progress)
+
+
+def epoch_steps(train_images: int, batch_size: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, training images left out per epoch). The last, partial batch is kept unless it
+    would hold a single image (BatchNorm cannot normalise a batch of one): at most one image is left out."""
+    full, rest = divmod(train_images, batch_size)
+    if rest == 1 and full > 0:
+        return full, 1
+    return full + (rest > 0), 0
 
 
 def _cached_loaders(config, manifest, pre, compute, batch_size, mode, progress) -> Loaders:
@@ -106,7 +127,7 @@ def _cached_loaders(config, manifest, pre, compute, batch_size, mode, progress) 
                 shuffle=train,
                 transform=transform,
                 device=compute.device,
-                drop_last=train and len(rows) > batch_size,  # a last batch of 1 breaks BatchNorm
+                drop_last=train and epoch_steps(len(rows), batch_size)[1] > 0,
                 seed=config.train.seed,
             )
         )
@@ -140,7 +161,7 @@ def _streaming_loaders(config, manifest, pre, compute, batch_size) -> Loaders:
         num_workers=workers,
         seed=config.train.seed,
         pin_memory=pin,
-        drop_last=len(train_set) > batch_size,  # a last batch of 1 breaks BatchNorm
+        drop_last=epoch_steps(len(train_set), batch_size)[1] > 0,
         max_bad_images=config.data.max_bad_images,
     )
     val_loader = make_loader(

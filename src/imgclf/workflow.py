@@ -116,7 +116,10 @@ def train(
     log.info("run folder: %s", paths.root)
     _write_data_records(paths, prepared.index.problems, prepared.manifest)
     save_config(config, paths.config)
-    env = environment_info(device=config.train.device, seed=config.train.seed)
+    from imgclf.device import describe_device, select_device  # lazy: torch
+
+    env = environment_info(device=describe_device(select_device(config.train.device)), seed=config.train.seed)
+    env["data"] = str(Path(data).resolve())  # what the report's next steps train on
     if prepared.weights is not None:
         env["pretrained_weights"] = {"source": prepared.weights.source, "not_used": list(prepared.weights.tried)}
     write_env(paths, env)
@@ -174,6 +177,7 @@ def evaluate(
     out: Path | str | None = None,
     tta: bool = False,
     calibrate: bool = False,
+    force_calibration: bool = False,
     progress: Progress = NO_PROGRESS,
 ) -> EvalResult:
     """Evaluate a run's best model on its test split, or on another labelled folder.
@@ -187,7 +191,9 @@ def evaluate(
         out: where to write metrics.json etc.; default the run folder (or `run/eval-<data>-<split>` for `data`).
         tta: average each image's probabilities with its mirror's (only for models trained with flips).
         calibrate: first fit a temperature on the run's validation split (stored in `model/`, used from then on
-            by evaluate and predict; the fit and ECE before/after go to calibration.json).
+            by evaluate and predict; the fit and ECE before/after go to calibration.json). A temperature fitted on
+            fewer than 100 val images, or one that raises val ECE, is refused (T stays 1, warned).
+        force_calibration: keep the fitted temperature even then.
         progress: progress reporter.
 
     Returns:
@@ -201,7 +207,9 @@ def evaluate(
     if calibrate:
         paths = find_run(Path(run))
         manifest = SplitManifest.load(paths.manifest)
-        predictor = _calibrate(predictor, paths, manifest, batch_size=batch_size, progress=progress)
+        predictor = _calibrate(
+            predictor, paths, manifest, batch_size=batch_size, force=force_calibration, progress=progress
+        )
     if data is None:
         paths = find_run(Path(run))
         rows, used_split = _manifest_rows(SplitManifest.load(paths.manifest), split)
@@ -636,9 +644,16 @@ def _resolve_data_settings(config: RunConfig, index: ImageIndex, manifest: Split
     if color == "gray" and len(mean) == 3:
         mean, std = (round(sum(mean) / 3, 4),), (round(sum(std) / 3, 4),)
     preset = resolve_preset(config.augment.preset, img_size)
+    batch_size = config.train.batch_size
+    if batch_size == "auto":
+        from imgclf.config import auto_batch_size
+
+        batch_size = auto_batch_size(len(train_records))
+        log.info("batch size: %d (auto, for %d training images)", batch_size, len(train_records))
     return build_config(
         config,
         {
+            "train.batch_size": batch_size,
             "augment.preset": preset,
             "data.color": color,
             "data.img_size": img_size,
@@ -775,11 +790,20 @@ def _probs(row: np.ndarray) -> list[str]:
     return [f"{value:.6f}" for value in row]
 
 
-def _calibrate(predictor, paths: RunPaths, manifest: SplitManifest, *, batch_size: int, progress: Progress):
+def _calibrate(
+    predictor, paths: RunPaths, manifest: SplitManifest, *, batch_size: int, force: bool = False, progress: Progress
+):
     """Fit a temperature on the validation split, record it in calibration.json and the bundle, and return the
-    predictor that applies it. Without validation images the model is returned unchanged (warned)."""
+    predictor that applies it. Without validation images the model is returned unchanged (warned); a temperature
+    fitted on too few images, or one that raises validation ECE, is refused (T stays 1, warned, recorded) unless
+    `force`."""
     from imgclf.deploy.bundle import read_model_json, save_temperature
-    from imgclf.evaluation.calibration import apply_temperature, calibration_summary, fit_temperature
+    from imgclf.evaluation.calibration import (
+        apply_temperature,
+        calibration_decision,
+        calibration_summary,
+        fit_temperature,
+    )
     from imgclf.evaluation.metrics import reliability_bins
 
     rows = [(row.path, row.label) for row in manifest.split("val")]
@@ -792,8 +816,10 @@ def _calibrate(predictor, paths: RunPaths, manifest: SplitManifest, *, batch_siz
     )
     ok = np.array([error is None for error in errors], dtype=bool)
     probs, y_true = probs[ok], y_true[ok]
-    temperature = fit_temperature(probs, y_true)
-    summary = calibration_summary(y_true, probs, temperature)
+    fitted = fit_temperature(probs, y_true)
+    summary = calibration_summary(y_true, probs, fitted)
+    refused = calibration_decision(summary, int(ok.sum()), force=force)
+    temperature = 1.0 if refused else fitted
     write_json_atomic(
         paths.calibration,
         {
@@ -801,22 +827,32 @@ def _calibrate(predictor, paths: RunPaths, manifest: SplitManifest, *, batch_siz
             "split": "val",
             "n": int(ok.sum()),
             **summary,
+            "kept": refused is None,
+            "refused_because": refused,
+            "forced": force,
             "reliability_before": reliability_bins(y_true, probs),
-            "reliability_after": reliability_bins(y_true, apply_temperature(probs, temperature)),
+            "reliability_after": reliability_bins(y_true, apply_temperature(probs, fitted)),
         },
     )
-    log.info(
-        "calibration: temperature %.3f; validation ECE %.4f -> %.4f, log loss %.4f -> %.4f",
-        temperature,
-        summary["ece_before"],
-        summary["ece_after"],
-        summary["log_loss_before"],
-        summary["log_loss_after"],
+    figures = (
+        f"temperature {fitted:.3f} fitted on {int(ok.sum())} validation images; validation ECE "
+        f"{summary['ece_before']:.4f} -> {summary['ece_after']:.4f}, log loss {summary['log_loss_before']:.4f} -> "
+        f"{summary['log_loss_after']:.4f}"
     )
+    if refused:
+        log.warning(
+            "calibration refused, the model stays uncalibrated (T = 1): %s. %s. Keep it anyway with imgclf evaluate "
+            "%s --calibrate --force-calibration",
+            refused,
+            figures,
+            paths.root,
+        )
+    else:
+        log.info("calibration: %s", figures)
     calibrated = predictor.with_temperature(temperature)
     save_temperature(paths.model, calibrated.bundle)
     exports = sorted(read_model_json(paths.model).get("exports", {}))
-    if exports:
+    if exports and temperature != predictor.bundle.temperature:
         log.warning(
             "the exported %s still carry the temperature %.3f they were made with; run imgclf export again to "
             "ship the new one",

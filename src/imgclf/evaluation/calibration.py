@@ -116,6 +116,32 @@ def calibration_summary(y_true: np.ndarray, probs: np.ndarray, temperature: floa
     }
 
 
+# Fewer validation images than this, and a fitted T is mostly noise: on 30 images one fit gave T = 0.144, raising
+# validation ECE from 0.079 to 0.248 and test ECE from 0.113 to 0.168. A 15-bin ECE needs ~100 images to say much.
+MIN_CALIBRATION_IMAGES = 100
+
+
+def calibration_decision(summary: dict[str, Any], n: int, *, force: bool = False) -> str | None:
+    """Why a fitted temperature must not be kept (None: keep it).
+
+    A temperature is refused when it was fitted on fewer than `MIN_CALIBRATION_IMAGES` validation images, or when
+    it does not lower the validation ECE it was fitted to improve (it minimises log loss, which can trade ECE
+    away); `force` keeps it anyway.
+
+    Example:
+        >>> calibration_decision({"ece_before": 0.08, "ece_after": 0.25}, 30)
+        'fitted on 30 validation images (fewer than 100) and raises validation ECE 0.0800 -> 0.2500'
+    """
+    if force:
+        return None
+    reasons = []
+    if n < MIN_CALIBRATION_IMAGES:
+        reasons.append(f"fitted on {n} validation images (fewer than {MIN_CALIBRATION_IMAGES})")
+    if summary["ece_after"] >= summary["ece_before"]:
+        reasons.append(f"raises validation ECE {summary['ece_before']:.4f} -> {summary['ece_after']:.4f}")
+    return " and ".join(reasons) or None
+
+
 def _log_probs(probs: np.ndarray, y_true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float64 log probabilities [n, C] (floored) and integer labels [n], or an error naming the argument."""
     y_true = np.asarray(y_true, dtype=np.int64).reshape(-1)

@@ -10,6 +10,7 @@ differentiated: frozen weights or not, no parameter's gradient is computed or to
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,29 +21,74 @@ from torch import nn
 
 from imgclf.errors import ConfigError, ImgclfError
 
-DEFAULT_SIZE = 128  # px: dummy input side for finding the target layer when the model declares none (stride 64 -> 2x2)
+MIN_MAP_SIDE = 7  # px: the shortest map side that still says where; 3x3 or 2x2 maps only draw bands or quadrants
+DEFAULT_SIZE = 128  # px: input side when neither the caller nor the model (timm's pretrained_cfg) gives one
 
 
-def target_layer(model: nn.Module) -> nn.Module:
-    """The last layer or block whose output is a spatial feature map: Grad-CAM's usual choice.
+class CamLayer(NamedTuple):
+    """The layer Grad-CAM weighs and the map it gives at the input size it was chosen for."""
 
-    Found by running one dummy batch (eval mode, no grad) and keeping the last module to finish with an
-    output of shape [n, C, H, W], H * W > 1, that holds a convolution or keeps such a map's shape. That is
-    the last stage for ResNets (`layer4`), the final BatchNorm + activation for EfficientNets (`bn2`), the last
-    block for MobileNetV3 (its `conv_head` runs after the global pooling) and `features` for small_cnn. A vision
-    transformer gets its patch embedding, which says little: Grad-CAM is meant for CNNs.
+    name: str  # as in `model.named_modules()`, e.g. "features.1" or "layer2"
+    module: nn.Module
+    map_size: tuple[int, int]  # (height, width) of its output
+    input_size: tuple[int, int]  # (height, width) of the model's input
+
+    @property
+    def cell(self) -> int:
+        """Input pixels per map cell along the coarser axis (rounded): the area one value of the map stands for."""
+        return round(max(side / cells for side, cells in zip(self.input_size, self.map_size)))
+
+    @property
+    def coarse(self) -> bool:
+        """The map's shorter side is under MIN_MAP_SIDE and one cell covers more than a pixel."""
+        return min(self.map_size) < MIN_MAP_SIDE and self.cell > 1
+
+    def caption(self) -> str:
+        """The layer and its map size, and on a second line a warning when the map is coarse.
+
+        Example:
+            >>> cam_layer(model, 28).caption()  # a default small_cnn
+            'Grad-CAM of features.1 (7x7 map, upsampled to 28 px)'
+        """
+        cells = "x".join(map(str, self.map_size))
+        height, width = self.input_size
+        side = str(height) if height == width else f"{height}x{width}"
+        lines = [f"Grad-CAM of {self.name} ({cells} map, upsampled to {side} px)"]
+        if self.coarse:
+            lines.append(f"coarse: a {cells} map, each cell covers ~{self.cell} px")
+        return "\n".join(lines)
+
+
+def cam_layer(model: nn.Module, input_size: int | Sequence[int] | None = None) -> CamLayer:
+    """The layer Grad-CAM should weigh at this input size: the deepest one whose map is 7 px a side or more.
+
+    The rule: among the candidate layers, in the order the forward pass finishes them, take the last one whose
+    output's shorter side is at least MIN_MAP_SIDE at `input_size`; when none reaches it, the one with the largest
+    map (the deepest of equals). Deeper layers are more specific to the class, but a 3x3 or 2x2 map can only point
+    at bands or quadrants, so depth is given up until the map has that resolution.
+
+    The candidates are stages (see `_stages`): for a timm model, those its `feature_info` lists (stem, then one
+    per reduction) plus its last spatial layer (EfficientNet's `bn2` after the head conv); for other models the
+    blocks that contain a convolution (small_cnn's `features.0`, `features.1`, ...); failing both, every layer
+    with a spatial output. Map sizes are measured with one dummy batch (eval mode, no grad), not computed from
+    nominal strides. At 28 px a default small_cnn gets `features.1` (7x7), not its last map (3x3); resnet18 at
+    64 px gets `layer2` (8x8), not `layer4` (2x2); at 224 px ResNets keep `layer4` (7x7). A vision transformer
+    gets its patch embedding, which says little: Grad-CAM is meant for CNNs.
 
     Args:
         model: a classifier with at least one `nn.Conv2d`.
+        input_size: the side, or (height, width), of the images the model is used at (the bundle's
+            preprocessing img_size); default the model's pretrained input size, else DEFAULT_SIZE.
 
     Returns:
-        The module whose output Grad-CAM weighs.
+        The layer, its name in the model and its map size.
 
     Raises:
         ImgclfError: the model has no convolution, or no module with a spatial output.
 
     Example:
-        >>> target_layer(timm.create_model("resnet18"))  # model.layer4
+        >>> cam_layer(timm.create_model("resnet18"), 64).name
+        'layer2'
     """
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
@@ -50,13 +96,11 @@ def target_layer(model: nn.Module) -> nn.Module:
             f"Grad-CAM needs a convolutional model; {type(model).__name__} has no Conv2d layer "
             "(transformers and MLPs are not supported)"
         )
-    config = getattr(model, "pretrained_cfg", None)
-    size = tuple(config.get("input_size", (0, DEFAULT_SIZE, DEFAULT_SIZE)))[-2:] if isinstance(config, dict) else None
-    size = size or (DEFAULT_SIZE, DEFAULT_SIZE)
+    size = _input_size(model, input_size)
     parameter = convs[0].weight
     dummy = torch.zeros(1, convs[0].in_channels, *size, device=parameter.device, dtype=parameter.dtype)
     holders = _conv_holders(model)
-    chosen: list[tuple[nn.Module, torch.Size]] = []
+    spatial: list[tuple[nn.Module, torch.Size]] = []  # every spatial layer, in the order its forward finished
 
     def record(module: nn.Module, inputs: tuple, output: object) -> None:
         if not isinstance(output, torch.Tensor) or output.dim() != 4 or output.shape[-2] * output.shape[-1] <= 1:
@@ -64,9 +108,9 @@ def target_layer(model: nn.Module) -> nn.Module:
         # A module without a convolution (BatchNorm, activation, identity) counts only when it maps the latest conv
         # feature map to one of the same shape: a transformer's [n, heads, tokens, dim] tensors are not feature maps.
         first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
-        same_shape = bool(chosen) and first is not None and first.shape == output.shape == chosen[-1][1]
+        same_shape = bool(spatial) and first is not None and first.shape == output.shape == spatial[-1][1]
         if module in holders or same_shape:
-            chosen.append((module, output.shape))
+            spatial.append((module, output.shape))
 
     modes = {module: module.training for module in model.modules()}
     handles = [m.register_forward_hook(record) for m in model.modules() if m is not model]
@@ -79,9 +123,80 @@ def target_layer(model: nn.Module) -> nn.Module:
             handle.remove()
         for module, training in modes.items():
             module.training = training
-    if not chosen:
+    if not spatial:
         raise ImgclfError(f"Grad-CAM found no layer of {type(model).__name__} with a spatial output at {size}")
-    return chosen[-1][0]
+    names = {module: name for name, module in model.named_modules()}
+    candidates = _stages(spatial, names, _stage_names(model), holders)
+    reaching = [entry for entry in candidates if min(entry[1][-2:]) >= MIN_MAP_SIDE]
+    if reaching:
+        module, shape = reaching[-1]
+    else:  # the largest map; max keeps the first of equals, so over the reversed list the deepest of them
+        module, shape = max(reversed(candidates), key=lambda entry: entry[1][-2] * entry[1][-1])
+    return CamLayer(names[module], module, (shape[-2], shape[-1]), size)
+
+
+def target_layer(model: nn.Module, input_size: int | Sequence[int] | None = None) -> nn.Module:
+    """The module Grad-CAM weighs: the deepest whose map is MIN_MAP_SIDE (7) px a side or more at `input_size`.
+
+    Falls back to the largest map when none reaches it; `cam_layer` states the rule and also gives the layer's
+    name and map size.
+
+    Args:
+        model: a classifier with at least one `nn.Conv2d`.
+        input_size: the side, or (height, width), of the images the model is used at; default the model's
+            pretrained input size, else DEFAULT_SIZE.
+
+    Returns:
+        The module whose output Grad-CAM weighs.
+
+    Raises:
+        ImgclfError: the model has no convolution, or no module with a spatial output.
+
+    Example:
+        >>> target_layer(timm.create_model("resnet18"), 224)  # model.layer4, 7x7
+    """
+    return cam_layer(model, input_size).module
+
+
+def _input_size(model: nn.Module, input_size: int | Sequence[int] | None) -> tuple[int, int]:
+    """(height, width) from a side or a shape's last two entries; default the model's pretrained size."""
+    if input_size is None:
+        config = getattr(model, "pretrained_cfg", None)
+        declared = config.get("input_size") if isinstance(config, dict) else None
+        input_size = tuple(declared)[-2:] if declared else DEFAULT_SIZE
+    sides = (
+        (input_size, input_size)
+        if isinstance(input_size, (int, np.integer))
+        else tuple(int(side) for side in input_size)[-2:]
+    )
+    if len(sides) != 2 or min(sides) < 1:
+        raise ConfigError(f"input_size: expected a side or (height, width) in pixels; received {input_size}")
+    return sides
+
+
+def _stages(
+    spatial: list[tuple[nn.Module, torch.Size]], names: dict[nn.Module, str], listed: set[str], holders: set[nn.Module]
+) -> list[tuple[nn.Module, torch.Size]]:
+    """The spatial layers Grad-CAM chooses among, in forward order: stages, else blocks, else every layer.
+
+    Stages are the modules a timm model lists in `feature_info`, plus its last spatial layer; blocks are modules
+    that contain a convolution without being one (small_cnn's conv blocks). Whole stages give steadier maps than
+    a layer inside one (on small_cnn, a block's output beat the ReLU before the next block's pooling, at the
+    same 10x10 resolution, in the pointing game of test_plots_explain).
+    """
+    stages = [entry for entry in spatial[:-1] if names[entry[0]] in listed]
+    if stages:
+        return [*stages, spatial[-1]]
+    blocks = [entry for entry in spatial if entry[0] in holders and not isinstance(entry[0], nn.Conv2d)]
+    return blocks or spatial
+
+
+def _stage_names(model: nn.Module) -> set[str]:
+    """The modules a timm model lists as its feature stages (`feature_info`); empty for other models."""
+    info = getattr(model, "feature_info", None)
+    if not isinstance(info, list):
+        return set()
+    return {entry["module"] for entry in info if isinstance(entry, dict) and "module" in entry}
 
 
 def _conv_holders(model: nn.Module) -> set[nn.Module]:
@@ -110,7 +225,7 @@ def grad_cam(
         model: a CNN classifier returning logits [n, classes].
         inputs: preprocessed images [n, C, H, W] (moved to the model's device).
         targets: the class to explain per image; default the predicted class.
-        layer: the module whose output is weighed; default `target_layer(model)`.
+        layer: the module whose output is weighed; default `target_layer(model, <the inputs' size>)`.
 
     Returns:
         float32 [n, H, W] in [0, 1] at the input size (bilinear), each map scaled to its own maximum; all zeros
@@ -121,7 +236,7 @@ def grad_cam(
     """
     if inputs.dim() != 4:
         raise ConfigError(f"inputs: expected a batch [n, C, H, W]; received shape {tuple(inputs.shape)}")
-    layer = target_layer(model) if layer is None else layer
+    layer = target_layer(model, inputs.shape[-2:]) if layer is None else layer
     parameter = next(model.parameters(), None)
     if parameter is not None:
         inputs = inputs.to(parameter.device)

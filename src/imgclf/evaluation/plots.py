@@ -17,6 +17,8 @@ import matplotlib
 matplotlib.use("Agg")  # no display needed; figures are written to files
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
@@ -116,11 +118,13 @@ def learning_curves_figure(history: Sequence[Mapping[str, Any]], best_epoch: int
 
     A dashed line marks each epoch where the phase changes (e.g. "fine-tuning starts"), a dotted one the best
     epoch; a grey band the epochs trained on smaller images (progressive resizing, `img_size` column). Missing
-    values (None, "" or NaN, as when there is no validation split) leave gaps.
+    values (None, "" or NaN, as when there is no validation split) leave gaps. With a `train_ce` column the loss
+    panel compares like with like: the training batches' plain cross-entropy against the validation
+    cross-entropy, and the training objective (`train_loss`, with label smoothing or MixUp) dashed beside them.
 
     Args:
         history: one mapping per epoch with `epoch, phase, train_loss, train_acc, val_loss, val_acc, lr,
-            seconds` (and optionally `img_size`); numbers or their strings, as read from history.csv.
+            seconds` (and optionally `train_ce`, `img_size`); numbers or their strings, as read from history.csv.
         best_epoch: the epoch whose weights were kept, if any.
 
     Returns:
@@ -133,12 +137,27 @@ def learning_curves_figure(history: Sequence[Mapping[str, Any]], best_epoch: int
     figure = Figure(figsize=(15, 4.2), layout="constrained")
     loss_axes, accuracy_axes, lr_axes = figure.subplots(1, 3)
     style = {"marker": "o", "markersize": 3.5 if len(rows) <= 60 else 0, "linewidth": 1.6}
-    for axes, key, title in ((loss_axes, "loss", "Loss"), (accuracy_axes, "acc", "Accuracy")):
+    # Train vs val on the same measure: the plain cross-entropy of the training batches (train_ce) when recorded;
+    # the objective (label smoothing, class weights, MixUp) only as a dashed line beside it, when it differs.
+    plain = _column(rows, "train_ce")
+    objective = _column(rows, "train_loss")
+    comparable = np.isfinite(plain).any()
+    for axes, key, title in ((loss_axes, "loss", "Loss (cross-entropy)"), (accuracy_axes, "acc", "Accuracy")):
         for split, color in (("train", "C0"), ("val", "C1")):
-            values = _column(rows, f"{split}_{key}")
+            values = plain if (key, split, comparable) == ("loss", "train", True) else _column(rows, f"{split}_{key}")
             if np.isfinite(values).any():
                 axes.plot(epochs, values, color=color, label="training" if split == "train" else "validation", **style)
-        axes.set_title(title)
+        axes.set_title(title if key == "acc" or comparable else "Loss")
+    if comparable and np.isfinite(objective).any() and not np.allclose(objective, plain, equal_nan=True, rtol=1e-3):
+        loss_axes.plot(
+            epochs,
+            objective,
+            color="C0",
+            linestyle="--",
+            linewidth=1.2,
+            alpha=0.6,
+            label="training objective (not comparable)",
+        )
     lrs = _column(rows, "lr")
     lr_axes.plot(epochs, lrs, color="C4", **style)
     positive = lrs[np.isfinite(lrs)]
@@ -396,8 +415,12 @@ def gradcam_figure(
     *,
     pairs_per_row: int = 4,
     title: str | None = None,
+    note: str | None = None,
 ) -> Figure:
     """Per example, the image and its Grad-CAM heat map over it, side by side under one caption.
+
+    Under the grid, a colour bar gives the heat maps' scale (each map is scaled to its own maximum, so colours
+    compare places within an image, not across images), and `note` under it.
 
     Args:
         images: the images as the model saw them (as for `image_grid_figure`).
@@ -405,9 +428,13 @@ def gradcam_figure(
         captions: one per example.
         pairs_per_row: examples per row.
         title: shown above the grid.
+        note: lines under the colour bar, e.g. `explain.CamLayer.caption()`: the layer and how coarse its map is.
 
     Returns:
-        The figure.
+        The figure: axes[0] holds the tiles, axes[1] is the colour bar.
+
+    Example:
+        >>> gradcam_figure(images, grad_cam(model, batch), captions, note=cam_layer(model, 28).caption())
     """
     _check_lengths(images=images, heatmaps=heatmaps, captions=captions)
     if not images:
@@ -416,7 +443,38 @@ def gradcam_figure(
     for image, heatmap, caption in zip(images, heatmaps, captions):
         tiles += [_Tile(image, caption, span=2), _Tile(image, "", heatmap=np.asarray(heatmap))]
     per_row = 2 * max(1, min(pairs_per_row, len(images)))
-    return _grid([tiles[i : i + per_row] for i in range(0, len(tiles), per_row)], title=title, group=2)
+    figure = _grid([tiles[i : i + per_row] for i in range(0, len(tiles), per_row)], title=title, group=2)
+    _add_cam_colour_bar(figure, note)
+    return figure
+
+
+CAM_BAR_STRIP, NOTE_LINE = 0.62, 0.16  # inches: the strip under a Grad-CAM grid (bar, ticks, label); one note line
+
+
+def _add_cam_colour_bar(figure: Figure, note: str | None) -> None:
+    """Grow a `_grid` figure at the bottom by a strip with a horizontal colour bar of the heat maps and `note`."""
+    width, height = figure.get_size_inches()
+    lines = note.split("\n") if note else []
+    strip = CAM_BAR_STRIP + NOTE_LINE * len(lines)
+    total = height + strip
+    figure.set_size_inches(width, total)
+    figure.axes[0].set_ylim(total, 0)  # the tiles' canvas covers the figure in inches from the top: it stays so
+    for text in figure.texts:  # the title keeps its distance from the top
+        text.set_y(1 - (1 - text.get_position()[1]) * height / total)
+    bar_width, bar_height, top = min(3.0, width - 2 * MARGIN), 0.11, height + 0.12
+    bar = figure.add_axes(
+        ((width - bar_width) / 2 / width, 1 - (top + bar_height) / total, bar_width / width, bar_height / total)
+    )
+    colours = ScalarMappable(Normalize(0, 1), cmap=CAM_COLORMAP)
+    colour_bar = figure.colorbar(colours, cax=bar, orientation="horizontal", ticks=[0, 0.5, 1])
+    colour_bar.ax.tick_params(labelsize=7, length=2, pad=1)
+    colour_bar.set_label("evidence for the class (each map scaled to its own maximum)", fontsize=7, labelpad=2)
+    if lines:
+        font = _clamp((width - 2 * MARGIN) * 72 / (0.55 * max(map(len, lines))), 6, 9)  # ~0.55 em a character
+        chars = round((width - 2 * MARGIN) * 72 / (0.55 * font))  # the longest line, unless the font is at 6
+        text = "\n".join(_elide(line, chars) for line in lines)
+        top = height + CAM_BAR_STRIP - 0.06
+        figure.text(0.5, 1 - top / total, text, ha="center", va="top", fontsize=font, linespacing=1.2)
 
 
 # --- image grids -------------------------------------------------------------------------------------------------

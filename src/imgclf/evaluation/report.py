@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -26,7 +27,7 @@ import numpy as np
 from imgclf.data.split import SplitManifest
 from imgclf.errors import DataError
 from imgclf.evaluation import plots
-from imgclf.evaluation.diagnose import Verdict, count_leaks, diagnose, read_history
+from imgclf.evaluation.diagnose import PRETRAINED_CANDIDATES, RunFacts, Verdict, diagnose, read_history, read_leaks
 from imgclf.files import read_csv, write_bytes_atomic, write_text_atomic
 from imgclf.progress import NO_PROGRESS, Progress
 from imgclf.tracking.runs import RunPaths, find_run
@@ -183,7 +184,8 @@ def read_run(paths: RunPaths) -> RunRecord:
 
 
 def diagnose_run(record: RunRecord) -> list[Verdict]:
-    """The diagnosis with the dataset's evidence: train counts, per-class recall, leaks, val vs test."""
+    """The diagnosis with the run's facts: split sizes, train counts, per-class recall and support, identical files
+    across splits, val vs test, the resolved config, and the pretrained weights found offline."""
     per_class = record.metrics.get("per_class", {})
     history = record.history
     val_accuracies = [row["val_acc"] for row in history if row.get("val_acc") is not None]
@@ -192,14 +194,49 @@ def diagnose_run(record: RunRecord) -> list[Verdict]:
     if val_accuracies:
         best = [row for row in history if row["epoch"] == best_epoch and row.get("val_acc") is not None]
         val_accuracy = best[0]["val_acc"] if best else max(val_accuracies)
-    return diagnose(
-        history,
+    on_test = record.metrics.get("split", "test") == "test"
+    facts = RunFacts(
         train_counts=dict(record.manifest.counts()["train"]),
         per_class_recall={name: values["recall"] for name, values in per_class.items() if values["support"]},
-        leaks=count_leaks(record.paths.duplicates),
+        per_class_support={name: int(values["support"]) for name, values in per_class.items()},
+        leaks=read_leaks(record.paths.duplicates),
+        val_images=len(record.manifest.split("val")) or None,
+        test_images=record.metrics.get("n") if on_test else None,
         val_accuracy=val_accuracy,
-        test_accuracy=record.metrics.get("accuracy"),
+        test_accuracy=record.metrics.get("accuracy") if on_test else None,
+        config=_run_config(record.config),
+        pretrained_available=pretrained_available(),
+        data=typed_path(record.env["data"]) if record.env.get("data") else "DATA",
+        run=typed_path(record.paths.root),
     )
+    return diagnose(history, facts)
+
+
+def typed_path(path: Path | str) -> str:
+    """A path as the user can type it here: relative to the working directory when below it, else absolute."""
+    absolute = Path(path).resolve()
+    try:
+        return str(absolute.relative_to(Path.cwd().resolve())) or "."
+    except ValueError:
+        return str(absolute)
+
+
+def pretrained_available() -> list[str]:
+    """The candidate pretrained models whose weights are found here without a network (an installed weights
+    package, the Hugging Face cache)."""
+    from imgclf.models.weights import offline_sources
+
+    return [name for name in PRETRAINED_CANDIDATES if offline_sources(name)]
+
+
+def _run_config(config: Mapping[str, Any]):
+    from imgclf.config import build_config
+    from imgclf.errors import ConfigError
+
+    try:
+        return build_config(dict(config))
+    except ConfigError:  # a config.yaml from another imgclf version: advice without current values
+        return None
 
 
 def draw_figures(record: RunRecord, *, device: Any = "cpu", progress: Progress = NO_PROGRESS) -> dict[str, Figure]:
@@ -221,7 +258,8 @@ def draw_figures(record: RunRecord, *, device: Any = "cpu", progress: Progress =
     add(
         "learning_curves",
         "Learning curves",
-        "Loss, accuracy and learning rate per epoch; the best epoch (kept weights) and phase changes are marked.",
+        "Loss, accuracy and learning rate per epoch; the best epoch (kept weights) and phase changes are marked. "
+        + _loss_note(record.config),
         plots.learning_curves_figure(record.history, best_epoch=best_epoch),
     )
     y_true = record.y_true
@@ -320,7 +358,7 @@ def _thumbnail(path: Path, record: RunRecord) -> np.ndarray:
 
 
 def _gradcam(record: RunRecord, rows: Sequence[Mapping[str, str]], *, device: Any, progress: Progress):
-    """Grad-CAM for the predicted class of each row, drawn on the crop the model saw."""
+    """Grad-CAM for the predicted class of each row, drawn on the crop the model saw, with the layer it weighs."""
     import torch
 
     from imgclf.data.images import load_image
@@ -328,7 +366,7 @@ def _gradcam(record: RunRecord, rows: Sequence[Mapping[str, str]], *, device: An
     from imgclf.data.transforms import eval_tensor
     from imgclf.deploy.bundle import load_bundle
     from imgclf.errors import ImageError, ImgclfError
-    from imgclf.evaluation.explain import grad_cam
+    from imgclf.evaluation.explain import cam_layer, grad_cam
 
     bundle, model = load_bundle(record.paths.model, device)
     pre = bundle.preprocessing
@@ -347,11 +385,12 @@ def _gradcam(record: RunRecord, rows: Sequence[Mapping[str, str]], *, device: An
     if not tensors:
         return None
     try:
-        heatmaps = grad_cam(model, torch.stack(tensors).to(device), targets)
+        layer = cam_layer(model, pre.img_size)  # chosen at the size the model is used at, not a dummy one
+        heatmaps = grad_cam(model, torch.stack(tensors).to(device), targets, layer=layer.module)
     except ImgclfError as exc:  # a model without convolutions: the rest of the report still stands
         log.warning("report: no Grad-CAM (%s)", exc)
         return None
-    return plots.gradcam_figure(images, list(heatmaps), captions)
+    return plots.gradcam_figure(images, list(heatmaps), captions, note=layer.caption())
 
 
 def _png(figure) -> bytes:
@@ -385,8 +424,14 @@ def _context(record: RunRecord, verdicts: Sequence[Verdict], figures: Mapping[st
         ("log loss", metrics.get("log_loss")),
         ("expected calibration error", metrics.get("ece")),
     ]
+    train_images = sum(counts["train"].values())
+    last = history[-1] if history else {}
     return {
         "run": record.paths.root.name,
+        "run_path": shlex.quote(typed_path(record.paths.root)),
+        "steps_line": _steps_line(last, train_images, config_train.get("batch_size")),
+        "loss_note": _loss_note(record.config),
+        "ece_note": _ece_note(record.config, metrics, record.probs),
         "model_name": record.model.get("arch", {}).get("name", "?"),
         "classes": classes,
         "split": metrics.get("split", "test"),
@@ -422,6 +467,72 @@ def _context(record: RunRecord, verdicts: Sequence[Verdict], figures: Mapping[st
     }
 
 
+def _steps_line(last: Mapping[str, Any], train_images: int, batch_size: Any) -> str:
+    """Optimizer steps per epoch, the batch, and any training images left out of each epoch."""
+    from imgclf.config import MIN_STEPS_PER_EPOCH
+
+    steps, seen = last.get("steps"), last.get("train_images")
+    if steps is None:
+        return f"Batch size {batch_size}."
+    line = (
+        f"{int(steps)} optimizer steps per epoch (batch {batch_size}, {int(seen or 0)} of {train_images} training "
+        "images)."
+    )
+    if steps < MIN_STEPS_PER_EPOCH:
+        line += (
+            f" Fewer than {MIN_STEPS_PER_EPOCH} steps per epoch: the model is updated a few times per epoch, so "
+            "the curves below move in large jumps and say little; a smaller batch gives more steps."
+        )
+    return line
+
+
+def _loss_note(config: Mapping[str, Any]) -> str:
+    """What the training and validation losses measure, and whether they can be compared."""
+    train = config.get("train", {})
+    smoothing, weights = train.get("label_smoothing") or 0, train.get("class_weights") == "auto"
+    mixing = config.get("augment", {}).get("preset") == "strong"
+    changes = [
+        f"label smoothing {smoothing:g} (its floor is above 0 even for a perfect model)" if smoothing else "",
+        "class weights" if weights else "",
+        "MixUp/CutMix (mixed images and targets)" if mixing else "",
+    ]
+    changes = [c for c in changes if c]
+    note = (
+        "The loss panel draws the plain cross-entropy of the training batches (solid) against the validation "
+        "cross-entropy: the same measure, so the two can be compared"
+    )
+    if changes:
+        note += (
+            f"; the training objective, with {', '.join(changes)}, is the dashed line, and it is not comparable "
+            "with the validation loss"
+        )
+    return note + ". Training batches are augmented; validation images are not."
+
+
+def _ece_note(config: Mapping[str, Any], metrics: Mapping[str, Any], probs: np.ndarray) -> str:
+    """Why a model trained with label smoothing shows a calibration error even when its answers are right."""
+    smoothing = config.get("train", {}).get("label_smoothing") or 0
+    classes = len(metrics.get("per_class", {})) or 2
+    if not smoothing or metrics.get("ece") is None or not len(probs):
+        return ""
+    target = 1 - smoothing + smoothing / classes
+    confidence, accuracy = float(probs.max(axis=1).mean()), float(metrics.get("accuracy", 0.0))
+    note = (
+        f"This model was trained with label smoothing {smoothing:g}: its target for the true class was "
+        f"{target:.3f}, not 1, so it learns to be less sure than it is right."
+    )
+    if confidence < accuracy:
+        return note + (
+            f" Here its mean confidence {confidence:.3f} is below its accuracy {accuracy:.3f}: most of the ECE "
+            f"({metrics['ece']:.3f}) is that under-confidence, expected even at 100 % accuracy (the bars sit above "
+            "the diagonal). `--calibrate` corrects it when the validation split is large enough."
+        )
+    return note + (
+        f" Even so its mean confidence {confidence:.3f} is above its accuracy {accuracy:.3f}: the ECE "
+        f"({metrics['ece']:.3f}) is over-confidence, which smoothing did not prevent."
+    )
+
+
 def _phases(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Consecutive epochs with the same phase: [{phase, first, last}]."""
     phases: list[dict[str, Any]] = []
@@ -434,32 +545,55 @@ def _phases(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _calibration_rows(record: RunRecord) -> list[tuple[str, str, str]]:
-    """(what, before, after) rows when a temperature was fitted."""
+    """(what, before, after) rows when a temperature was fitted (kept or refused)."""
     calibration = record.calibration
-    if not calibration or record.temperature == 1.0:
+    if not calibration:
         return []
     from imgclf.evaluation.metrics import expected_calibration_error
 
-    y_true = record.y_true
-    split = record.metrics.get("split", "test")
-    return [
-        ("temperature", "1", _fmt(calibration["temperature"])),
-        (
-            f"ECE, val ({calibration['n']} images, fitted here)",
-            _fmt(calibration["ece_before"]),
-            _fmt(calibration["ece_after"]),
-        ),
-        (
-            f"ECE, {split} ({len(y_true)} images)",
-            _fmt(expected_calibration_error(y_true, record.uncalibrated_probs)),
-            _fmt(expected_calibration_error(y_true, record.probs)),
-        ),
-        ("log loss, val", _fmt(calibration["log_loss_before"]), _fmt(calibration["log_loss_after"])),
-    ]
+    n = calibration["n"]
+    rows = []
+    if calibration.get("kept", True):
+        rows.append(("temperature", "1", _fmt(calibration["temperature"])))
+    else:
+        rows.append(
+            (
+                f"temperature refused ({calibration.get('refused_because')}); the model stays at T = 1",
+                "1",
+                f"{_fmt(calibration['temperature'])} (not kept)",
+            )
+        )
+    rows.append(
+        (f"ECE, val ({n} images, fitted here)", _fmt(calibration["ece_before"]), _fmt(calibration["ece_after"]))
+    )
+    if record.temperature != 1.0:
+        y_true = record.y_true
+        split = record.metrics.get("split", "test")
+        rows.append(
+            (
+                f"ECE, {split} ({len(y_true)} images)",
+                _fmt(expected_calibration_error(y_true, record.uncalibrated_probs)),
+                _fmt(expected_calibration_error(y_true, record.probs)),
+            )
+        )
+    rows.append(
+        (f"log loss, val ({n} images)", _fmt(calibration["log_loss_before"]), _fmt(calibration["log_loss_after"]))
+    )
+    return rows
 
 
 def _environment(env: Mapping[str, Any]) -> list[tuple[str, str]]:
-    rows = [(key, str(value)) for key, value in env.items() if not isinstance(value, (dict, list)) and key != "cwd"]
+    """(what, value) rows of env.json: device and imgclf version first, the repository commit with its label."""
+    labels = {"device": "device", "imgclf_version": "imgclf version"}
+    rows = [(label, str(env[key])) for key, label in labels.items() if env.get(key) is not None]
+    repository, heading = env.get("repository"), "repository commit (git, of the working directory)"
+    if isinstance(repository, dict):  # older runs have an unlabelled git_commit instead, shown as it is below
+        state = {True: "uncommitted changes", False: "clean"}.get(repository.get("dirty"), "state unknown")
+        rows.append((heading, f"{repository.get('commit') or 'no commit yet'} ({state}) in {repository.get('path')}"))
+    elif "repository" in env:
+        rows.append((heading, "none: not started in a git repository"))
+    plain = [(key, value) for key, value in env.items() if not isinstance(value, (dict, list))]
+    rows += [(key, str(value)) for key, value in plain if key not in {"cwd", *labels}]
     rows += [(f"{name}", str(version)) for name, version in env.get("packages", {}).items()]
     if env.get("command"):
         rows.append(("command", " ".join(env["command"])))

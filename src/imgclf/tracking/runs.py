@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import imgclf
 from imgclf.data.parallel import usable_cpus
 from imgclf.errors import DataError, ImgclfError
 from imgclf.files import write_json_atomic
@@ -137,7 +138,22 @@ def find_run(path: Path) -> RunPaths:
 
 
 def environment_info(*, device: str, seed: int, argv: list[str] | None = None) -> dict[str, Any]:
-    """Versions, hardware and invocation, for `env.json`."""
+    """Versions, hardware and invocation, for `env.json`.
+
+    Args:
+        device: the device the run computes on, as `imgclf.device.describe_device` names it (`cuda:0 (NVIDIA
+            H200)`, `cpu`), not the configured `auto`.
+        seed: the run's seed.
+        argv: the command line; default `sys.argv`.
+
+    Returns:
+        A JSON-ready dict. `repository` is the git repository of the working directory (the user's project, not
+        imgclf's): `{"path", "commit", "dirty"}`, or None outside any repository or without git.
+
+    Example:
+        >>> environment_info(device="cpu", seed=0)["repository"]
+        {'path': '/home/me/project', 'commit': '3f2a...', 'dirty': False}
+    """
     packages = package_versions(
         ("imgclf", "torch", "torchvision", "timm", "numpy", "pillow", "scikit-learn", "safetensors")
     )
@@ -147,10 +163,11 @@ def environment_info(*, device: str, seed: int, argv: list[str] | None = None) -
         "cpu_count": os.cpu_count(),
         "usable_cpus": usable_cpus(),
         "device": device,
+        "imgclf_version": imgclf.__version__,  # of the code that ran, installed or not
         "seed": seed,
         "command": argv if argv is not None else sys.argv,
         "cwd": str(Path.cwd()),
-        "git_commit": _git_commit(),
+        "repository": repository_info(),
         "packages": packages,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -171,9 +188,38 @@ def write_env(paths: RunPaths, info: dict[str, Any]) -> None:
     write_json_atomic(paths.env, info)
 
 
-def _git_commit() -> str | None:
+GIT_TIMEOUT = 5  # seconds per git call: a huge or networked repository must not hold up the run
+
+
+def repository_info() -> dict[str, Any] | None:
+    """The git repository the working directory is in: its top folder, HEAD commit and whether it is dirty.
+
+    `dirty` is True when tracked files differ from the commit (staged or not); untracked files, such as this
+    run's own new folder, do not count (as `git describe --dirty`). `commit` is None before the first commit.
+    None outside any repository, without git, or when git does not answer within GIT_TIMEOUT seconds.
+    """
+    top = _git("rev-parse", "--show-toplevel")
+    if top is None:
+        return None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    commit = _git("rev-parse", "--verify", "--quiet", "HEAD")
+    return {"path": top, "commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def _git(*args: str) -> str | None:
+    """git's output, stripped ("" when it prints nothing); None when git is missing, fails or times out."""
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
+        # No optional locks: `git status` would otherwise refresh the index under index.lock, which can make a
+        # git command the user runs meanwhile fail.
+        result = subprocess.run(
+            ["git", *args],
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            timeout=GIT_TIMEOUT,
+            check=False,
+            env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
+    return result.stdout.strip() if result.returncode == 0 else None

@@ -28,16 +28,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# train_loss is the objective (with label smoothing, class weights, MixUp/CutMix as configured); train_ce the
+# plain cross-entropy of the same batches, which is what val_loss measures on clean validation images.
+# val_loss_se: the standard error of val_loss over its val_images; steps: optimizer steps in the epoch;
+# train_images: images they saw.
 HISTORY_COLUMNS = (
     "epoch",
     "phase",
     "train_loss",
+    "train_ce",
     "train_acc",
     "val_loss",
+    "val_loss_se",
     "val_acc",
+    "val_images",
     "lr",
     "seconds",
     "images_per_s",
+    "steps",
+    "train_images",
     "img_size",
 )
 

@@ -7,6 +7,7 @@ through or was resumed from a checkpoint.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -33,6 +34,7 @@ class EpochProgress:
 
     step: int = 0
     loss_sum: float = 0.0
+    ce_sum: float = 0.0  # plain cross-entropy (no label smoothing, no class weights) of the training batches
     correct: int = 0
     seen: int = 0
     seconds: float = 0.0
@@ -42,6 +44,10 @@ class EpochProgress:
     @property
     def loss(self) -> float:
         return self.loss_sum / max(self.seen, 1)
+
+    @property
+    def cross_entropy(self) -> float:
+        return self.ce_sum / max(self.seen, 1)
 
     @property
     def accuracy(self) -> float:
@@ -101,6 +107,7 @@ class EpochResult:
     accuracy: float
     images: int
     seconds: float
+    loss_se: float = float("nan")  # standard error of the mean loss over the images
 
 
 BatchHook = Callable[[int, torch.Tensor, int], None]
@@ -160,6 +167,7 @@ def train_one_epoch(
     # Continue the sums of a resumed epoch, in float64: the additions happen in the same order as in an
     # uninterrupted epoch, so its history row comes out identical.
     total_loss = torch.tensor(progress.loss_sum, device=device, dtype=torch.float64)
+    total_ce = torch.tensor(progress.ce_sum, device=device, dtype=torch.float64)
     correct = torch.tensor(progress.correct, device=device, dtype=torch.long)
     seen = progress.seen
     batches = _iter_from(loader, progress.step)
@@ -202,6 +210,9 @@ def train_one_epoch(
         batch = targets.shape[0]
         hard = targets.argmax(1) if targets.ndim == 2 else targets
         total_loss += loss.detach().double() * batch
+        # the objective is not comparable with val loss under label smoothing, class weights or MixUp/CutMix: the
+        # plain cross-entropy of the same logits (against the mixed targets under MixUp) is, as far as it goes
+        total_ce += F.cross_entropy(logits.detach().float(), targets, reduction="sum").double()
         correct += (logits.detach().argmax(1) == hard).sum()
         seen += batch
         if on_batch is not None:
@@ -214,6 +225,7 @@ def train_one_epoch(
     done = EpochProgress(
         step=index + 1,
         loss_sum=float(total_loss.item()),
+        ce_sum=float(total_ce.item()),
         correct=int(correct.item()),
         seen=seen,
         seconds=progress.seconds + time.perf_counter() - start,
@@ -234,11 +246,12 @@ def _iter_from(loader: Iterable, step: int):
 
 @torch.no_grad()
 def evaluate_epoch(model: nn.Module, loader: Iterable, compute: Compute) -> EpochResult:
-    """Mean cross-entropy (no label smoothing, no class weights) and accuracy over `loader`."""
+    """Mean cross-entropy (no label smoothing, no class weights), its standard error, and accuracy over `loader`."""
     model.eval()
     device = compute.device
     start = time.perf_counter()
-    total_loss = torch.zeros((), device=device)
+    total_loss = torch.zeros((), device=device, dtype=torch.float64)
+    total_square = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for images, targets in loader:
@@ -246,10 +259,15 @@ def evaluate_epoch(model: nn.Module, loader: Iterable, compute: Compute) -> Epoc
         targets = targets.to(device, non_blocking=True)
         with compute.autocast():
             logits = model(images)
-        total_loss += F.cross_entropy(logits.float(), targets, reduction="sum")
+        losses = F.cross_entropy(logits.float(), targets, reduction="none").double()
+        total_loss += losses.sum()
+        total_square += (losses * losses).sum()
         correct += (logits.argmax(1) == targets).sum()
         seen += targets.shape[0]
-    return EpochResult(_mean(total_loss, seen), _mean(correct, seen), seen, time.perf_counter() - start)
+    mean = _mean(total_loss, seen)
+    variance = max(0.0, _mean(total_square, seen) - mean * mean) * seen / max(seen - 1, 1)
+    se = math.sqrt(variance / seen) if seen > 1 else float("nan")
+    return EpochResult(mean, _mean(correct, seen), seen, time.perf_counter() - start, se)
 
 
 def fit(
@@ -330,12 +348,17 @@ def fit(
             "epoch": epoch,
             "phase": state.phase or "train",
             "train_loss": progress.loss,
+            "train_ce": progress.cross_entropy,
             "train_acc": progress.accuracy,
             "val_loss": val.loss,
+            "val_loss_se": val.loss_se,
             "val_acc": val.accuracy,
+            "val_images": val.images,
             "lr": progress.lr,
             "seconds": round(progress.seconds + val.seconds, 3),
             "images_per_s": round(progress.seen / max(progress.seconds, 1e-9), 1),
+            "steps": progress.step,
+            "train_images": progress.seen,
         }
         if img_size is not None:
             row["img_size"] = img_size
