@@ -12,8 +12,8 @@ from torch import nn
 from imgclf.errors import CheckpointError, ConfigError
 from imgclf.training.callbacks import EarlyStopping, Monitor
 from imgclf.training.checkpoint import load_checkpoint, save_checkpoint
-from imgclf.training.engine import FitState
 from imgclf.training.optim import build_loss, build_optimizer, build_schedule
+from imgclf.training.state import FitState
 
 
 def tiny_model() -> nn.Module:

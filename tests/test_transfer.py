@@ -37,8 +37,9 @@ from imgclf.models.weights import (
     read_state_dict,
 )
 from imgclf.training.callbacks import Phases
-from imgclf.training.engine import FitState, fit
+from imgclf.training.engine import fit
 from imgclf.training.optim import LRSchedule, build_loss, build_optimizer, build_schedule, find_lr
+from imgclf.training.state import FitState
 
 LITE0 = "tf_efficientnet_lite0"
 CPU = Compute(torch.device("cpu"))

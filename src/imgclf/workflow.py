@@ -146,15 +146,15 @@ def lr_find(
         >>> imgclf.lr_find("data/", {"model": {"name": "resnet18"}}).suggestion
         0.0021
     """
-    from imgclf import recipe
+    from imgclf import builders
     from imgclf.device import resolve_compute
 
     prepared = _prepare(Path(data), build_config(config), progress=progress)
     config, manifest = prepared.config, prepared.manifest
     compute = resolve_compute(config.train.device, config.train.precision, config.train.channels_last)
     pre = _preprocessing(config)
-    loaders = recipe.make_loaders(config, manifest, pre, compute, progress=progress)
-    return recipe.find_learning_rate(
+    loaders = builders.make_loaders(config, manifest, pre, compute, progress=progress)
+    return builders.find_learning_rate(
         config,
         manifest,
         pre,
@@ -419,7 +419,7 @@ def _train_run(
     evaluation -> report."""
     import torch
 
-    from imgclf import recipe
+    from imgclf import builders
     from imgclf.deploy.bundle import ModelBundle, save_bundle
     from imgclf.deploy.predict import Predictor
     from imgclf.deploy.runtimes import TorchRuntime
@@ -435,16 +435,16 @@ def _train_run(
         save_config(config, paths.config)
     pre = _preprocessing(config)
     # 1. data; an LR from the LR finder when asked for
-    loaders = recipe.make_loaders(config, manifest, pre, compute, progress=progress)
+    loaders = builders.make_loaders(config, manifest, pre, compute, progress=progress)
     steps = len(loaders.train)
     if train_cfg.lr == "auto":
-        found = recipe.find_learning_rate(config, manifest, pre, compute, loaders.train, steps, weights, paths.root)
+        found = builders.find_learning_rate(config, manifest, pre, compute, loaders.train, steps, weights, paths.root)
         config = build_config(config, {"train.lr": found.suggestion})
         save_config(config, paths.config)
     # 2. model (pretrained weights under a new head), optimizer, loss, phases; or the saved state when resuming
     stopping = config.train.early_stopping
     monitor = cb.Monitor.resolve(stopping.monitor, stopping.mode)
-    state, spec, loss_fn, phases = recipe.make_fit_state(config, manifest, pre, steps, monitor.mode, compute, weights)
+    state, spec, loss_fn, phases = builders.make_fit_state(config, manifest, pre, steps, monitor.mode, compute, weights)
     if checkpoint is not None:
         state.restore_counters(checkpoint.meta)
         state.model.load_state_dict(checkpoint.model)
@@ -494,7 +494,7 @@ def _train_run(
                 seed=train_cfg.seed,
                 monitor=monitor.name,
                 grad_clip=train_cfg.grad_clip,
-                mix=recipe.mixing(config, len(classes)),
+                mix=builders.mixing(config, len(classes)),
                 should_stop=should_stop,
                 callbacks=callbacks,
                 resolution=_resolution_schedule(config, pre),
@@ -592,7 +592,7 @@ def _prepare(data: Path, config: RunConfig, *, progress: Progress) -> _Prepared:
     from imgclf.device import select_device
     from imgclf.models.registry import check_model_name
     from imgclf.models.weights import check_pretrained_request, find_weights
-    from imgclf.recipe import is_pretrained
+    from imgclf.builders import is_pretrained
 
     model = config.model
     check_model_name(model.name)

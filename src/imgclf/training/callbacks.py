@@ -21,9 +21,9 @@ from imgclf.files import write_csv_atomic
 from imgclf.models.finetune import Phase, phase_at, set_phase_lrs, set_trainable
 from imgclf.progress import Progress, Task
 from imgclf.training.checkpoint import load_checkpoint, save_checkpoint
+from imgclf.training.state import Callback, FitState
 
 if TYPE_CHECKING:
-    from imgclf.training.engine import FitState
     from imgclf.training.optim import LRSchedule
 
 log = logging.getLogger(__name__)
@@ -49,28 +49,6 @@ HISTORY_COLUMNS = (
     "train_images",
     "img_size",
 )
-
-
-class Callback:
-    """Hooks called by `fit()`; each does nothing unless overridden."""
-
-    def on_fit_start(self, state: FitState) -> None:
-        pass
-
-    def on_epoch_start(self, state: FitState) -> None:
-        pass
-
-    def on_batch_end(self, state: FitState, index: int, loss: torch.Tensor, batch_size: int) -> None:
-        pass
-
-    def on_epoch_end(self, state: FitState, row: dict[str, float]) -> None:
-        pass
-
-    def on_fit_end(self, state: FitState) -> None:
-        pass
-
-    def on_interrupt(self, state: FitState) -> None:
-        """Training stops mid-epoch (a signal); `state.progress` says where."""
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,83 +21,8 @@ from torch.optim import Optimizer
 
 from imgclf.device import Compute
 from imgclf.errors import TrainingDiverged
-from imgclf.training.callbacks import Callback
 from imgclf.training.optim import LRSchedule, current_lr
-
-
-@dataclass
-class EpochProgress:
-    """Where a training epoch stands: batches done and the running sums of its history row. Saved in the
-    checkpoint of a graceful stop, so that the resumed epoch continues at the next batch and ends with the row
-    an uninterrupted epoch would have written."""
-
-    step: int = 0
-    loss_sum: float = 0.0
-    ce_sum: float = 0.0  # plain cross-entropy (no label smoothing, no class weights) of the training batches
-    correct: int = 0
-    seen: int = 0
-    seconds: float = 0.0
-    lr: float | None = None  # the LR at the start of the epoch, for its history row
-    rng: list[int] | None = None  # torch's CPU generator state after the last finished batch
-
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / max(self.seen, 1)
-
-    @property
-    def cross_entropy(self) -> float:
-        return self.ce_sum / max(self.seen, 1)
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / max(self.seen, 1)
-
-
-@dataclass
-class FitState:
-    """What the loop and its callbacks share. The counters and history are saved in checkpoints."""
-
-    model: nn.Module
-    optimizer: Optimizer
-    schedule: LRSchedule
-    epochs: int
-    epoch: int = 0  # completed epochs
-    history: list[dict[str, float]] = field(default_factory=list)
-    best_epoch: int | None = None
-    best_metric: float | None = None
-    stop_reason: str | None = None
-    phase: str | None = None  # set by the Phases callback: train | frozen | fine-tune
-    frozen_norms: list[nn.Module] = field(default_factory=list)  # BatchNorms kept in eval mode while training
-    scaler: torch.amp.GradScaler | None = None  # fp16 on CUDA only
-    progress: EpochProgress | None = None  # a partly trained epoch, after a graceful stop
-    interrupted_by: str | None = None  # why training stopped mid-epoch (a signal, too many bad images)
-
-    def counters(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "epochs": self.epochs,
-            "history": self.history,
-            "best_epoch": self.best_epoch,
-            "best_metric": self.best_metric,
-            "stop_reason": self.stop_reason,
-            "phase": self.phase,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "progress": asdict(self.progress) if self.progress is not None else None,
-        }
-
-    def restore_counters(self, counters: dict[str, Any]) -> None:
-        self.epoch = int(counters["epoch"])
-        self.history = [dict(row) for row in counters["history"]]
-        self.best_epoch = counters["best_epoch"]
-        self.best_metric = counters["best_metric"]
-        self.stop_reason = counters["stop_reason"]
-        if self.scaler is not None and counters.get("scaler"):
-            self.scaler.load_state_dict(counters["scaler"])
-        self.progress = EpochProgress(**counters["progress"]) if counters.get("progress") else None
-
-    @property
-    def finished(self) -> bool:
-        return self.epoch >= self.epochs or self.stop_reason is not None
+from imgclf.training.state import Callback, EpochProgress, FitState
 
 
 @dataclass(frozen=True)

@@ -201,8 +201,9 @@ def make_fit_state(
     from imgclf.models.registry import build_model, model_spec
     from imgclf.models.weights import load_pretrained
     from imgclf.training.callbacks import Phases
-    from imgclf.training.engine import FitState, seed_epoch
+    from imgclf.training.engine import seed_epoch
     from imgclf.training.optim import LRSchedule, build_loss, build_optimizer, build_schedule
+    from imgclf.training.state import FitState
 
     train = config.train
     if train.lr == "auto":
