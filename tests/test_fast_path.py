@@ -15,6 +15,7 @@ from PIL import Image
 
 import imgclf
 from conftest import FAST, write_digits
+from imgclf.cpus import usable_cpus
 from imgclf.data import cache as cache_module
 from imgclf.data.batch_transforms import (
     BatchAugment,
@@ -27,7 +28,6 @@ from imgclf.data.batch_transforms import (
 from imgclf.data.cache import choose_mode, decoded_images, fingerprint
 from imgclf.data.images import load_image
 from imgclf.data.loaders import CachedLoader
-from imgclf.data.parallel import usable_cpus
 from imgclf.data.transforms import Preprocessing, eval_transform, progressive_size
 from imgclf.device import compile_in_place, resolve_compute
 from imgclf.errors import ConfigError

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from imgclf.data.parallel import usable_cpus
+from imgclf.cpus import usable_cpus
 from imgclf.errors import ConfigError
 
 

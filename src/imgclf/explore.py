@@ -147,8 +147,8 @@ def preview_augmentation(
     from imgclf.data.batch_transforms import BatchAugment
     from imgclf.data.cache import stored_square
     from imgclf.data.preprocessing import Preprocessing, eval_pixels
+    from imgclf.data.scan import collect_inputs
     from imgclf.data.transforms import auto_img_size, resolve_preset
-    from imgclf.deploy.predict import collect_inputs
     from imgclf.evaluation.plots import augmentation_preview_figure
 
     root = Path(data)

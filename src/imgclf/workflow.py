@@ -289,7 +289,8 @@ def predict(
         >>> imgclf.predict("runs/x/model/model.onnx", ["photos/"], top_k=3, out="preds.csv")[0].label
         'cat'
     """
-    from imgclf.deploy.predict import OUTPUT_FORMATS, Predictor, collect_inputs, write_predictions
+    from imgclf.data.scan import collect_inputs
+    from imgclf.deploy.predict import OUTPUT_FORMATS, Predictor, write_predictions
 
     if out_format not in OUTPUT_FORMATS:  # before any work
         raise ConfigError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}; received '{out_format}'")
@@ -589,10 +590,10 @@ class _Prepared:
 
 def _prepare(data: Path, config: RunConfig, *, progress: Progress) -> _Prepared:
     """Check the model, device and pretrained weights (fast failures first), then scan, split and resolve."""
+    from imgclf.builders import is_pretrained
     from imgclf.device import select_device
     from imgclf.models.registry import check_model_name
     from imgclf.models.weights import check_pretrained_request, find_weights
-    from imgclf.builders import is_pretrained
 
     model = config.model
     check_model_name(model.name)

@@ -11,8 +11,8 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from imgclf.cpus import usable_cpus
 from imgclf.data.images import Color, load_image
-from imgclf.data.parallel import usable_cpus
 from imgclf.errors import ImageError
 
 log = logging.getLogger(__name__)

@@ -5,20 +5,19 @@ pool checked 28x28 PNGs only ~1.2x as fast as one thread. Forked processes each 
 they inherit the function and its data without pickling, and write into shared memory maps (the cache array)
 directly. Fork exists on Linux only (macOS and Windows spawn, which would re-run an unguarded user script), and
 starting processes is not worth it for small jobs: there, and for jobs below `PROCESS_MIN_ITEMS`, a thread pool
-does the work. `usable_cpus` counts the cores a process may really use (affinity and container quota).
+does the work, one per usable core (`imgclf.cpus.usable_cpus`).
 """
 
 from __future__ import annotations
 
-import math
 import multiprocessing
-import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TypeVar
+
+from imgclf.cpus import usable_cpus
 
 T = TypeVar("T")
 
@@ -71,32 +70,3 @@ def _call(index: int):
 def _single_threaded() -> None:
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
-
-
-def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
-    """CPU cores this process may run on: its affinity mask, capped by a cgroup CPU quota (a container started
-    with `--cpus 2` on a 64-core host sees 64 cores, and 64 compute threads there run far slower than 2).
-
-    Example:
-        >>> usable_cpus() >= 1
-        True
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    quota = _cgroup_cpu_quota(cgroup)
-    return max(1, min(cores, math.ceil(quota))) if quota else cores
-
-
-def _cgroup_cpu_quota(cgroup: Path) -> float | None:
-    """CPUs' worth of time the cgroup allows (v2 `cpu.max`, or v1's cfs files); None when unlimited or unknown."""
-    try:
-        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
-    except (OSError, ValueError):
-        try:
-            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
-            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
-        except OSError:
-            return None
-    try:
-        return int(quota) / int(period) if int(quota) > 0 else None
-    except (ValueError, ZeroDivisionError):
-        return None  # "max": no quota

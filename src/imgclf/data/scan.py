@@ -14,18 +14,21 @@ User files are only ever opened for reading.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import os
 import unicodedata
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Literal
 
+from imgclf.cpus import usable_cpus
 from imgclf.data.images import DEFAULT_MAX_PIXELS, is_single_channel, open_image
-from imgclf.data.parallel import map_indices, usable_cpus
+from imgclf.data.parallel import map_indices
 from imgclf.errors import DataError, ImageError
 from imgclf.progress import NO_PROGRESS, Progress
 
@@ -386,3 +389,33 @@ def _is_skipped(name: str) -> bool:
 
 def looks_like_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand files, folders (recursively; image files by extension or content) and glob patterns, in order.
+
+    A path that does not exist and matches nothing is kept, so that its prediction row reports the error.
+    """
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += [p for p in walk_files(path).files if looks_like_image(p) or _sniff(p)]
+        elif path.exists():
+            found.append(path)
+        elif glob.has_magic(str(item)):
+            matches = sorted(glob.glob(str(item), recursive=True))
+            found += [Path(m) for m in matches if Path(m).is_file()]
+            if not matches:
+                log.warning("pattern %s matched no files", item)
+        else:
+            found.append(path)
+    return found
+
+
+def _sniff(path: Path) -> bool:
+    try:
+        with open_image(path):
+            return True
+    except (ImageError, OSError):
+        return False

@@ -7,21 +7,19 @@ preprocessing are `data.images.load_image` and `data.preprocessing.eval_array`, 
 
 from __future__ import annotations
 
-import glob
 import itertools
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from imgclf.data.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, open_image, to_mode
+from imgclf.data.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, to_mode
 from imgclf.data.parallel import map_indices
 from imgclf.data.preprocessing import Preprocessing, eval_array
-from imgclf.data.scan import looks_like_image, walk_files
 from imgclf.deploy.bundle import ModelBundle
 from imgclf.deploy.runtimes import Runtime
 from imgclf.errors import CheckpointError, ConfigError, ImageError
@@ -223,28 +221,6 @@ def prepare(source: ImageSource | Image.Image, pre: Preprocessing, *, max_pixels
     return eval_array(image, pre)
 
 
-def collect_inputs(inputs: Iterable[str | Path]) -> list[Path]:
-    """Expand files, folders (recursively; image files by extension or content) and glob patterns, in order.
-
-    A path that does not exist and matches nothing is kept, so that its prediction row reports the error.
-    """
-    found: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found += [p for p in walk_files(path).files if looks_like_image(p) or _sniff(p)]
-        elif path.exists():
-            found.append(path)
-        elif glob.has_magic(str(item)):
-            matches = sorted(glob.glob(str(item), recursive=True))
-            found += [Path(m) for m in matches if Path(m).is_file()]
-            if not matches:
-                log.warning("pattern %s matched no files", item)
-        else:
-            found.append(path)
-    return found
-
-
 def write_predictions(predictions: Sequence[Prediction], path: Path, *, top_k: int, format: str = "csv") -> None:
     """Write predictions atomically: CSV `path, class_1, probability_1, ..., class_k, probability_k, error`, or
     JSON Lines, one `{"path", "classes", "probabilities", "error"}` object per input."""
@@ -280,14 +256,6 @@ def write_predictions(predictions: Sequence[Prediction], path: Path, *, top_k: i
         row.append(prediction.error or "")
         rows.append(row)
     write_csv_atomic(path, header, rows)
-
-
-def _sniff(path: Path) -> bool:
-    try:
-        with open_image(path):
-            return True
-    except (ImageError, OSError):
-        return False
 
 
 def _describe(source: object) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import imgclf
-from imgclf.data.parallel import usable_cpus
+from imgclf.cpus import usable_cpus
 from imgclf.errors import DataError, ImgclfError
 from imgclf.files import write_json_atomic
 
