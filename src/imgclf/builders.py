@@ -190,14 +190,17 @@ def make_fit_state(
     mode: str,
     compute: Compute,
     weights=None,
+    *,
+    extend_from: int | None = None,
 ):
     """A freshly initialised (seeded) model with pretrained weights if given, its optimizer, the training loss,
-    and the phase plan whose `enter` sets trainable layers, learning rates and the LR schedule.
+    and the phase plan whose `enter` sets trainable layers, learning rates and the LR schedule. `extend_from`:
+    the epochs a finished run had; the plan gets an extension phase up to `train.epochs` (`extend_phases`).
 
     Returns:
         (FitState, ModelSpec, loss, Phases callback).
     """
-    from imgclf.models.finetune import plan_phases
+    from imgclf.models.finetune import extend_phases, plan_phases
     from imgclf.models.registry import build_model, model_spec
     from imgclf.models.weights import load_pretrained
     from imgclf.training.callbacks import Phases
@@ -233,13 +236,15 @@ def make_fit_state(
         class_counts=[counts[c] for c in classes] if train.class_weights == "auto" else None,
     ).to(compute.device)
     plan = plan_phases(
-        epochs=train.epochs,
+        epochs=extend_from or train.epochs,
         freeze_epochs=train.freeze_epochs,
         lr=train.lr,
         finetune_lr=train.finetune_lr,
         unfreeze=train.unfreeze,
         keep_pretrained_norms=is_pretrained(config) and train.pretrained_bn == "frozen",
     )
+    if extend_from is not None:
+        plan = extend_phases(plan, done=extend_from, epochs=train.epochs)
 
     def make_schedule(phase) -> LRSchedule:
         return build_schedule(

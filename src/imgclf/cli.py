@@ -117,6 +117,54 @@ ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML config
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="any config key, e.g. --set train.warmup_epochs=2")]
 
 
+# The config key behind each command-line flag (by the command function's parameter name); written once for every
+# command that takes them (train, lr-find).
+FLAG_KEYS = {
+    "model": "model.name",
+    "pretrained": "model.pretrained",
+    "weights": "model.weights",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "lr": "train.lr",
+    "freeze_epochs": "train.freeze_epochs",
+    "unfreeze": "train.unfreeze",
+    "finetune_lr": "train.finetune_lr",
+    "layer_decay": "train.layer_decay",
+    "optimizer": "train.optimizer",
+    "scheduler": "train.scheduler",
+    "weight_decay": "train.weight_decay",
+    "label_smoothing": "train.label_smoothing",
+    "augment": "augment.preset",
+    "hflip": "augment.hflip",
+    "img_size": "data.img_size",
+    "color": "data.color",
+    "patience": "train.early_stopping.patience",
+    "class_weights": "train.class_weights",
+    "seed": "train.seed",
+    "device": "train.device",
+    "workers": "data.num_workers",
+    "cache": "data.cache",
+    "cache_dir": "data.cache_dir",
+    "precision": "train.precision",
+    "compile_": "train.compile",
+    "deterministic": "train.deterministic",
+    "calibrate": "train.calibrate",
+}
+
+
+def config_flags(params: dict[str, Any]) -> dict[str, Any]:
+    """{config key: value} for the flags among a command's parameters (None = not given)."""
+    return {key: params[name] for name, key in FLAG_KEYS.items() if name in params}
+
+
+def flag_name(key: str) -> str:
+    """The flag of a config key (`train.lr` -> `--lr`), or `--set key` for keys without one."""
+    for name, flag_key in FLAG_KEYS.items():
+        if flag_key == key:
+            return "--" + name.rstrip("_").replace("_", "-")
+    return f"--set {key}"
+
+
 def run_config_from(config_file: Path | None, flags: dict[str, Any], assignments: list[str] | None):
     """Defaults < YAML file < flags < --set assignments."""
     from imgclf.config import build_config, load_config, parse_assignments
@@ -194,41 +242,29 @@ def train(
 ) -> None:
     """Train a classifier, keep the best epoch by validation, evaluate it on the test split and write the report."""
     from imgclf import workflow
+    from imgclf.config import parse_assignments
 
+    flags = config_flags(locals())
     if resume is not None:
-        result = workflow.train(None, resume=resume, epochs=epochs, report=report, progress=RichProgress())
+        given = [key for key, value in flags.items() if value is not None]
+        refused = [flag_name(key) for key in given if key not in workflow.RESUME_SETTINGS]
+        refused += [label for label, value in (("DATA", data), ("--config", config), ("--name", name)) if value]
+        settings = {key: value for key, value in flags.items() if key in workflow.RESUME_SETTINGS}
+        for key, value in parse_assignments(set_ or []).items():
+            if key not in workflow.RESUME_SETTINGS:
+                refused.append(f"--set {key}")
+            settings[key] = value
+        if refused:
+            raise typer.BadParameter(
+                f"--resume continues {resume} with the settings it was trained with; {', '.join(refused)} would make "
+                "it another run (start a new one for that). On resume these apply: "
+                + ", ".join(sorted(flag_name(key) for key in workflow.RESUME_SETTINGS)),
+                param_hint="--resume",
+            )
+        result = workflow.train(
+            None, resume=resume, epochs=epochs, resume_settings=settings, report=report, progress=RichProgress()
+        )
     else:
-        flags = {
-            "model.name": model,
-            "model.pretrained": pretrained,
-            "model.weights": weights,
-            "train.epochs": epochs,
-            "train.batch_size": batch_size,
-            "train.lr": lr,
-            "train.freeze_epochs": freeze_epochs,
-            "train.unfreeze": unfreeze,
-            "train.finetune_lr": finetune_lr,
-            "train.layer_decay": layer_decay,
-            "train.optimizer": optimizer,
-            "train.scheduler": scheduler,
-            "train.weight_decay": weight_decay,
-            "train.label_smoothing": label_smoothing,
-            "augment.preset": augment,
-            "augment.hflip": hflip,
-            "data.img_size": img_size,
-            "data.color": color,
-            "train.early_stopping.patience": patience,
-            "train.class_weights": class_weights,
-            "train.seed": seed,
-            "train.device": device,
-            "data.num_workers": workers,
-            "data.cache": cache,
-            "data.cache_dir": cache_dir,
-            "train.precision": precision,
-            "train.compile": compile_,
-            "train.deterministic": deterministic,
-            "train.calibrate": calibrate,
-        }
         run_config = run_config_from(config, flags, set_)
         result = workflow.train(data, run_config, out=out, name=name, report=report, progress=RichProgress())
     if result.metrics:
@@ -588,15 +624,7 @@ def lr_find(
     """
     from imgclf import workflow
 
-    flags = {
-        "model.name": model,
-        "model.pretrained": pretrained,
-        "model.weights": weights,
-        "train.freeze_epochs": freeze_epochs,
-        "train.batch_size": batch_size,
-        "data.img_size": img_size,
-        "train.device": device,
-    }
+    flags = config_flags(locals())
     if freeze_epochs:  # freeze_epochs must stay below epochs, which lr-find does not use
         flags["train.epochs"] = freeze_epochs + 1
     result = workflow.lr_find(

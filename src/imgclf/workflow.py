@@ -82,6 +82,7 @@ def train(
     name: str | None = None,
     resume: Path | str | None = None,
     epochs: int | None = None,
+    resume_settings: Mapping[str, Any] | None = None,
     report: bool = True,
     progress: Progress = NO_PROGRESS,
 ) -> TrainResult:
@@ -94,6 +95,8 @@ def train(
         name: run folder name; default `<model>-<timestamp>`.
         resume: an existing run folder to continue from its last checkpoint.
         epochs: with `resume`, a new total number of epochs (to extend a finished run).
+        resume_settings: with `resume`, other settings to change, as dotted keys (`{"train.device": "cuda"}`); only
+            `RESUME_SETTINGS` may change, anything else is a ConfigError naming it.
         report: write report.html and report.md into the run folder at the end (see `report`).
         progress: progress reporter (the CLI passes a rich one).
 
@@ -106,7 +109,8 @@ def train(
         0.97
     """
     if resume is not None:
-        return _resume(Path(resume), epochs=epochs, report=report, progress=progress)
+        settings = {**(resume_settings or {}), "train.epochs": epochs}
+        return _resume(Path(resume), settings=settings, report=report, progress=progress)
     if data is None:
         raise ConfigError("train needs a data folder (or --resume runs/<name>)")
     check_writable(Path(out))
@@ -415,6 +419,7 @@ def _train_run(
     checkpoint=None,
     weights=None,
     report: bool = True,
+    extend_from: int | None = None,
 ) -> TrainResult:
     """The recipe: loaders -> model, optimizer, phases -> callbacks -> fit -> bundle (-> temperature) -> test
     evaluation -> report."""
@@ -445,7 +450,9 @@ def _train_run(
     # 2. model (pretrained weights under a new head), optimizer, loss, phases; or the saved state when resuming
     stopping = config.train.early_stopping
     monitor = cb.Monitor.resolve(stopping.monitor, stopping.mode)
-    state, spec, loss_fn, phases = builders.make_fit_state(config, manifest, pre, steps, monitor.mode, compute, weights)
+    state, spec, loss_fn, phases = builders.make_fit_state(
+        config, manifest, pre, steps, monitor.mode, compute, weights, extend_from=extend_from
+    )
     if checkpoint is not None:
         state.restore_counters(checkpoint.meta)
         state.model.load_state_dict(checkpoint.model)
@@ -558,26 +565,81 @@ def _out_of_memory(exc: Exception, batch_size: int) -> ImgclfError:
     )
 
 
-def _resume(run_dir: Path, *, epochs: int | None, report: bool, progress: Progress) -> TrainResult:
+# What `--resume` may change: where and how the rest of the run computes, how long it goes on. Everything else
+# (model, data, optimisation, augmentation) would make it another run, and is refused (see `_resume`).
+RESUME_SETTINGS = (
+    "train.epochs",
+    "train.early_stopping.patience",
+    "train.device",
+    "train.precision",
+    "train.compile",
+    "train.deterministic",
+    "train.calibrate",
+    "data.num_workers",
+    "data.cache",
+    "data.cache_dir",
+)
+
+
+def _resume(run_dir: Path, *, settings: Mapping[str, Any], report: bool, progress: Progress) -> TrainResult:
+    """Continue a run from `checkpoints/last.safetensors`, or train a finished one further.
+
+    `settings` may change only `RESUME_SETTINGS`. A finished run (all its epochs, or stopped early) trained to a
+    larger `train.epochs` gets an extension phase: a fresh warmup and schedule over the added epochs, at the last
+    phase's peak LR. An unfinished run given another `train.epochs` has its schedule re-planned to that length.
+    """
     from imgclf.training.checkpoint import load_checkpoint
 
     paths = find_run(run_dir)
-    config = load_config(paths.config, {"train.epochs": epochs})
-    if epochs is not None:
+    given = {key: value for key, value in settings.items() if value is not None}
+    refused = sorted(set(given) - set(RESUME_SETTINGS))
+    if refused:
+        raise ConfigError(
+            f"--resume continues {paths.root} with the settings it was trained with; {', '.join(refused)} would make "
+            f"it another run and cannot change (start a new run for that). On resume these may change: "
+            f"{', '.join(RESUME_SETTINGS)}"
+        )
+    previous = load_config(paths.config)
+    config = load_config(paths.config, given)
+    if config != previous:
         save_config(config, paths.config)
+        log.info("on resume: %s", ", ".join(f"{key} = {value}" for key, value in given.items()))
     manifest = SplitManifest.load(paths.manifest)
     checkpoint = load_checkpoint(paths.checkpoints / "last.safetensors")
     saved_classes = tuple(checkpoint.meta.get("classes", manifest.classes))
     if saved_classes != manifest.classes:
         raise DataError(f"{paths.manifest} classes {manifest.classes} differ from the checkpoint's {saved_classes}")
-    done = int(checkpoint.meta["epoch"])
-    if checkpoint.meta.get("stop_reason") or done >= config.train.epochs:
-        reason = checkpoint.meta.get("stop_reason") or f"all {config.train.epochs} epochs are done"
-        raise ImgclfError(
-            f"run {paths.root} is already finished ({reason}); pass --epochs N (N > {done}) to train further"
+    done, planned = int(checkpoint.meta["epoch"]), int(checkpoint.meta["epochs"])
+    stop_reason = checkpoint.meta.get("stop_reason")
+    epochs = config.train.epochs
+    extend_from = None
+    if stop_reason or done >= planned:
+        if epochs <= done:
+            reason = stop_reason or f"all {planned} epochs are done"
+            raise ImgclfError(
+                f"run {paths.root} is already finished ({reason}); pass --epochs N (N > {done}) to train further"
+            )
+        extend_from, checkpoint.meta["stop_reason"] = done, None
+        log.info(
+            "training the finished run further, from %d to %d epochs: an extension phase with a fresh warmup and "
+            "%s schedule over the %d added epochs, at the last phase's peak learning rate%s",
+            done,
+            epochs,
+            config.train.scheduler,
+            epochs - done,
+            "; early stopping counts on from the history (raise --patience to give it room)" if stop_reason else "",
         )
-    checkpoint.meta["epochs"] = config.train.epochs
-    return _train_run(paths, config, manifest, progress=progress, checkpoint=checkpoint, report=report)
+    elif epochs != planned:
+        log.info(
+            "the unfinished run is re-planned from %d to %d epochs: its LR schedule stretches to the new length and "
+            "continues from where it stopped",
+            planned,
+            epochs,
+        )
+    checkpoint.meta["epochs"] = epochs
+    return _train_run(
+        paths, config, manifest, progress=progress, checkpoint=checkpoint, report=report, extend_from=extend_from
+    )
 
 
 @dataclass(frozen=True)

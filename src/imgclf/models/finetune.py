@@ -71,6 +71,21 @@ def plan_phases(
     ]
 
 
+def extend_phases(phases: list[Phase], *, done: int, epochs: int) -> list[Phase]:
+    """The plan of a finished run trained further: its phases up to `done`, then an "extension" phase for the
+    added epochs with the last phase's peak LR and trainable stages, and a schedule of its own (a fresh warmup and
+    cosine over the added epochs, instead of the tail of a re-stretched one that starts at the old final LR of 0).
+
+    Example:
+        >>> plan = plan_phases(epochs=2, freeze_epochs=0, lr=1e-3, finetune_lr=None, unfreeze="all")
+        >>> [(p.name, p.first_epoch, p.epochs) for p in extend_phases(plan, done=2, epochs=4)]
+        [('train', 1, 2), ('extension', 3, 2)]
+    """
+    last = phase_at(phases, done)
+    kept = [p for p in phases if p.first_epoch <= done]
+    return [*kept, Phase("extension", done + 1, epochs - done, last.lr, last.trainable_stages, last.keep_norms)]
+
+
 def phase_at(phases: list[Phase], epoch: int) -> Phase:
     """The phase that epoch `epoch` (1-based) belongs to."""
     for phase in reversed(phases):

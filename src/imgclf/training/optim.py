@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from imgclf.models.finetune import param_groups
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "step", "plateau", "none")
+
+log = logging.getLogger(__name__)
 
 
 def build_optimizer(
@@ -120,7 +123,17 @@ def build_schedule(
     if name == "cosine":
         total = max(1, epochs * steps_per_epoch)
         # Warmup never takes more than a fifth of a (short) run, so the peak LR is always reached.
-        warmup = min(round(warmup_epochs * steps_per_epoch), total // 5)
+        asked = round(warmup_epochs * steps_per_epoch)
+        warmup = min(asked, total // 5)
+        if warmup < asked:
+            log.warning(
+                "warmup shortened to %.2g epochs (%d steps, a fifth of the %d epochs of this phase) from "
+                "train.warmup_epochs %g, so that the peak learning rate is reached",
+                warmup / max(steps_per_epoch, 1),
+                warmup,
+                epochs,
+                warmup_epochs,
+            )
         return LRSchedule(LambdaLR(optimizer, _warmup_cosine(total, warmup)), "step")
     if name == "step":
         return LRSchedule(StepLR(optimizer, step_size=step_size, gamma=gamma), "epoch")
