@@ -68,6 +68,33 @@ def private_cache_dir(tmp_path_factory):
         os.environ["IMGCLF_CACHE_DIR"] = previous
 
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+_NOT_OUTPUT = {".pytest_cache", ".ruff_cache", "__pycache__", ".coverage"}  # tools' own caches
+
+
+def _repository_entries() -> set[str]:
+    """The repository root's entries, and what lies inside the output folders a run writes by default."""
+    entries = set()
+    for entry in REPOSITORY.iterdir():
+        if entry.name in _NOT_OUTPUT:
+            continue
+        entries.add(entry.name)
+        if entry.name in ("runs", "demo_data") and entry.is_dir():  # ignored by git, so only this would notice
+            entries.update(f"{entry.name}/{child.name}" for child in entry.iterdir())
+    return entries
+
+
+@pytest.fixture(autouse=True)
+def nothing_written_into_the_repository():
+    """Fail the test that leaves a new file or folder in the repository root (e.g. `runs/`, the default --out):
+    tests write into tmp_path (explicit --out, or monkeypatch.chdir)."""
+    before = _repository_entries()
+    yield
+    new = sorted(_repository_entries() - before)
+    if new:
+        pytest.fail(f"the test wrote into the repository {REPOSITORY}: {', '.join(new)}; write into tmp_path")
+
+
 @pytest.fixture(scope="session")
 def digits_source(tmp_path_factory) -> Path:
     """A flat 3-class digits folder; copy it (see `digits_flat`) before changing anything in it."""

@@ -41,7 +41,11 @@ def test_inspect_reports_counts_problems_leaks_and_draws_samples(tmp_path):
     assert summary["skipped_files"] == 1
     assert summary["duplicates"]["leaks_across_splits"] == 1
     problems = read_csv(tmp_path / "out" / "problems.csv")
-    assert [row["path"].endswith("broken.png") for row in problems] == [True]
+    skipped = [row for row in problems if row["severity"] == "skipped"]
+    assert [row["path"].endswith("broken.png") for row in skipped] == [True]
+    assert [row["severity"] for row in problems] == ["warning", "skipped"]  # the leak, the broken file
+    assert summary["errors"] == [] and summary["ready_to_train"] is True
+    assert "1 identical image pair(s)" in summary["warnings"][0]
     leaks = read_csv(tmp_path / "out" / "duplicates.csv")
     assert {leaks[0]["split_a"], leaks[0]["split_b"]} == {"train", "test"}
     assert non_blank(tmp_path / "out" / "samples.png")

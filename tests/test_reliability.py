@@ -36,23 +36,86 @@ def weights(run: Path) -> dict[str, np.ndarray]:
 # --- a loss that stops being a number ---------------------------------------------------------------------------
 
 
-def test_a_diverging_run_stops_with_advice_and_keeps_finite_checkpoints(tmp_path, digits_source):
+def epoch_end_weights(monkeypatch) -> dict[int, dict[str, torch.Tensor]]:
+    """The model's state after every finished epoch, recorded by the last callback (EpochLog), which runs after
+    the Checkpointer has written that epoch."""
+    from imgclf.training import callbacks
+
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    original = callbacks.EpochLog.on_epoch_end
+
+    def record(self, state, row):
+        seen[state.epoch] = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+        original(self, state, row)
+
+    monkeypatch.setattr(callbacks.EpochLog, "on_epoch_end", record)
+    return seen
+
+
+def assert_checkpoints_hold(run: Path, seen: dict[int, dict[str, torch.Tensor]], last_epoch: int) -> None:
+    """last holds epoch `last_epoch` and best its best epoch, bit for bit as the model was then, all finite."""
+    last = load_checkpoint(run / "checkpoints" / "last.safetensors")
+    best = load_checkpoint(run / "checkpoints" / "best.safetensors")
+    assert last.meta["epoch"] == last_epoch
+    assert best.meta["epoch"] == last.meta["best_epoch"] <= last_epoch
+    for checkpoint in (last, best):
+        expected = seen[checkpoint.meta["epoch"]]
+        assert set(checkpoint.model) == set(expected)
+        assert all(torch.equal(checkpoint.model[k], expected[k]) for k in expected)
+        assert all(torch.isfinite(t).all() for t in checkpoint.model.values() if t.is_floating_point())
+
+
+# The first epoch trains the head at lr 0.01 (the "frozen" phase) and is checkpointed; the fine-tune phase's LR
+# then breaks the run in epoch 2: at 1e12 the training loss becomes NaN within a few batches; at 3e38 a single
+# step (one batch of 72 images per epoch) leaves weights of ~1e38, finite, whose validation loss is NaN.
+@pytest.mark.parametrize(
+    ("finetune_lr", "batch_size", "message"),
+    [(1e12, 8, r"the training loss became nan at batch \d+"), (3e38, 72, r"the validation loss became nan in epoch 2")],
+    ids=["training-loss", "validation-loss"],
+)
+def test_a_diverging_run_stops_with_advice_and_keeps_finite_checkpoints(
+    tmp_path, digits_source, monkeypatch, finetune_lr, batch_size, message
+):
     config = {
         **FAST,
         "train": {
             "epochs": 3,
+            "freeze_epochs": 1,
             "optimizer": "sgd",
-            "lr": 1e12,
+            "lr": 0.01,
+            "finetune_lr": finetune_lr,
             "scheduler": "none",
             "label_smoothing": 0.0,
-            "batch_size": 8,
+            "batch_size": batch_size,
         },
     }
-    with pytest.raises(TrainingDiverged, match=r"lower --lr"):
+    seen = epoch_end_weights(monkeypatch)
+    with pytest.raises(TrainingDiverged, match=message + r".*lower --lr"):
         imgclf.train(digits_source, config, out=tmp_path, name="boom", report=False)
-    for checkpoint in (tmp_path / "boom" / "checkpoints").glob("*.safetensors"):
-        state = load_checkpoint(checkpoint).model
-        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+    assert set(seen) == {1}, "the run must checkpoint a good epoch before it diverges"
+    assert_checkpoints_hold(tmp_path / "boom", seen, last_epoch=1)
+
+
+def test_weights_that_stop_being_finite_stop_training_and_keep_the_last_good_epoch(
+    tmp_path, digits_source, monkeypatch
+):
+    from imgclf.training import callbacks
+
+    seen = epoch_end_weights(monkeypatch)
+    original = callbacks.HistoryCSV.on_epoch_end  # runs just before the Checkpointer
+
+    def poison_epoch_2(self, state, row):
+        original(self, state, row)
+        if state.epoch == 2:
+            with torch.no_grad():
+                next(state.model.parameters()).view(-1)[0] = float("inf")
+
+    monkeypatch.setattr(callbacks.HistoryCSV, "on_epoch_end", poison_epoch_2)
+    config = {**FAST, "train": {"epochs": 3, "batch_size": 8}}
+    with pytest.raises(TrainingDiverged, match=r"weights stopped being finite numbers in epoch 2.*lower --lr"):
+        imgclf.train(digits_source, config, out=tmp_path, name="inf", report=False)
+    assert set(seen) == {1}
+    assert_checkpoints_hold(tmp_path / "inf", seen, last_epoch=1)
 
 
 # --- graceful stop and exact mid-epoch resume --------------------------------------------------------------------
@@ -146,20 +209,83 @@ def test_signals_stop_after_the_batch_with_a_checkpoint_and_no_leftover_workers(
     assert "--resume" in " ".join(stderr.split())
     meta = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors").meta
     assert meta["epoch"] >= 1
-    time.sleep(0.5)
+    assert meta["progress"]["step"] >= 1, "the checkpoint of a graceful stop says where in the epoch it stopped"
+    # the run joins its workers before it exits (and they hold its stderr, which communicate() read to the end);
+    # 2 s for the kernel to reap them on a loaded machine, instead of a fixed sleep
+    deadline = time.monotonic() + 2.0
+    while not _process_tree_gone(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert _process_tree_gone(str(tmp_path)), "a DataLoader worker outlived the run"
+
+
+# `imgclf train` whose batches of epoch 2 stay running while a file exists: the test decides when a batch may
+# end, so "stop at once" (inside the batch) and "stop after the batch" leave different checkpoints, whatever the
+# machine's speed.
+_HELD_TRAINING = """
+import sys, time
+from pathlib import Path
+from imgclf.training import callbacks
+
+hold = Path(sys.argv[1])
+original = callbacks.ProgressBar.on_batch_end
+
+def held(self, state, index, loss, batch_size):
+    original(self, state, index, loss, batch_size)
+    if state.epoch == 1:  # epoch 2, after its optimizer step and before the stop check
+        print(f"holding batch {index + 1}", file=sys.stderr, flush=True)
+        while hold.exists():
+            time.sleep(0.01)
+
+callbacks.ProgressBar.on_batch_end = held
+from imgclf.cli import main
+sys.argv = ["imgclf", *sys.argv[2:]]
+main()
+"""
+
+
+def _wait_for_text(path: Path, text: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text(encoding="utf-8", errors="replace"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"never saw {text!r}: {path.read_text(encoding='utf-8', errors='replace')[-2000:]}")
+        time.sleep(0.02)
 
 
 @pytest.mark.slow
 def test_a_second_sigint_stops_at_once_without_breaking_checkpoints(tmp_path, digits_source):
-    process = _start_training(tmp_path, digits_source)
-    _wait_for_epochs(tmp_path / "run" / "history.csv", 1, process)
-    process.send_signal(signal.SIGINT)
-    process.send_signal(signal.SIGINT)
-    process.communicate(timeout=120)
-    assert process.returncode == 130
+    hold, log_file = tmp_path / "hold", tmp_path / "stderr.txt"
+    hold.touch()
+    args = ["train", digits_source, "--img-size", "16", "--batch-size", "8", "--epochs", "3", "--set", "model.width=8"]
+    args += ["--no-report", "--out", tmp_path, "--name", "run"]
+    with log_file.open("w", encoding="utf-8") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _HELD_TRAINING, str(hold), *map(str, args)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+        try:
+            _wait_for_text(log_file, "holding batch 1", process)  # epoch 1 is checkpointed; epoch 2's batch 1 is held
+            process.send_signal(signal.SIGINT)
+            _wait_for_text(log_file, "stopping after the current batch", process)
+            process.send_signal(signal.SIGINT)  # the batch is still held: only an immediate stop ends it
+            try:
+                process.wait(timeout=30)  # an immediate stop takes well under a second
+            except subprocess.TimeoutExpired:  # the second SIGINT was ignored: release the batch and see
+                hold.unlink()
+                process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    output = log_file.read_text(encoding="utf-8")
+    assert process.returncode == 130, output[-2000:]
+    assert "holding batch 2" not in output, "the second SIGINT did not stop the run at once"
+    assert "--resume" not in output  # the graceful stop's message: it never got there
     for checkpoint in (tmp_path / "run" / "checkpoints").glob("*.safetensors"):
         load_checkpoint(checkpoint)  # complete, loadable
+    meta = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors").meta
+    assert (meta["epoch"], meta["progress"]) == (1, None), "a checkpoint was written after the second SIGINT"
 
 
 # --- images that break during training ------------------------------------------------------------------------
@@ -252,9 +378,12 @@ while True:
 @pytest.mark.slow
 def test_sigkill_during_checkpoint_writes_leaves_a_loadable_checkpoint(tmp_path):
     path = tmp_path / "last.safetensors"
-    for delay in (0.7, 1.3, 2.1):
+    for delay in (0.7, 1.3, 2.1):  # kill at some point of the write loop; whichever point, the file must load
         process = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True)
         process.stdout.readline()
+        deadline = time.monotonic() + 60
+        while not path.exists() and time.monotonic() < deadline:  # the first checkpoint is complete
+            time.sleep(0.01)
         time.sleep(delay)
         process.kill()
         process.wait()
@@ -300,18 +429,35 @@ def test_corrupt_exif_loads_with_a_warning(tmp_path, caplog):
     assert f"{path}: unreadable EXIF ignored" in caplog.text
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_an_unreadable_file_is_reported(tmp_path, digits_flat):
+def _locked_by_permissions(path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root reads files whatever their permissions; the i/o-error case runs as root")
+    path.chmod(0)
+
+
+def _failing_with_an_io_error(path: Path) -> None:
+    # A real kernel error, for root too: /proc/self/mem cannot be read at offset 0 (EIO), in whichever process
+    # (thread or forked decoder) opens it.
+    if not Path("/proc/self/mem").exists():
+        pytest.skip("needs Linux's /proc/self/mem")
+    path.unlink()
+    path.symlink_to("/proc/self/mem")
+
+
+@pytest.mark.parametrize("make_unreadable", [_locked_by_permissions, _failing_with_an_io_error], ids=["eacces", "eio"])
+def test_an_unreadable_file_is_reported(tmp_path, digits_flat, make_unreadable):
     from imgclf.data.scan import scan_folder
 
     locked = sorted((digits_flat / "digit0").iterdir())[0]
-    locked.chmod(0)
+    make_unreadable(locked)
     try:
         index = scan_folder(digits_flat)
     finally:
-        locked.chmod(0o644)
+        if not locked.is_symlink():
+            locked.chmod(0o644)
     assert [p.path for p in index.problems] == [locked]
     assert "cannot read" in index.problems[0].reason
+    assert len(index.records) == 3 * 30 - 1
 
 
 def test_a_pickled_payload_in_a_checkpoint_is_refused_and_nothing_runs(tmp_path, digits_source):

@@ -42,7 +42,7 @@ def test_flags_that_would_change_the_run_are_refused_by_name(run_copy):
     assert len(read_history(run_copy / "history.csv")) == 2
     refused_set = run_cli("train", "--resume", run_copy, "--set", "train.weight_decay=0.5")
     assert refused_set.exit_code == 2 and "--set train.weight_decay" in " ".join(refused_set.output.split())
-    with pytest.raises(imgclf.ConfigError, match="train.lr"):
+    with pytest.raises(imgclf.ConfigError, match=r"train\.lr"):
         imgclf.train(None, resume=run_copy, epochs=3, resume_settings={"train.lr": 0.1})
 
 

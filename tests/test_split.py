@@ -396,6 +396,7 @@ def test_materialize_with_hardlinks(tmp_path, source_and_manifest):
     for destination, original in pairs.items():
         assert not destination.is_symlink()
         assert os.stat(destination).st_ino == os.stat(original).st_ino
+        assert os.stat(original).st_nlink == 2  # the source file and its one link in the split
     assert digests(source) == before
 
 
@@ -407,6 +408,7 @@ def test_materialize_with_copies(tmp_path, source_and_manifest):
     for destination, original in expected_target(manifest, target).items():
         assert not destination.is_symlink()
         assert os.stat(destination).st_ino != os.stat(original).st_ino
+        assert os.stat(destination).st_nlink == os.stat(original).st_nlink == 1
         assert destination.read_bytes() == original.read_bytes()
     assert digests(source) == before
 

@@ -20,7 +20,7 @@ from imgclf.errors import ConfigError, ImgclfError
 from imgclf.files import read_csv
 
 
-def test_train_writes_the_run_folder_contract(trained_run: Path):
+def test_train_writes_the_run_folder_contract(trained_run: Path, digits_source: Path):
     for name in (
         "config.yaml",
         "manifest.csv",
@@ -77,8 +77,39 @@ def test_train_writes_the_run_folder_contract(trained_run: Path):
     assert metrics["split"] == "test"
     assert metrics["n"] == sum(1 for row in read_csv(trained_run / "manifest.csv") if row["split"] == "test")
     assert set(metrics["per_class"]) == {"digit0", "digit1", "digit2"}
+    # README's run-folder table: predictions.csv has path, true, predicted, probability, correct, error and
+    # p_<class> for every class; a row is consistent with its probabilities
+    predictions = read_csv(trained_run / "predictions.csv")
+    assert list(predictions[0]) == [
+        "path",
+        "true",
+        "predicted",
+        "probability",
+        "correct",
+        "error",
+        "p_digit0",
+        "p_digit1",
+        "p_digit2",
+    ]
+    assert len(predictions) == metrics["n"]
+    for row in predictions:
+        probabilities = {c: float(row[f"p_{c}"]) for c in ("digit0", "digit1", "digit2")}
+        assert row["predicted"] == max(probabilities, key=probabilities.get)
+        assert float(row["probability"]) == probabilities[row["predicted"]]
+        assert row["correct"] == str(int(row["true"] == row["predicted"])) and not row["error"]
+    # env.json: Python, package versions, imgclf version, the device used, seed, command line, data folder (the
+    # git repository is checked in test_records.py, the pretrained weights source in test_transfer.py)
+    import platform
+    from importlib.metadata import version
+
     env = json.loads((trained_run / "env.json").read_text())
-    assert env["packages"]["torch"]
+    assert env["python"] == platform.python_version()
+    assert env["packages"]["torch"] == version("torch") and env["packages"]["imgclf"] == imgclf.__version__
+    assert env["imgclf_version"] == imgclf.__version__
+    assert env["device"] == "cpu" or env["device"].startswith(("cuda", "mps"))
+    assert env["seed"] == 0
+    assert env["command"] and isinstance(env["command"], list)
+    assert env["data"] == str(digits_source.resolve())
     assert Image.open(trained_run / "confusion_matrix.png").size[0] > 100
 
 
@@ -89,6 +120,35 @@ def test_training_learns_the_digits(tmp_path, digits_source):
     losses = [row["train_loss"] for row in result.history]
     assert losses[-1] < losses[0]
     assert result.best_epoch is not None
+
+
+@pytest.mark.parametrize(("preset", "mixed"), [("strong", True), ("standard", False)])
+def test_strong_augmentation_mixes_the_targets_that_reach_the_loss(tmp_path, digits_source, monkeypatch, preset, mixed):
+    import torch
+
+    targets = []
+    original = torch.nn.CrossEntropyLoss.forward  # the training loss; validation computes its own cross-entropy
+
+    def spy(self, logits, target):
+        targets.append(target.detach().clone())
+        return original(self, logits, target)
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", spy)
+    config = {
+        **FAST,
+        "augment": {"preset": preset, "hflip": False},
+        "train": {"epochs": 1, "batch_size": 8, "label_smoothing": 0.0},
+    }
+    result = imgclf.train(digits_source, config, out=tmp_path, report=False)
+    assert len(targets) == result.history[0]["steps"] == 9  # every training batch, and nothing else
+    if not mixed:
+        assert all(t.ndim == 1 and t.dtype == torch.long for t in targets)
+        return
+    # MixUp/CutMix: per-class weights that sum to 1, and images whose target shares two classes
+    assert all(t.shape == (len(t), 3) and t.is_floating_point() for t in targets)
+    assert all(torch.allclose(t.sum(1), torch.ones(len(t))) for t in targets)
+    shared = torch.cat([((t > 0) & (t < 1)).any(1) for t in targets])
+    assert shared.sum() >= len(shared) // 4, f"only {int(shared.sum())} of {len(shared)} targets are mixed"
 
 
 def test_val_lacking_a_class_keeps_train_class_indices(tmp_path, caplog):

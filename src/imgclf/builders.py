@@ -71,6 +71,12 @@ def make_loaders(
     if dropped:
         log.info("%d training image(s) left out of each epoch (a last batch of one breaks BatchNorm)", dropped)
     mode = choose_mode(config.data.cache, len(train_rows) + len(val_rows), pre, config.data.cache_budget)
+    if mode != "off" and config.data.num_workers:
+        log.info(
+            "data.num_workers = %d is not used: the decoded cache augments whole batches on the device, in this "
+            "process (--cache off streams through that many DataLoader workers)",
+            config.data.num_workers,
+        )
     if mode == "off":
         return _streaming_loaders(config, manifest, pre, compute, batch_size)
     return _cached_loaders(config, manifest, pre, compute, batch_size, mode, progress)
@@ -127,7 +133,7 @@ def _cached_loaders(config, manifest, pre, compute, batch_size, mode, progress) 
                 shuffle=train,
                 transform=transform,
                 device=compute.device,
-                drop_last=train and epoch_steps(len(rows), batch_size)[1] > 0,
+                drop_last=train and epoch_steps(len(labels), batch_size)[1] > 0,
                 seed=config.train.seed,
             )
         )
@@ -277,6 +283,7 @@ def find_learning_rate(
     out: Path,
     *,
     num_steps: int = 100,
+    progress: Progress = NO_PROGRESS,
 ):
     """LR range test in the state of the first epoch; writes lr_find.png and lr_find.csv into `out`."""
     from imgclf.evaluation.plots import lr_finder_figure
@@ -294,6 +301,7 @@ def find_learning_rate(
         compute,
         num_steps=num_steps,
         frozen_norms=state.frozen_norms,
+        progress=progress,
     )
     out.mkdir(parents=True, exist_ok=True)
     write_csv_atomic(
@@ -316,12 +324,17 @@ def is_pretrained(config: RunConfig) -> bool:
 
 
 def _check_bad_images(failed: list[tuple[int, str]], limit: int) -> None:
+    """The cached path decodes every image before the first epoch: up to `limit` broken ones are skipped (each
+    warned); more stop the run there, before any training, so no checkpoint is written or changed."""
     for _, reason in failed:
         log.warning("skipped %s", reason)
     if len(failed) > limit:
         raise DataError(
-            f"{len(failed)} images failed to load (more than data.max_bad_images = {limit}); first: "
+            f"{len(failed)} images failed to load while decoding them before training (more than "
+            f"data.max_bad_images = {limit}); nothing was trained and no checkpoint was changed. Fix or remove them "
+            "and run again (--resume for a run that had started): "
             + "; ".join(reason for _, reason in failed[:3])
+            + (f" and {len(failed) - 3} more" if len(failed) > 3 else "")
         )
 
 

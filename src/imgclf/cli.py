@@ -31,8 +31,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-console = Console(stderr=True)
-out_console = Console()
+UNWRAPPED_WIDTH = 100_000  # tables take only the width they need, so this is a "never wrap", not a padding
+
+
+def _console(*, stderr: bool) -> Console:
+    """Rich output that fits a terminal; anywhere else (CI, nohup, `| tee`, a file) lines are never wrapped, so a
+    path or model name in a log or a table copy-pastes whole. (Off a terminal rich would wrap at 80 columns.)"""
+    terminal = Console(stderr=stderr)
+    return terminal if terminal.is_terminal else Console(stderr=stderr, soft_wrap=True, width=UNWRAPPED_WIDTH)
+
+
+console = _console(stderr=True)  # logs, progress, errors
+out_console = _console(stderr=False)  # results
+
+PROGRESS_SECONDS = 30.0  # off a terminal: the longest silence between progress lines ($IMGCLF_PROGRESS_SECONDS)
+PROGRESS_MIN_GAP = 2.0  # ... and the shortest gap between two lines that mark 10 % steps
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -56,10 +69,25 @@ def handles_errors(command: F) -> F:
 
 
 class RichProgress(Progress):
-    """Progress bars on stderr that disappear when their task ends (the log keeps a summary line)."""
+    """In a terminal, progress bars on stderr that disappear when their task ends (the log keeps a summary line).
+
+    Anywhere else a bar would show nothing until the end, so each task writes plain lines instead (no cursor
+    control): one at every 10 % of its work, no closer than PROGRESS_MIN_GAP seconds apart, one at least every
+    $IMGCLF_PROGRESS_SECONDS (default 30; 0: at every update), and one when it ends.
+    """
 
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Task]:
+        if not console.is_interactive:
+            every = _progress_seconds()
+            plain = _PlainTask(description, total, every_s=every, min_gap_s=min(PROGRESS_MIN_GAP, every))
+            try:
+                yield plain
+            except BaseException:
+                plain.finish(stopped=True)
+                raise
+            plain.finish()
+            return
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -89,6 +117,81 @@ class _RichTask:
     def advance(self, amount: int = 1, **fields: object) -> None:
         info = "  ".join(f"{key} {value}" for key, value in fields.items())
         self.bar.update(self.task_id, advance=amount, **({"info": info} if info else {}))
+
+
+class _PlainTask:
+    """One task's progress as lines: `epoch 2/10: 450/900 (50%), 0:01:12, 6.2/s, loss 0.4213`."""
+
+    def __init__(self, description: str, total: int | None, *, every_s: float, min_gap_s: float) -> None:
+        import time
+
+        self.clock = time.monotonic
+        self.description, self.total = description, total
+        self.every_s, self.min_gap_s = every_s, min_gap_s
+        self.started = self.last_line = self.clock()
+        self.done, self.marks_shown, self.info = 0, 0, ""
+
+    def advance(self, amount: int = 1, **fields: object) -> None:
+        self.done += amount
+        if fields:
+            self.info = ", ".join(f"{key} {value}" for key, value in fields.items())
+        now = self.clock()
+        mark = self.done * 10 // self.total if self.total else 0  # tenths done; 10 (the end) is finish's line
+        if now - self.last_line >= self.every_s or (
+            self.marks_shown < mark < 10 and now - self.last_line >= self.min_gap_s
+        ):
+            self._line(now, "")
+            self.marks_shown = mark
+
+    def finish(self, *, stopped: bool = False) -> None:
+        if self.done or self.total:
+            self._line(self.clock(), "stopped at " if stopped or (self.total and self.done < self.total) else "done, ")
+
+    def _line(self, now: float, prefix: str) -> None:
+        elapsed = now - self.started
+        count = f"{self.done}/{self.total} ({self.done / self.total:.0%})" if self.total else f"{self.done}"
+        rate = f", {self.done / elapsed:.1f}/s" if elapsed > 0 and self.done else ""
+        info = f", {self.info}" if self.info else ""
+        console.out(f"{self.description}: {prefix}{count}, {_clock(elapsed)}{rate}{info}", highlight=False)
+        self.last_line = now
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+def _progress_seconds() -> float:
+    import os
+
+    from imgclf.errors import ConfigError
+
+    raw = os.environ.get("IMGCLF_PROGRESS_SECONDS", "").strip()
+    try:
+        seconds = float(raw) if raw else PROGRESS_SECONDS
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also NaN
+        raise ConfigError(f"IMGCLF_PROGRESS_SECONDS must be a number of seconds >= 0; received '{raw}'")
+    return seconds
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from imgclf import __version__  # imgclf's __init__ is lazy: no torch
+
+        typer.echo(f"imgclf {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print imgclf's version and exit"),
+    ] = False,
+) -> None:
+    """Options that come before the command (the app's help text is the Typer(help=...) above)."""
 
 
 def examples(*commands: str) -> str:
@@ -285,7 +388,9 @@ def train(
 def evaluate(
     run: Annotated[Path, typer.Argument(help="runs/<name>")],
     data: Annotated[Path | None, typer.Option(help="evaluate on another labelled folder")] = None,
-    split: Annotated[str, typer.Option(help="train | val | test (of the run, or of --data)")] = "test",
+    split: Annotated[
+        str | None, typer.Option(help="train | val | test of the run, or of --data (default test; a flat --data: all)")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="images per forward pass")] = 64,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
     out: Annotated[Path | None, typer.Option(help="folder for metrics.json etc.")] = None,
@@ -332,16 +437,23 @@ def evaluate(
 def predict(
     run: Annotated[Path, typer.Argument(help="runs/<name>, its model/ folder, or an exported .onnx file")],
     inputs: Annotated[list[str], typer.Argument(help="image files, folders (recursive) or glob patterns")],
-    out: Annotated[Path | None, typer.Option(help="file to write (default: print a table)")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="file to write, - for standard output (default: print a table)")
+    ] = None,
     format_: Annotated[str, typer.Option("--format", help="csv | jsonl (for --out)")] = "csv",
     top_k: Annotated[int, typer.Option(min=1, help="classes per image")] = 1,
     batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 64,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps (PyTorch models)")] = "auto",
     tta: TTAOption = False,
 ) -> None:
-    """Predict images; unreadable files get a row with the error instead of stopping the run."""
-    from imgclf import workflow
+    """Predict images; unreadable files get a row with the error instead of stopping the run. Exits 1 when no
+    input could be read at all."""
+    import sys
 
+    from imgclf import workflow
+    from imgclf.deploy.predict import predictions_text
+
+    to_stdout = out is not None and str(out) == "-"
     predictions = workflow.predict(
         run,
         inputs,
@@ -349,25 +461,30 @@ def predict(
         batch_size=batch_size,
         device=device,
         tta=tta,
-        out=out,
+        out=None if to_stdout else out,
         out_format=format_,
         progress=RichProgress(),
     )
-    failed = sum(1 for p in predictions if p.error)
-    if out is not None:
-        out_console.print(f"{len(predictions)} predictions written to [bold]{escape(str(out))}[/]")
+    failed = [p for p in predictions if p.error]
+    if to_stdout:
+        sys.stdout.write(predictions_text(predictions, top_k=top_k, format=format_))
+        sys.stdout.flush()
+    elif out is not None:
+        console.print(f"{len(predictions)} predictions written to [bold]{escape(str(out))}[/]")
     else:
-        table = Table("path", "class", "probability", "error")
+        columns = [header for rank in range(1, top_k + 1) for header in (f"class {rank}", f"p {rank}")]
+        table = Table("path", *columns, "error")
         for p in predictions:
-            table.add_row(
-                escape(p.source),
-                escape(p.label or ""),
-                f"{p.probabilities[0]:.3f}" if p.classes else "",
-                escape(p.error or ""),
-            )
+            cells = []
+            for rank in range(top_k):
+                has = rank < len(p.classes)
+                cells += [escape(p.classes[rank]) if has else "", f"{p.probabilities[rank]:.3f}" if has else ""]
+            table.add_row(escape(p.source), *cells, escape(p.error or ""))
         out_console.print(table)
+    if failed and len(failed) == len(predictions):
+        raise ImgclfError(f"none of the {len(predictions)} input(s) could be read; first: {failed[0].error}")
     if failed:
-        console.print(f"[yellow]{failed} file(s) could not be read; see the error column[/]")
+        console.print(f"[yellow]{len(failed)} file(s) could not be read; see the error column[/]")
 
 
 @app.command(
@@ -524,25 +641,49 @@ def report(
 @app.command(
     epilog=examples(
         "imgclf inspect data/",
-        "imgclf inspect photos/ --out checks/",
+        "imgclf inspect photos/ --out checks/ --ratios 0.7 0.15 0.15 --seed 1",
+        "imgclf inspect data/ --config recipe.yaml   # the split and pixel limit train --config recipe.yaml uses",
+        "imgclf inspect data/ --strict && imgclf train data/",
     )
 )
 @handles_errors
 def inspect(
     data: Annotated[Path, typer.Argument(help="root/{train,val,test}/<class>/ or root/<class>/")],
     out: Annotated[Path | None, typer.Option(help="output folder (default: inspect-<data folder name>)")] = None,
-    seed: Annotated[int, typer.Option(help="split seed for a flat layout, as train's data.split_seed")] = 0,
+    ratios: Annotated[
+        tuple[float, float, float] | None,
+        typer.Option(help="train val test fractions, as train's data.split_ratios (default 0.8 0.1 0.1)"),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="split seed, as train's data.split_seed (default 0)")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="train's YAML config: its data.split_ratios, split_seed, max_pixels")
+    ] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="exit 1 when train would refuse the data")] = False,
 ) -> None:
-    """Dataset statistics, skipped files, duplicates and leaks, and a sample grid per class; changes nothing."""
+    """Dataset statistics, every problem train would stop or warn at, skipped files, duplicates and leaks, and a
+    sample grid per class, for the split train would make; changes nothing. Exits 0 whatever it finds in the
+    data (with --strict: 1 when train would refuse it); 1 when the folder does not exist or --out cannot be
+    written, 2 for an invalid --config or --ratios."""
     from imgclf.explore import inspect_data
 
-    result = inspect_data(data, out=out, seed=seed, progress=RichProgress())
+    flags = {"data.split_ratios": list(ratios) if ratios else None, "data.split_seed": seed}
+    data_config = run_config_from(config, flags, None).data
+    result = inspect_data(
+        data,
+        out=out,
+        ratios=data_config.split_ratios,
+        seed=data_config.split_seed,
+        max_pixels=data_config.max_pixels,
+        progress=RichProgress(),
+    )
     summary = result.summary
     splits = [split for split, counts in summary["counts"].items() if counts]
+    found = sorted({name for split in splits for name in summary["counts"][split]} - set(summary["classes"]))
     table = Table("class", *splits)
-    for name in summary["classes"]:
+    for name in [*summary["classes"], *found]:  # val/test-only classes last: train would refuse them
         table.add_row(escape(name), *[str(summary["counts"][split].get(name, 0)) for split in splits])
-    out_console.print(table)
+    if splits:
+        out_console.print(table)
     width, height = summary["width"], summary["height"]
     lines = [
         f"{summary['images']} images in {len(summary['classes'])} classes ({summary['layout']} layout)",
@@ -556,7 +697,16 @@ def inspect(
     ]
     for line in lines:
         out_console.print(escape(line))
-    out_console.print(f"details and samples.png in [bold]{escape(str(result.out_dir))}[/]")
+    for message in summary["errors"]:
+        out_console.print(f"[bold red]error:[/] {escape(message)}")
+    for message in summary["warnings"]:
+        out_console.print(f"[yellow]warning:[/] {escape(message)}")
+    verdict = (
+        f"train would stop: {len(summary['errors'])} error(s)" if summary["errors"] else "train would accept this data"
+    )
+    out_console.print(f"{verdict}; details and samples.png in [bold]{escape(str(result.out_dir))}[/]")
+    if strict and summary["errors"]:
+        raise typer.Exit(1)
 
 
 @app.command(
@@ -700,6 +850,72 @@ def config_command(
     typer.echo(dump_config(resolved), nl=False)
 
 
+cache_app = typer.Typer(
+    help="List or clear the decoded-image cache (train's --cache disk/auto; $IMGCLF_CACHE_DIR or ~/.cache/imgclf).",
+    no_args_is_help=True,
+)
+app.add_typer(cache_app, name="cache")
+CacheDirOption = Annotated[
+    Path | None, typer.Option(help="the cache folder (default: $IMGCLF_CACHE_DIR or ~/.cache/imgclf)")
+]
+
+
+@cache_app.command("list", epilog=examples("imgclf cache list", "imgclf cache list --cache-dir /scratch/cache"))
+@handles_errors
+def cache_list(cache_dir: CacheDirOption = None) -> None:
+    """Every decoded-image cache: its images, size, when a run last used it, and the folder it was made from."""
+    import time
+
+    from imgclf.data.cache import default_cache_dir, list_cache
+
+    folder = cache_dir or default_cache_dir()
+    entries = list_cache(folder)
+    if not entries:
+        out_console.print(f"no decoded-image caches in {escape(str(folder))}")
+        return
+    table = Table("cache", "images", "size", "last used")
+    table.add_column("made from", overflow="fold")  # a path: folded in a terminal, whole elsewhere
+    for entry in entries:
+        images = f"{entry.images} x {entry.side}px {entry.color}" if entry.complete else "(unfinished build)"
+        table.add_row(
+            escape(entry.key[:12]),
+            escape(images),
+            _size(entry.size_bytes),
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used)),
+            escape(entry.source or "-"),
+        )
+    out_console.print(table)
+    total = sum(entry.size_bytes for entry in entries)
+    out_console.print(f"{len(entries)} cache(s), {_size(total)} in {escape(str(folder))}")
+
+
+@cache_app.command(
+    "clear", epilog=examples("imgclf cache clear", "imgclf cache clear --older-than 30  # unused for a month")
+)
+@handles_errors
+def cache_clear(
+    older_than: Annotated[
+        float | None, typer.Option(min=0, help="only caches no run has used for this many days")
+    ] = None,
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Delete decoded-image caches (all, or those unused for --older-than days); a run rebuilds what it needs.
+    Only cache entries are deleted, never other files in the folder; one in use by another process is kept."""
+    from imgclf.data.cache import clear_cache, default_cache_dir
+
+    folder = cache_dir or default_cache_dir()
+    deleted = clear_cache(folder, older_than_days=older_than)
+    freed = sum(entry.size_bytes for entry in deleted)
+    out_console.print(f"deleted {len(deleted)} cache(s), {_size(freed)}, from {escape(str(folder))}")
+
+
+def _size(size_bytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size_bytes >= scale:
+            return f"{size_bytes / scale:.1f} {unit}"
+    return f"{size_bytes} B"
+
+
 # --- output ------------------------------------------------------------------------------------------------------
 
 
@@ -741,12 +957,27 @@ def print_metrics(metrics: dict[str, Any]) -> None:
     out_console.print(per_class)
 
 
+class _PlainLogHandler(logging.Handler):
+    """Log records as plain lines, `WARNING  message`, never wrapped: for stderr that is not a terminal, where
+    RichHandler would wrap at 80 columns and pad every line to that width."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            console.out(f"{record.levelname:<8} {self.format(record)}", highlight=False)
+        except Exception:  # logging's contract: a broken stream must not break the program
+            self.handleError(record)
+
+
 def _setup_logging() -> None:
-    """Log imgclf's INFO messages to stderr through rich (once per process)."""
+    """Log imgclf's INFO messages to stderr (once per process): through rich in a terminal, as plain lines
+    elsewhere."""
     package_logger = logging.getLogger("imgclf")
-    if any(isinstance(handler, RichHandler) for handler in package_logger.handlers):
+    if any(isinstance(handler, (RichHandler, _PlainLogHandler)) for handler in package_logger.handlers):
         return
-    handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+    else:
+        handler = _PlainLogHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.INFO)

@@ -170,6 +170,10 @@ class EarlyStoppingConfig(_Section):
     min_delta: float = Field(0.0, ge=0, description="smallest change that counts as an improvement")
 
 
+# The largest learning rate accepted: float32's largest number (an LR beyond it overflows inside the optimizer with a
+# raw error; any LR near it diverges, and the NaN guard says so).
+MAX_LR = 3.4028234663852886e38
+
 # An epoch of fewer optimizer steps changes the model a few times only: `batch_size: auto` avoids it, training
 # warns about it, and the diagnosis waits for more (evaluation/diagnose.py).
 MIN_STEPS_PER_EPOCH = 10
@@ -265,8 +269,14 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.lr != "auto" and self.lr <= 0:
-            raise ValueError(f"lr must be a positive number or 'auto'; received {self.lr}")
+        if self.lr != "auto" and not 0 < self.lr <= MAX_LR:
+            raise ValueError(
+                f"lr must be a positive number up to {MAX_LR:.4g} (float32), or 'auto'; received {self.lr}"
+            )
+        if self.finetune_lr is not None and not 0 < self.finetune_lr <= MAX_LR:
+            raise ValueError(
+                f"finetune_lr must be a positive number up to {MAX_LR:.4g} (float32); received {self.finetune_lr}"
+            )
         if self.unfreeze != "all" and self.unfreeze < 1:
             raise ValueError(f"unfreeze must be 'all' or a number of stages >= 1; received {self.unfreeze}")
         if self.freeze_epochs >= self.epochs:
@@ -375,7 +385,7 @@ def _dump_section(section: BaseModel, lines: list[str], indent: int, comments: b
     for name, field in type(section).model_fields.items():
         value = getattr(section, name)
         if isinstance(value, BaseModel):
-            doc = (type(value).__doc__ or "").strip().splitlines()[0] if comments and type(value).__doc__ else ""
+            doc = _summary(type(value).__doc__) if comments else ""
             if indent == 0 and lines:
                 lines.append("")
             lines.append(f"{pad}{name}:" + (f"  # {doc}" if doc else ""))
@@ -399,8 +409,50 @@ def _describe(exc: ValidationError) -> str:
     for error in exc.errors():
         where = ".".join(str(part) for part in error["loc"]) or "config"
         if error["type"] == "extra_forbidden":
-            problems.append(f"unknown key '{where}' (see `imgclf config` for the valid keys)")
+            hint = _closest_keys(where)
+            problems.append(
+                f"unknown key '{where}'"
+                + (f"; did you mean {' or '.join(hint)}?" if hint else "")
+                + " (`imgclf config` lists every key)"
+            )
+            continue
+        message = error["msg"].removeprefix("Value error, ")
+        if "received" in message or (error["type"] == "value_error" and isinstance(error.get("input"), Mapping)):
+            problems.append(f"{where}: {message}")  # a validator of ours already names what it received
         else:
-            message = error["msg"].removeprefix("Value error, ")
             problems.append(f"{where}: {message}; received {error.get('input')!r}")
     return "invalid configuration: " + "; ".join(problems)
+
+
+def _summary(doc: str | None) -> str:
+    """A docstring's first sentence, whole (it may run over several lines)."""
+    text = " ".join((doc or "").split())
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
+
+
+def all_keys() -> list[str]:
+    """Every dotted configuration key (`train.lr`, `train.early_stopping.patience`, ...)."""
+
+    def walk(model: type[BaseModel], prefix: str) -> list[str]:
+        keys = []
+        for name, info in model.model_fields.items():
+            kind = info.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                keys += walk(kind, f"{prefix}{name}.")
+            else:
+                keys.append(f"{prefix}{name}")
+        return keys
+
+    return walk(RunConfig, "")
+
+
+def _closest_keys(key: str) -> list[str]:
+    """Valid keys a mistyped or misplaced one probably meant: the same last name in another section
+    (`epochs` -> `train.epochs`), else close spellings."""
+    import difflib
+
+    keys = all_keys()
+    last = key.rsplit(".", 1)[-1]
+    same_name = [k for k in keys if k.rsplit(".", 1)[-1] == last]
+    return same_name or difflib.get_close_matches(key, keys, n=3, cutoff=0.6)

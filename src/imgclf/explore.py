@@ -8,7 +8,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -17,10 +17,17 @@ from imgclf.errors import DataError, ImageError
 from imgclf.files import write_atomic, write_csv_atomic, write_json_atomic
 from imgclf.progress import NO_PROGRESS, Progress
 
+if TYPE_CHECKING:
+    from imgclf.data.scan import ImageIndex, Problem
+    from imgclf.data.split import SplitManifest
+
 log = logging.getLogger(__name__)
 
 SAMPLES_PER_CLASS = 8
 THUMBNAIL = 96
+# inspect's problems.csv; severity: error (train would stop), warning (train would warn), skipped (a file train
+# skips: unreadable, too small, not an image...)
+PROBLEM_COLUMNS = ("path", "reason", "severity")
 
 
 @dataclass(frozen=True)
@@ -42,34 +49,50 @@ def inspect_data(
 ) -> InspectResult:
     """Scan a dataset the way `train` would and write what a person should know before training on it.
 
-    Writes `dataset.json` (counts per split and class, imbalance, image sizes, duplicates), `problems.csv`
-    (skipped files and why), `duplicates.csv` (identical images across the splits `train` would use, or across
-    labels) and `samples.png` (a grid of images per class) into `out`.
+    Everything `train` would stop at (an empty class folder, a val class that train lacks, no class folders, no
+    validation split...) is listed, with `train`'s own message, instead of stopping at the first; so is what it
+    would only warn about. Writes into `out`: `dataset.json` (counts per split and class, imbalance, image
+    sizes, duplicates, `errors` and `warnings`), `problems.csv` (one row per error, warning and skipped file:
+    path, reason, severity), `duplicates.csv` (identical images across the splits `train` would use, or
+    across labels) and `samples.png` (a grid of training images per class).
 
     Args:
         data: `root/{train,val,test}/<class>/` or `root/<class>/`.
         out: output folder; default `inspect-<data folder name>` in the current folder.
-        ratios: train/val/test fractions for a flat layout (as `train` would split it).
+        ratios: train/val/test fractions (as `data.split_ratios`: a flat folder is split by them, a split
+            folder without val/ gets val carved out of train/).
         seed: split seed (as `data.split_seed`).
-        max_pixels: larger images are reported as problems.
+        max_pixels: larger images are reported as problems (as `data.max_pixels`).
         progress: progress reporter.
 
     Returns:
-        The summary and the output folder.
+        The summary (`summary["errors"]` is empty when `train` would accept the data) and the output folder.
+
+    Raises:
+        DataError: `data` is not a folder.
+        ImgclfError: `out` cannot be written.
 
     Example:
         >>> inspect_data("data/").summary["imbalance_ratio"]
         1.25
     """
-    from imgclf.data.scan import scan_folder
+    from imgclf.data.scan import Problem, scan_folder
     from imgclf.data.split import find_duplicates, make_manifest, save_duplicates
     from imgclf.evaluation.plots import sample_grid_figure
+    from imgclf.tracking.runs import check_writable
 
     root = Path(data)
     out_dir = Path(out) if out else Path(f"inspect-{root.resolve().name}")
-    index = scan_folder(root, max_pixels=max_pixels, progress=progress)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root} (expected a folder of class folders)")
+    check_writable(out_dir)
+    index = scan_folder(root, max_pixels=max_pixels, collect_errors=True, progress=progress)
     manifest = make_manifest(index, ratios=ratios, seed=seed)
     duplicates = find_duplicates(manifest)
+    errors, warnings = list(index.errors), [Problem(root, message) for message in index.warnings]
+    errors_after_split, warnings_after_split = _split_findings(root, index, manifest, len(duplicates))
+    errors += errors_after_split
+    warnings += [w for w in warnings_after_split if w.reason not in index.warnings]
     counts = manifest.counts()
     train_counts = [counts["train"].get(name, 0) for name in index.classes]
     widths = [record.width for record in index.records]
@@ -92,11 +115,20 @@ def inspect_data(
             "leaks_across_splits": sum(d.kind == "leak across splits" for d in duplicates),
             "label_conflicts": sum(d.kind == "label conflict" for d in duplicates),
         },
-        "warnings": list(index.warnings),
+        "split_ratios": list(ratios),
+        "split_seed": seed,
+        "max_pixels": max_pixels,
+        "ready_to_train": not errors,
+        "errors": [problem.reason for problem in errors],
+        "warnings": [problem.reason for problem in warnings],
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "dataset.json", summary)
-    write_csv_atomic(out_dir / "problems.csv", ("path", "reason"), ((p.path, p.reason) for p in index.problems))
+    rows = [
+        *((p.path, p.reason, "error") for p in errors),
+        *((p.path, p.reason, "warning") for p in warnings),
+        *((p.path, p.reason, "skipped") for p in index.problems),
+    ]
+    write_csv_atomic(out_dir / "problems.csv", PROBLEM_COLUMNS, rows)
     save_duplicates(duplicates, out_dir / "duplicates.csv")
     rng = np.random.default_rng(seed)
     samples: dict[str, list[np.ndarray]] = {}
@@ -179,6 +211,48 @@ def preview_augmentation(
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     return target
+
+
+def _split_findings(
+    root: Path, index: ImageIndex, manifest: SplitManifest, duplicates: int
+) -> tuple[list[Problem], list[Problem]]:
+    """Errors and warnings that only the split shows: what `train` says about the manifest it would use."""
+    from imgclf.data.scan import Problem
+
+    errors: list[Problem] = []
+    warnings: list[Problem] = []
+    if not index.classes:  # nothing to split; the scan's errors say why
+        return errors, warnings
+    counts = manifest.counts()
+    if not counts["val"]:  # builders.make_loaders raises this before the first epoch
+        errors.append(
+            Problem(
+                root,
+                "no validation images: add a val folder or give data.split_ratios a val share > 0 "
+                "(model selection and early stopping need a validation split)",
+            )
+        )
+    if not counts["test"]:
+        warnings.append(
+            Problem(
+                root,
+                "no test images: train reports validation metrics instead (optimistic: the model was selected on "
+                "them); add a test folder or give data.split_ratios a test share > 0",
+            )
+        )
+    for split in ("val", "test"):
+        missing = [name for name in index.classes if counts[split] and not counts[split][name]]
+        if missing:
+            warnings.append(Problem(root, f"{split} split has no images of class(es): {', '.join(missing)}"))
+    if duplicates:
+        warnings.append(
+            Problem(
+                root,
+                f"{duplicates} identical image pair(s) across splits or labels (leaks inflate test accuracy); "
+                "the pairs are in duplicates.csv",
+            )
+        )
+    return errors, warnings
 
 
 def _to_display(image) -> np.ndarray:

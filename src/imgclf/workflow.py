@@ -10,12 +10,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from imgclf.config import RunConfig, build_config, load_config, save_config
 from imgclf.data.images import DEFAULT_MAX_PIXELS
 from imgclf.data.preprocessing import Preprocessing
 from imgclf.data.scan import ImageIndex, Problem, scan_folder
+from imgclf.data.settings import preprocessing_of, resolve_data_settings
 from imgclf.data.split import (
     LinkMode,
     SplitManifest,
@@ -26,7 +25,8 @@ from imgclf.data.split import (
     warn_about_duplicates,
 )
 from imgclf.errors import ConfigError, DataError, ImgclfError, TrainingInterrupted
-from imgclf.files import write_atomic, write_csv_atomic, write_json_atomic
+from imgclf.evaluation import evaluate as evaluation
+from imgclf.files import write_csv_atomic
 from imgclf.progress import NO_PROGRESS, Progress
 from imgclf.tracking.runs import (
     RunPaths,
@@ -40,8 +40,7 @@ from imgclf.tracking.runs import (
 log = logging.getLogger(__name__)
 
 PROBLEM_COLUMNS = ("path", "reason")
-# predictions.csv: these, then one `p_<class>` probability column per class
-PREDICTION_COLUMNS = ("path", "true", "predicted", "probability", "correct", "error")
+SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 
 
 @dataclass(frozen=True)
@@ -113,8 +112,7 @@ def train(
         return _resume(Path(resume), settings=settings, report=report, progress=progress)
     if data is None:
         raise ConfigError("train needs a data folder (or --resume runs/<name>)")
-    check_writable(Path(out))
-    prepared = _prepare(Path(data), build_config(config), progress=progress)
+    prepared = _prepare(Path(data), build_config(config), out=Path(out), progress=progress)
     config = prepared.config
     paths = create_run_dir(Path(out), name, config.model.name)
     log.info("run folder: %s", paths.root)
@@ -156,7 +154,7 @@ def lr_find(
     prepared = _prepare(Path(data), build_config(config), progress=progress)
     config, manifest = prepared.config, prepared.manifest
     compute = resolve_compute(config.train.device, config.train.precision, config.train.channels_last)
-    pre = _preprocessing(config)
+    pre = preprocessing_of(config)
     loaders = builders.make_loaders(config, manifest, pre, compute, progress=progress)
     return builders.find_learning_rate(
         config,
@@ -168,6 +166,7 @@ def lr_find(
         prepared.weights,
         Path(out),
         num_steps=num_steps,
+        progress=progress,
     )
 
 
@@ -175,7 +174,7 @@ def evaluate(
     run: Path | str,
     *,
     data: Path | str | None = None,
-    split: str = "test",
+    split: str | None = None,
     batch_size: int = 64,
     device: str = "auto",
     out: Path | str | None = None,
@@ -188,8 +187,11 @@ def evaluate(
 
     Args:
         run: the run folder (or its `model/` bundle, with `data`).
-        data: another folder to evaluate on; its `split` subfolder when it is split, else all its images.
-        split: which split of the run's manifest (or of `data`) to use; model selection never looks at test.
+        data: another labelled folder to evaluate on: its `split` subfolder (default test) when it has split
+            folders (a `test/` alone is fine), else all its images. Images identical (sha256) to the run's training
+            images are counted and warned about: their accuracy is not a test.
+        split: train | val | test of the run's manifest (or of `data`); default test. Model selection never
+            looks at test.
         batch_size: images per forward pass.
         device: auto | cpu | cuda | mps.
         out: where to write metrics.json etc.; default the run folder (or `run/eval-<data>-<split>` for `data`).
@@ -205,24 +207,35 @@ def evaluate(
     """
     from imgclf.deploy.predict import Predictor
 
+    if split not in (None, "train", "val", "test"):
+        raise ConfigError(f"--split must be train, val or test; received '{split}'")
     predictor = Predictor.load(Path(run), device=device)
+    predictor.max_pixels = evaluation.run_max_pixels(Path(run))
     if tta:
         predictor.check_tta()  # before any work
+    paths = find_run(Path(run)) if data is None or calibrate else None
     if calibrate:
-        paths = find_run(Path(run))
         manifest = SplitManifest.load(paths.manifest)
-        predictor = _calibrate(
+        predictor = evaluation.calibrate(
             predictor, paths, manifest, batch_size=batch_size, force=force_calibration, progress=progress
         )
+    overlap = None
     if data is None:
-        paths = find_run(Path(run))
-        rows, used_split = _manifest_rows(SplitManifest.load(paths.manifest), split)
+        rows, used_split = evaluation.manifest_rows(SplitManifest.load(paths.manifest), split or "test")
         out_dir = Path(out) if out else paths.root
     else:
-        rows, used_split = _folder_rows(Path(data), split, predictor.classes)
-        default_out = Path(run) / f"eval-{Path(data).resolve().name}-{used_split}"
-        out_dir = Path(out) if out else default_out
-    metrics = _evaluate_rows(predictor, rows, used_split, out_dir, batch_size=batch_size, tta=tta, progress=progress)
+        folder = Path(data)
+        rows, used_split, hashes = evaluation.folder_rows(
+            folder, split, predictor.classes, max_pixels=predictor.max_pixels
+        )
+        overlap = evaluation.training_overlap(Path(run), hashes)
+        name = folder.resolve().name
+        parent = folder.resolve().parent.name
+        label = f"{parent}-{name}" if name.lower() in SPLIT_NAMES else f"{name}-{used_split}"
+        out_dir = Path(out) if out else Path(run) / f"eval-{label}"
+    metrics = evaluation.evaluate_rows(
+        predictor, rows, used_split, out_dir, batch_size=batch_size, tta=tta, overlap=overlap, progress=progress
+    )
     return EvalResult(metrics=metrics, out_dir=out_dir)
 
 
@@ -298,7 +311,11 @@ def predict(
 
     if out_format not in OUTPUT_FORMATS:  # before any work
         raise ConfigError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}; received '{out_format}'")
-    predictor = model if isinstance(model, Predictor) else Predictor.load(Path(model), device=device)
+    if not isinstance(model, Predictor):
+        predictor = Predictor.load(Path(model), device=device)
+        predictor.max_pixels = evaluation.run_max_pixels(Path(model))
+    else:
+        predictor = model
     if tta:
         predictor.check_tta()
     files = collect_inputs(inputs)
@@ -365,11 +382,8 @@ def serve_app(
     path = Path(model)
     predictor = Predictor.load(path, device=device, threads=threads)
     settings = settings or ServeSettings()
-    run_config = next(
-        (p / "config.yaml" for p in (path, path.parent, path.parent.parent) if (p / "config.yaml").is_file()), None
-    )
-    if run_config is not None and settings.max_pixels == ServeSettings.max_pixels:
-        settings = replace(settings, max_pixels=load_config(run_config).data.max_pixels)
+    if settings.max_pixels == ServeSettings.max_pixels:
+        settings = replace(settings, max_pixels=evaluation.run_max_pixels(path))
     predictor.max_pixels = settings.max_pixels
     return create_app(predictor, settings)
 
@@ -439,12 +453,14 @@ def _train_run(
     if train_cfg.precision == "auto":  # config.yaml records what was used
         config = build_config(config, {"train.precision": compute.precision})
         save_config(config, paths.config)
-    pre = _preprocessing(config)
+    pre = preprocessing_of(config)
     # 1. data; an LR from the LR finder when asked for
     loaders = builders.make_loaders(config, manifest, pre, compute, progress=progress)
     steps = len(loaders.train)
     if train_cfg.lr == "auto":
-        found = builders.find_learning_rate(config, manifest, pre, compute, loaders.train, steps, weights, paths.root)
+        found = builders.find_learning_rate(
+            config, manifest, pre, compute, loaders.train, steps, weights, paths.root, progress=progress
+        )
         config = build_config(config, {"train.lr": found.suggestion})
         save_config(config, paths.config)
     # 2. model (pretrained weights under a new head), optimizer, loss, phases; or the saved state when resuming
@@ -530,9 +546,11 @@ def _train_run(
     predictor = Predictor(bundle, TorchRuntime(state.model, compute.device), max_pixels=config.data.max_pixels)
     batch_size = 2 * config.train.batch_size
     if config.train.calibrate:
-        predictor = _calibrate(predictor, paths, manifest, batch_size=batch_size, progress=progress)
-    rows, used_split = _manifest_rows(manifest, "test")
-    metrics = _evaluate_rows(predictor, rows, used_split, paths.root, batch_size=batch_size, progress=progress)
+        predictor = evaluation.calibrate(predictor, paths, manifest, batch_size=batch_size, progress=progress)
+    rows, used_split = evaluation.manifest_rows(manifest, "test")
+    metrics = evaluation.evaluate_rows(
+        predictor, rows, used_split, paths.root, batch_size=batch_size, progress=progress
+    )
     built = None
     if report:
         from imgclf.evaluation.report import build_report
@@ -650,7 +668,7 @@ class _Prepared:
     weights: Any  # PretrainedWeights or None
 
 
-def _prepare(data: Path, config: RunConfig, *, progress: Progress) -> _Prepared:
+def _prepare(data: Path, config: RunConfig, *, out: Path | None = None, progress: Progress) -> _Prepared:
     """Check the model, device and pretrained weights (fast failures first), then scan, split and resolve."""
     from imgclf.builders import is_pretrained
     from imgclf.device import select_device
@@ -662,84 +680,14 @@ def _prepare(data: Path, config: RunConfig, *, progress: Progress) -> _Prepared:
     select_device(config.train.device)
     check_pretrained_request(model.name, model.pretrained, model.weights)
     weights = find_weights(model.name, model.weights) if is_pretrained(config) else None
-    index = scan_folder(data, max_pixels=config.data.max_pixels, progress=progress)
+    if not data.is_dir():  # before --out is created: a typo leaves nothing behind
+        raise DataError(f"dataset folder not found: {data} (expected a folder of class folders)")
+    if out is not None:
+        check_writable(out)
+    # absolute paths: the manifest (and the cache key) must work from any working directory
+    index = scan_folder(data.resolve(), max_pixels=config.data.max_pixels, progress=progress)
     manifest = make_manifest(index, ratios=config.data.split_ratios, seed=config.data.split_seed)
-    return _Prepared(_resolve_data_settings(config, index, manifest, weights=weights), index, manifest, weights)
-
-
-def _resolve_data_settings(config: RunConfig, index: ImageIndex, manifest: SplitManifest, *, weights) -> RunConfig:
-    """Fill every preprocessing setting left open: explicit values win, then the pretrained model's config
-    (size, crop, interpolation, mean/std), then what the training images say. config.yaml records the result.
-
-    Colour `auto` with pretrained weights follows the stem they were trained with: an RGB stem gets RGB input
-    (grayscale images replicated to 3 channels, exactly what it saw in pretraining), a 1-channel stem gets gray.
-    An explicit colour that differs from the stem gets the stem adapted instead (`weights.adapt_stem`)."""
-    from imgclf.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD
-    from imgclf.data.transforms import auto_img_size, resolve_preset
-    from imgclf.models.weights import pretrained_config, stem_channels
-
-    data = config.data
-    pretrained = weights is not None
-    cfg = (pretrained_config(config.model.name) or {}) if pretrained else {}
-    train_paths = {row.path for row in manifest.split("train")}
-    train_records = [r for r in index.records if r.path in train_paths]
-    color = data.color
-    if color == "auto":
-        if pretrained:
-            color = "gray" if stem_channels(config.model.name, weights) == 1 else "rgb"
-            if color == "rgb" and all(r.single_channel for r in train_records):
-                log.info("color: rgb (grayscale images are replicated to 3 channels for the pretrained stem)")
-        else:
-            color = "gray" if all(r.single_channel for r in train_records) else "rgb"
-            log.info(
-                "color: %s (%s)",
-                color,
-                "every training image is single-channel"
-                if color == "gray"
-                else "some training images have colour channels",
-            )
-    img_size = data.img_size or (cfg["input_size"][-1] if cfg.get("input_size") else None)
-    img_size = img_size or auto_img_size([(r.width, r.height) for r in train_records])
-    interpolation = data.interpolation or cfg.get("interpolation")
-    interpolation = interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
-    mean = tuple(data.mean or cfg.get("mean") or IMAGENET_MEAN)
-    std = tuple(data.std or cfg.get("std") or IMAGENET_STD)
-    if color == "gray" and len(mean) == 3:
-        mean, std = (round(sum(mean) / 3, 4),), (round(sum(std) / 3, 4),)
-    preset = resolve_preset(config.augment.preset, img_size)
-    batch_size = config.train.batch_size
-    if batch_size == "auto":
-        from imgclf.config import auto_batch_size
-
-        batch_size = auto_batch_size(len(train_records))
-        log.info("batch size: %d (auto, for %d training images)", batch_size, len(train_records))
-    return build_config(
-        config,
-        {
-            "train.batch_size": batch_size,
-            "augment.preset": preset,
-            "data.color": color,
-            "data.img_size": img_size,
-            "data.crop_pct": data.crop_pct or cfg.get("crop_pct") or 1.0,
-            "data.interpolation": interpolation,
-            "data.mean": list(mean),
-            "data.std": list(std),
-        },
-    )
-
-
-def _preprocessing(config: RunConfig) -> Preprocessing:
-    data = config.data
-    if data.color == "auto" or None in (data.img_size, data.crop_pct, data.interpolation, data.mean, data.std):
-        raise ConfigError("internal: preprocessing settings must be resolved before training")
-    return Preprocessing(
-        img_size=data.img_size,
-        color=data.color,
-        mean=tuple(data.mean),
-        std=tuple(data.std),
-        crop_pct=data.crop_pct,
-        interpolation=data.interpolation,
-    )
+    return _Prepared(resolve_data_settings(config, index, manifest, weights=weights), index, manifest, weights)
 
 
 def _write_data_records(paths: RunPaths, problems: Sequence[Problem], manifest: SplitManifest) -> None:
@@ -750,176 +698,3 @@ def _write_data_records(paths: RunPaths, problems: Sequence[Problem], manifest: 
     save_duplicates(duplicates, paths.duplicates)
     for split_name, counter in manifest.counts().items():
         log.info("%s: %d images in %d classes", split_name, sum(counter.values()), len(counter))
-
-
-# --- evaluation internals ------------------------------------------------------------------------------------
-
-
-def _manifest_rows(manifest: SplitManifest, split: str) -> tuple[list[tuple[Path, str]], str]:
-    if split not in ("train", "val", "test"):
-        raise ConfigError(f"--split must be train, val or test; received '{split}'")
-    rows = manifest.split(split)
-    if not rows and split == "test":
-        log.warning(
-            "this run has no test split; reporting validation metrics instead (optimistic: the model "
-            "was selected on them)"
-        )
-        rows, split = manifest.split("val"), "val"
-    if not rows:
-        raise DataError(f"the run's manifest has no {split} images")
-    return [(row.path, row.label) for row in rows], split
-
-
-def _folder_rows(folder: Path, split: str, classes: Sequence[str]) -> tuple[list[tuple[Path, str]], str]:
-    index = scan_folder(folder)
-    if index.layout == "split":
-        records = [r for r in index.records if r.split == split]
-        if not records:
-            raise DataError(f"{folder} has no {split} images (it has {sorted(index.counts())} splits)")
-    else:
-        records, split = list(index.records), "all"
-    unknown = sorted({r.label for r in records} - set(classes))
-    if unknown:
-        raise DataError(
-            f"{folder} has classes the model does not know: {', '.join(unknown)} (model classes: {', '.join(classes)})"
-        )
-    return [(r.path, r.label) for r in records], split
-
-
-def _predict_rows(predictor, rows, split: str, *, batch_size: int, tta: bool, progress: Progress):
-    """(probabilities, error or None per row, class index per row) for `rows` [(path, label)]; unreadable rows
-    are logged, and none readable at all is an error."""
-    class_index = {label: i for i, label in enumerate(predictor.classes)}
-    probs, errors = predictor.probabilities(
-        [path for path, _ in rows], batch_size=batch_size, tta=tta, progress=progress
-    )
-    for error in errors:
-        if error is not None:
-            log.warning("skipped in evaluation: %s", error)
-    if all(error is not None for error in errors):
-        raise DataError(f"none of the {len(rows)} {split} images could be read")
-    return probs, errors, np.array([class_index[label] for _, label in rows])
-
-
-def _evaluate_rows(
-    predictor, rows, split: str, out_dir: Path, *, batch_size: int, tta: bool = False, progress: Progress
-) -> dict:
-    """Predict `rows` [(path, label)], compute metrics and write metrics.json, confusion_matrix.{csv,png} and
-    predictions.csv (with every class probability, for the report) into `out_dir`."""
-    from imgclf.evaluation.metrics import classification_metrics, confusion_matrix
-    from imgclf.evaluation.plots import confusion_matrix_figure
-
-    classes = predictor.classes
-    probs, errors, y_true = _predict_rows(predictor, rows, split, batch_size=batch_size, tta=tta, progress=progress)
-    ok = np.array([error is None for error in errors], dtype=bool)
-    metrics = classification_metrics(y_true[ok], probs[ok], classes)
-    metrics = {
-        "split": split,
-        "skipped": int((~ok).sum()),
-        "tta": tta,
-        "temperature": predictor.bundle.temperature,
-        **metrics,
-    }
-    matrix = confusion_matrix(y_true[ok], probs[ok].argmax(1), len(classes))
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "metrics.json", metrics)
-    write_csv_atomic(
-        out_dir / "confusion_matrix.csv",
-        ["true \\ predicted", *classes],
-        ([classes[i], *map(int, matrix[i])] for i in range(len(classes))),
-    )
-    figure = confusion_matrix_figure(matrix, classes)
-    write_atomic(out_dir / "confusion_matrix.png", lambda tmp: figure.savefig(tmp, format="png", dpi=110))
-    prediction_rows = []
-    for (path, label), row, error in zip(rows, probs, errors):
-        if error is not None:
-            prediction_rows.append([str(path), label, "", "", "", error, *[""] * len(classes)])
-            continue
-        best = int(row.argmax())
-        prediction_rows.append(
-            [str(path), label, classes[best], f"{row[best]:.6f}", int(classes[best] == label), "", *_probs(row)]
-        )
-    write_csv_atomic(
-        out_dir / "predictions.csv",
-        [*PREDICTION_COLUMNS, *(f"p_{name}" for name in classes)],
-        prediction_rows,
-    )
-    log.info("%s accuracy %.4f on %d images; metrics in %s", split, metrics["accuracy"], metrics["n"], out_dir)
-    return metrics
-
-
-def _probs(row: np.ndarray) -> list[str]:
-    return [f"{value:.6f}" for value in row]
-
-
-def _calibrate(
-    predictor, paths: RunPaths, manifest: SplitManifest, *, batch_size: int, force: bool = False, progress: Progress
-):
-    """Fit a temperature on the validation split, record it in calibration.json and the bundle, and return the
-    predictor that applies it. Without validation images the model is returned unchanged (warned); a temperature
-    fitted on too few images, or one that raises validation ECE, is refused (T stays 1, warned, recorded) unless
-    `force`."""
-    from imgclf.deploy.bundle import read_model_json, save_temperature
-    from imgclf.evaluation.calibration import (
-        apply_temperature,
-        calibration_decision,
-        calibration_summary,
-        fit_temperature,
-    )
-    from imgclf.evaluation.metrics import reliability_bins
-
-    rows = [(row.path, row.label) for row in manifest.split("val")]
-    if not rows:
-        log.warning("--calibrate needs a validation split; this run has none, so the model stays uncalibrated")
-        return predictor
-    uncalibrated = predictor.with_temperature(1.0)
-    probs, errors, y_true = _predict_rows(
-        uncalibrated, rows, "val", batch_size=batch_size, tta=False, progress=progress
-    )
-    ok = np.array([error is None for error in errors], dtype=bool)
-    probs, y_true = probs[ok], y_true[ok]
-    fitted = fit_temperature(probs, y_true)
-    summary = calibration_summary(y_true, probs, fitted)
-    refused = calibration_decision(summary, int(ok.sum()), force=force)
-    temperature = 1.0 if refused else fitted
-    write_json_atomic(
-        paths.calibration,
-        {
-            "method": "temperature scaling",
-            "split": "val",
-            "n": int(ok.sum()),
-            **summary,
-            "kept": refused is None,
-            "refused_because": refused,
-            "forced": force,
-            "reliability_before": reliability_bins(y_true, probs),
-            "reliability_after": reliability_bins(y_true, apply_temperature(probs, fitted)),
-        },
-    )
-    figures = (
-        f"temperature {fitted:.3f} fitted on {int(ok.sum())} validation images; validation ECE "
-        f"{summary['ece_before']:.4f} -> {summary['ece_after']:.4f}, log loss {summary['log_loss_before']:.4f} -> "
-        f"{summary['log_loss_after']:.4f}"
-    )
-    if refused:
-        log.warning(
-            "calibration refused, the model stays uncalibrated (T = 1): %s. %s. Keep it anyway with imgclf evaluate "
-            "%s --calibrate --force-calibration",
-            refused,
-            figures,
-            paths.root,
-        )
-    else:
-        log.info("calibration: %s", figures)
-    calibrated = predictor.with_temperature(temperature)
-    save_temperature(paths.model, calibrated.bundle)
-    exports = sorted(read_model_json(paths.model).get("exports", {}))
-    if exports and temperature != predictor.bundle.temperature:
-        log.warning(
-            "the exported %s still carry the temperature %.3f they were made with; run imgclf export again to "
-            "ship the new one",
-            ", ".join(exports),
-            predictor.bundle.temperature,
-        )
-    return calibrated

@@ -11,22 +11,24 @@ Builders take a file lock and publish by renaming a complete folder: two process
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import mmap
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from PIL import Image
 
 from imgclf.data.images import load_image
@@ -34,6 +36,9 @@ from imgclf.data.parallel import map_indices
 from imgclf.data.preprocessing import Preprocessing, chw_array, resize_shorter
 from imgclf.errors import DataError, ImageError
 from imgclf.progress import NO_PROGRESS, Progress
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: `imgclf cache list` answers without it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,8 @@ def stored_square(image: Image.Image, pre: Preprocessing) -> torch.Tensor:
     as a direct center crop of the resized image (the two roundings can differ by one). The resize is eval's own
     (`preprocessing.resize_shorter`, a no-op when the shorter side already is S).
     """
+    import torch
+
     side = cache_side(pre)
     resized = chw_array(resize_shorter(image, side, pre.interpolation))
     height, width = resized.shape[-2:]
@@ -154,8 +161,9 @@ def decoded_images(
         else:
             built = False
             log.info("using the decoded-image cache %s", target)
+            _touch(target / "meta.json")  # its mtime is the cache's "last used" (`imgclf cache list`)
         meta = json.loads((target / "meta.json").read_text(encoding="utf-8"))
-    array = np.load(target / "images.npy", mmap_mode="r")
+        array = np.load(target / "images.npy", mmap_mode="r")  # under the lock: `imgclf cache clear` waits
     if array.shape != (len(paths), pre.in_chans, side, side):
         raise DataError(f"decoded-image cache {target} has shape {array.shape}; delete the folder to rebuild it")
     failed = [(int(index), reason) for index, reason in meta.get("failed", [])]
@@ -196,6 +204,7 @@ def _build(target: Path, paths, pre, max_pixels, progress, threads) -> None:
             "side": side,
             "preprocessing": pre.to_dict(),
             "failed": failed,
+            "source": _common_folder(paths),  # what the cache is for, in `imgclf cache list`
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         if target.exists():  # an incomplete folder left by a killed builder
@@ -237,4 +246,131 @@ def _physical_memory() -> int:
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:
     """A torch view of a (memmapped) uint8 array without copying it."""
+    import torch
+
     return torch.from_numpy(np.asarray(array))
+
+
+# --- housekeeping: `imgclf cache list` and `imgclf cache clear` ---------------------------------------------------
+
+# What a cache folder holds: `<key>/` (images.npy + meta.json), `<key>.lock`, and `.<key>.<random>/` while a build
+# runs (left behind when one is killed). Nothing else in the folder is ever touched, so a cache folder set by
+# mistake to a folder of other files loses none of them.
+_ENTRY = re.compile(r"(?P<key>[0-9a-f]{32})")
+_STAGING = re.compile(r"\.(?P<key>[0-9a-f]{32})\.[A-Za-z0-9_]+")
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One decoded-image cache (or an unfinished build of one) in a cache folder."""
+
+    path: Path
+    key: str
+    size_bytes: int
+    last_used: float  # POSIX time of the last build or reuse
+    complete: bool  # False: a build in progress, or the staging folder of one that was killed
+    images: int | None = None
+    side: int | None = None  # stored squares are side x side pixels
+    color: str | None = None
+    source: str | None = None  # the folder the images came from (None for caches built before imgclf recorded it)
+
+
+def list_cache(cache_dir: Path | None = None) -> list[CacheEntry]:
+    """The decoded-image caches in `cache_dir` (default `default_cache_dir()`), most recently used first.
+
+    Example:
+        >>> [(entry.images, entry.source) for entry in list_cache()]
+        [(1437, '/home/me/data/train')]
+    """
+    folder = Path(cache_dir or default_cache_dir())
+    if not folder.is_dir():
+        return []
+    entries = []
+    for path in folder.iterdir():
+        match = _ENTRY.fullmatch(path.name) or _STAGING.fullmatch(path.name)
+        if match is None or path.is_symlink() or not path.is_dir():
+            continue
+        meta_file = path / "meta.json"
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8")) if _complete(path) else {}
+            last_used = (meta_file if meta else path).stat().st_mtime
+        except (OSError, ValueError):  # unreadable, or removed meanwhile: listed as incomplete
+            meta, last_used = {}, 0.0
+        entries.append(
+            CacheEntry(
+                path=path,
+                key=match["key"],
+                size_bytes=_tree_bytes(path),
+                last_used=last_used,
+                complete=bool(meta) and path.name == match["key"],
+                images=meta.get("count"),
+                side=meta.get("side"),
+                color=(meta.get("preprocessing") or {}).get("color"),
+                source=meta.get("source"),
+            )
+        )
+    return sorted(entries, key=lambda entry: entry.last_used, reverse=True)
+
+
+def clear_cache(cache_dir: Path | None = None, *, older_than_days: float | None = None) -> list[CacheEntry]:
+    """Delete decoded-image caches: all of them, or those last used more than `older_than_days` days ago.
+
+    Only what `list_cache` lists is deleted (never a symlink's target, never another file in the folder). An entry
+    whose lock another process holds (a build or a read in progress) is kept; a later `clear` removes it.
+
+    Args:
+        cache_dir: the cache folder; default `default_cache_dir()`.
+        older_than_days: keep caches used more recently than this; None deletes every cache.
+
+    Returns:
+        The entries deleted.
+
+    Example:
+        >>> sum(entry.size_bytes for entry in clear_cache(older_than_days=30)) / 1e9
+        2.4
+    """
+    folder = Path(cache_dir or default_cache_dir())
+    cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
+    deleted = []
+    for entry in list_cache(folder):
+        if cutoff is not None and entry.last_used > cutoff:
+            continue
+        lock = FileLock(str(folder / f"{entry.key}.lock"), timeout=0)
+        try:
+            with lock:
+                shutil.rmtree(entry.path)  # refuses a symlink; never follows one inside
+                if not (folder / entry.key).exists():  # the lock's cache is gone
+                    # Unlinked while held: a process that opens it later makes a new one. (One that opened the
+                    # old file in the last microseconds and locks it after this release would not notice.)
+                    # Windows cannot delete an open file: the 0-byte lock stays there.
+                    with contextlib.suppress(OSError):
+                        (folder / f"{entry.key}.lock").unlink(missing_ok=True)
+        except Timeout:
+            log.info("kept %s: another process is using it", entry.path)
+            continue
+        except OSError as exc:
+            log.warning("could not delete %s (%s)", entry.path, exc.strerror or exc)
+            continue
+        deleted.append(entry)
+    return deleted
+
+
+def _tree_bytes(folder: Path) -> int:
+    total = 0
+    for current, _dirs, files in os.walk(folder):  # does not follow folder links
+        for name in files:
+            with contextlib.suppress(OSError):  # removed meanwhile
+                total += os.lstat(os.path.join(current, name)).st_size
+    return total
+
+
+def _touch(path: Path) -> None:
+    with contextlib.suppress(OSError):  # a read-only shared cache: its "last used" stays the build time
+        os.utime(path)
+
+
+def _common_folder(paths: Sequence[Path]) -> str | None:
+    try:
+        return os.path.commonpath([os.path.abspath(path.parent) for path in paths]) if paths else None
+    except ValueError:  # paths on different Windows drives
+        return None

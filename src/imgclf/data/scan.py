@@ -80,7 +80,7 @@ class ImageRecord:
 
 @dataclass(frozen=True)
 class Problem:
-    """One skipped file and why."""
+    """One skipped file and why; or, in `ImageIndex.errors`, a folder that would stop training and why."""
 
     path: Path
     reason: str
@@ -88,7 +88,11 @@ class Problem:
 
 @dataclass(frozen=True)
 class ImageIndex:
-    """What a scan found: usable images, skipped files and the class list (from the training split only)."""
+    """What a scan found: usable images, skipped files and the class list (from the training split only).
+
+    `errors` is empty unless the scan collected what would stop training instead of raising it
+    (`scan_folder(..., collect_errors=True)`, for `imgclf inspect`).
+    """
 
     root: Path
     layout: Literal["split", "flat"]
@@ -98,6 +102,7 @@ class ImageIndex:
     ignored_files: int = 0
     hidden_files: int = 0
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    errors: tuple[Problem, ...] = field(default_factory=tuple)
 
     def counts(self) -> dict[str | None, Counter[str]]:
         """Images per class for each split named by the folders (None for a flat layout)."""
@@ -112,6 +117,8 @@ def scan_folder(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int | None = None,
+    labelled_only: bool = False,
+    collect_errors: bool = False,
     progress: Progress = NO_PROGRESS,
 ) -> ImageIndex:
     """Scan an image folder in the split or flat layout.
@@ -120,6 +127,11 @@ def scan_folder(
         root: the dataset folder.
         max_pixels: images larger than this are skipped as problems.
         workers: decoding processes (large folders, Linux) or threads; None = one per core, at least 2.
+        labelled_only: a folder of labelled images to evaluate on, not to train on: split folders without
+            `train/` (a `test/` alone) are fine, and any number of classes; the class list is every class found.
+        collect_errors: do not raise what would stop training (the DataErrors below, with the same messages):
+            record each in `ImageIndex.errors` and go on, so that `imgclf inspect` lists them all. A missing
+            folder still raises.
         progress: reporter for the decode pass.
 
     Returns:
@@ -137,7 +149,8 @@ def scan_folder(
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root} (expected a folder of class folders)")
-    found_layout = _find_class_folders(root)
+    blockers = _Blockers(collect=collect_errors)
+    found_layout = _find_class_folders(root, need_train=not labelled_only, blockers=blockers)
     layout, class_dirs, loose = found_layout.kind, found_layout.class_dirs, found_layout.loose
     dataset_dirs = found_layout.dataset_dirs(root)
     walked = [
@@ -161,7 +174,14 @@ def scan_folder(
             else:
                 ignored += 1
 
-    classes, warnings = _class_map(root, layout, class_dirs, records, problems)
+    if labelled_only:
+        classes, warnings = tuple(sorted({r.label for r in records})), []
+        if not records:
+            raise DataError(
+                f"no readable images in {root} (expected <class>/<image> folders)" + _first_problems(problems)
+            )
+    else:
+        classes, warnings = _class_map(root, layout, class_dirs, records, problems, blockers=blockers)
     for message in warnings:
         log.warning(message)
     if problems:
@@ -174,8 +194,22 @@ def scan_folder(
         classes=classes,
         ignored_files=ignored,
         hidden_files=hidden,
-        warnings=tuple(warnings),
+        warnings=(*found_layout.notes, *warnings),
+        errors=tuple(blockers.found),
     )
+
+
+class _Blockers:
+    """What would stop training: raised at once (train), or collected and returned (inspect)."""
+
+    def __init__(self, *, collect: bool) -> None:
+        self.collect = collect
+        self.found: list[Problem] = []
+
+    def add(self, path: Path, message: str) -> None:
+        if not self.collect:
+            raise DataError(message)
+        self.found.append(Problem(path, message))
 
 
 @dataclass
@@ -184,6 +218,7 @@ class _Layout:
     class_dirs: list[tuple[str | None, str, Path]]  # (split or None, class, folder)
     loose: list[Path]  # files lying outside any class folder
     hidden: int  # hidden entries at the root and split level
+    notes: list[str] = field(default_factory=list)  # warnings about the layout (already logged)
 
     def dataset_dirs(self, root: Path) -> set[str]:
         """Real paths of the root, split and class folders: a symlink into one of them is not followed."""
@@ -191,8 +226,10 @@ class _Layout:
         return {os.path.realpath(folder) for folder in folders}
 
 
-def _find_class_folders(root: Path) -> _Layout:
-    """Decide the layout and list the class folders."""
+def _find_class_folders(root: Path, *, need_train: bool = True, blockers: _Blockers | None = None) -> _Layout:
+    """Decide the layout and list the class folders. Collected `blockers` keep the first of two folders that
+    name one split, and go on without a train folder."""
+    blockers = blockers or _Blockers(collect=False)
     entries = sorted(root.iterdir(), key=lambda p: p.name)
     hidden = sum(1 for p in entries if _is_skipped(p.name))
     folders = [p for p in entries if p.is_dir() and not _is_skipped(p.name)]
@@ -203,18 +240,24 @@ def _find_class_folders(root: Path) -> _Layout:
         if split is None:
             continue
         if split in split_folders:
-            raise DataError(
-                f"{root}: both '{split_folders[split].name}' and '{folder.name}' name the {split} split; keep one"
+            blockers.add(
+                folder,
+                f"{root}: both '{split_folders[split].name}' and '{folder.name}' name the {split} split; keep one",
             )
+            continue
         split_folders[split] = folder
     if not split_folders:
         return _Layout("flat", [(None, folder.name, folder) for folder in folders], loose, hidden)
-    if "train" not in split_folders:
+    if "train" not in split_folders and need_train:
         named = ", ".join(sorted(p.name for p in split_folders.values()))
-        raise DataError(f"{root}: found split folder(s) {named} but no 'train' folder; add {root / 'train'}/<class>/")
-    others = [p.name for p in folders if p not in split_folders.values()]
+        blockers.add(
+            root, f"{root}: found split folder(s) {named} but no 'train' folder; add {root / 'train'}/<class>/"
+        )
+    notes = []
+    others = [p.name for p in folders if p not in split_folders.values() and not SPLIT_FOLDER_NAMES.get(p.name.lower())]
     if others:
-        log.warning("%s: folders %s are not train/val/test and are ignored", root, ", ".join(others))
+        notes.append(f"{root}: folders {', '.join(others)} are not train/val/test and are ignored")
+        log.warning(notes[-1])
     class_dirs: list[tuple[str | None, str, Path]] = []
     for split in SPLITS:
         if split not in split_folders:
@@ -226,7 +269,7 @@ def _find_class_folders(root: Path) -> _Layout:
                 class_dirs.append((split, entry.name, entry))
             else:
                 loose.append(entry)
-    return _Layout("split", class_dirs, loose, hidden)
+    return _Layout("split", class_dirs, loose, hidden, notes)
 
 
 @dataclass
@@ -321,7 +364,12 @@ def _class_map(
     class_dirs: list[tuple[str | None, str, Path]],
     records: list[ImageRecord],
     problems: list[Problem],
+    *,
+    blockers: _Blockers | None = None,
 ) -> tuple[tuple[str, ...], list[str]]:
+    """The class list (from the training split) and warnings; what would stop training goes to `blockers`
+    (raised at once by default). Collected, the class list is what training would use once those are fixed."""
+    blockers = blockers or _Blockers(collect=False)
     train_split = "train" if layout == "split" else None
     counts: dict[str | None, Counter[str]] = {}
     for record in records:
@@ -329,19 +377,30 @@ def _class_map(
     train_counts = counts.get(train_split, Counter())
     if not train_counts:
         where = root / "train" if layout == "split" else root
-        raise DataError(
-            f"no training images in {where} (expected <class>/<image> folders; "
-            f"{len(problems)} file(s) were skipped as unreadable)" + _first_problems(problems)
-        )
+        loose = [p for p in problems if p.reason == "not inside a class folder"]
+        if loose and len(loose) == len(problems):
+            blockers.add(
+                where,
+                f"no training images in {where}: its {len(loose)} image(s) lie directly in the folder, not in class "
+                f"folders; put each class's images in a folder named after it ({where}/<class>/<image>)",
+            )
+        else:
+            blockers.add(
+                where,
+                f"no training images in {where} (expected <class>/<image> folders; {len(problems)} file(s) skipped)"
+                + _first_problems(problems),
+            )
+        return (), []
     empty = sorted({label for split, label, _ in class_dirs if split == train_split and not train_counts[label]})
     if empty:
-        raise DataError(
+        blockers.add(
+            root / "train" if layout == "split" else root,
             f"class folder(s) with no readable image: {', '.join(empty)} in {root}; add images or remove the "
-            "folder" + _first_problems([p for p in problems if any(part in empty for part in p.path.parts)])
+            "folder" + _first_problems([p for p in problems if any(part in empty for part in p.path.parts)]),
         )
     classes = tuple(sorted(train_counts))
     if len(classes) < 2:
-        raise DataError(f"{root}: found {len(classes)} class ({', '.join(classes)}); a classifier needs at least 2")
+        blockers.add(root, f"{root}: found {len(classes)} class ({', '.join(classes)}); a classifier needs at least 2")
     warnings: list[str] = []
     for split in ("val", "test"):
         if layout != "split" or not any(s == split for s, _, _ in class_dirs):
@@ -350,10 +409,11 @@ def _class_map(
         unknown = sorted(set(present) - set(classes))
         if unknown:
             hints = [_near_match(label, classes) for label in unknown]
-            raise DataError(
+            blockers.add(
+                next(folder.parent for s, _, folder in class_dirs if s == split),
                 f"{split} split has class(es) not in train: {', '.join(unknown)}; every val/test class must "
                 f"have training images (train classes: {', '.join(classes)})"
-                + "".join(f"; {hint}" for hint in hints if hint)
+                + "".join(f"; {hint}" for hint in hints if hint),
             )
         missing = [label for label in classes if not present[label]]
         if missing:

@@ -7,6 +7,8 @@ preprocessing are `data.images.load_image` and `data.preprocessing.eval_array`, 
 
 from __future__ import annotations
 
+import csv
+import io
 import itertools
 import json
 import logging
@@ -23,7 +25,7 @@ from imgclf.data.preprocessing import Preprocessing, eval_array
 from imgclf.deploy.bundle import ModelBundle
 from imgclf.deploy.runtimes import Runtime
 from imgclf.errors import CheckpointError, ConfigError, ImageError
-from imgclf.files import write_csv_atomic, write_text_atomic
+from imgclf.files import write_text_atomic
 from imgclf.progress import NO_PROGRESS, Progress
 
 log = logging.getLogger(__name__)
@@ -221,9 +223,9 @@ def prepare(source: ImageSource | Image.Image, pre: Preprocessing, *, max_pixels
     return eval_array(image, pre)
 
 
-def write_predictions(predictions: Sequence[Prediction], path: Path, *, top_k: int, format: str = "csv") -> None:
-    """Write predictions atomically: CSV `path, class_1, probability_1, ..., class_k, probability_k, error`, or
-    JSON Lines, one `{"path", "classes", "probabilities", "error"}` object per input."""
+def predictions_text(predictions: Sequence[Prediction], *, top_k: int, format: str = "csv") -> str:
+    """Predictions as CSV (`path, class_1, probability_1, ..., class_k, probability_k, error`) or JSON Lines (one
+    `{"path", "classes", "probabilities", "error"}` object per input)."""
     if format not in OUTPUT_FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}; received '{format}'")
     if format == "jsonl":
@@ -239,13 +241,14 @@ def write_predictions(predictions: Sequence[Prediction], path: Path, *, top_k: i
             )
             for p in predictions
         )
-        write_text_atomic(path, "".join(line + "\n" for line in lines))
-        return
+        return "".join(line + "\n" for line in lines)
     header = ["path"]
     for rank in range(1, top_k + 1):
         header += [f"class_{rank}", f"probability_{rank}"]
     header.append("error")
-    rows = []
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
     for prediction in predictions:
         row: list[object] = [prediction.source]
         for rank in range(top_k):
@@ -254,8 +257,13 @@ def write_predictions(predictions: Sequence[Prediction], path: Path, *, top_k: i
             else:
                 row += ["", ""]
         row.append(prediction.error or "")
-        rows.append(row)
-    write_csv_atomic(path, header, rows)
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def write_predictions(predictions: Sequence[Prediction], path: Path, *, top_k: int, format: str = "csv") -> None:
+    """Write `predictions_text` to `path` atomically (a reader never sees half a file)."""
+    write_text_atomic(path, predictions_text(predictions, top_k=top_k, format=format))
 
 
 def _describe(source: object) -> str:

@@ -93,6 +93,7 @@ class BatchWorker:
         self.batches = 0  # forward passes run
         self.requests = 0  # requests answered by them
         self.images = 0
+        self.running = 0  # requests in the forward pass under way
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="imgclf-model", daemon=True)
 
@@ -151,6 +152,7 @@ class BatchWorker:
         if not live:
             return
         assert self.predictor is not None
+        self.running = len(live)
         try:
             probs = self.predictor.predict_batch(np.concatenate([job.images for job in live]))
         except Exception as exc:
@@ -158,6 +160,8 @@ class BatchWorker:
             for job in live:
                 job.future.set_exception(exc)
             return
+        finally:
+            self.running = 0
         self.batches += 1
         self.requests += len(live)
         self.images += sum(len(job.images) for job in live)
@@ -211,9 +215,15 @@ def create_app(model: Predictor | Callable[[], Predictor], settings: ServeSettin
             return problem(503, f"the model failed to load: {worker.load_error}")
         return problem(503, "loading the model", {"Retry-After": "1"})
 
-    @app.get("/stats", summary="Forward passes, requests and images served so far")
+    @app.get("/stats", summary="Forward passes, requests and images served so far; requests waiting and running")
     async def stats() -> dict[str, int]:
-        return {"batches": worker.batches, "requests": worker.requests, "images": worker.images}
+        return {
+            "batches": worker.batches,
+            "requests": worker.requests,
+            "images": worker.images,
+            "queued": worker.jobs.qsize(),
+            "running": worker.running,
+        }
 
     @app.get("/metadata", summary="Classes, preprocessing, model, backend and limits")
     async def metadata():

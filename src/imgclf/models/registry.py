@@ -82,7 +82,7 @@ def check_model_name(name: str) -> None:
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise ConfigError(
         f"model.name: unknown model '{name}'; expected 'small_cnn' or a timm model name "
-        f"(python -c \"import timm; print(timm.list_models('resnet*'))\" lists them).{hint}"
+        f"(`imgclf models 'resnet*'` lists them).{hint}"
     )
 
 
@@ -97,14 +97,28 @@ class ModelInfo:
 
 
 def model_names(pattern: str = "*", *, pretrained: bool = False) -> list[str]:
-    """small_cnn and timm's model names matching a shell-style pattern; with `pretrained`, only names with
-    published weights (timm then adds the weight tag, e.g. `resnet18.a1_in1k`)."""
+    """small_cnn and timm's model names matching a shell-style pattern, those with pretrained weights available
+    offline first (an installed weights package, the local Hugging Face cache), then in timm's order.
+
+    The pattern matches a whole name, as in `timm.list_models`, or the part of a name after an underscore, so
+    `efficientnet*` also finds timm's ports such as `tf_efficientnet_lite0` and `resnet*` finds `nf_resnet50`
+    (a leading `*` matches anywhere). With `pretrained`, only names with published weights are listed, and timm
+    adds the weight tag (`resnet18.a1_in1k`).
+
+    Example:
+        >>> model_names("efficientnet_lite*", pretrained=True)[0]
+        'tf_efficientnet_lite0.in1k'
+    """
     import fnmatch
 
     import timm
 
+    from imgclf.models.weights import offline_sources
+
     names = [SMALL_CNN] if not pretrained and fnmatch.fnmatch(SMALL_CNN, pattern) else []
-    return names + timm.list_models(pattern, pretrained=pretrained)
+    names += timm.list_models([pattern, f"*_{pattern}"], pretrained=pretrained)
+    offline = {name for name in names if name != SMALL_CNN and offline_sources(name)}  # ~0.1 ms a name
+    return [name for name in names if name in offline] + [name for name in names if name not in offline]
 
 
 def describe_model(name: str) -> ModelInfo:

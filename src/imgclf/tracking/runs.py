@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
@@ -91,14 +92,21 @@ class RunPaths:
         return self.root / "report"
 
 
+LATEST = "latest"  # out/latest: a relative symlink to the newest run folder made in `out`
+
+
 def create_run_dir(out: Path, name: str | None, model_name: str) -> RunPaths:
     """Make a new run folder `out/<name>`; the default name is `<model>-<YYYYmmdd-HHMMSS>` (suffixed if taken).
+    `out/latest` then points to it (see `point_latest`).
 
     Raises:
-        ImgclfError: `out` cannot be written (checked before any training starts), or a named run exists.
+        ImgclfError: `out` cannot be written (checked before any training starts), a named run exists, or the
+            name is `latest`.
     """
     out = Path(out)
     check_writable(out)
+    if name == LATEST:
+        raise ImgclfError(f"--name {LATEST} is taken: {out / LATEST} points to the newest run; choose another name")
     if name:
         root = out / name
         if root.exists() and any(root.iterdir()):
@@ -111,7 +119,26 @@ def create_run_dir(out: Path, name: str | None, model_name: str) -> RunPaths:
             n += 1
             root = out / f"{base}-{n}"
     root.mkdir(parents=True, exist_ok=True)
+    point_latest(out, root)
     return RunPaths(root)
+
+
+def point_latest(out: Path, run_dir: Path) -> None:
+    """Make `out/latest` a relative symlink to `run_dir`, so `--resume runs/latest`, `report runs/latest` and
+    `evaluate runs/latest` name the newest run. The link is made under a temporary name and renamed over the old
+    one (atomic: a reader sees the old run or the new one, never no link). Skipped without a word where
+    symlinks cannot be made (Windows without developer mode, some network or FAT file systems) or where
+    `out/latest` is a real folder."""
+    link = Path(out) / LATEST
+    if link.exists() and not link.is_symlink():
+        return
+    temporary = link.with_name(f".{LATEST}-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        temporary.symlink_to(os.path.relpath(run_dir, out), target_is_directory=True)
+        os.replace(temporary, link)
+    except (OSError, NotImplementedError):
+        with contextlib.suppress(OSError):
+            temporary.unlink()
 
 
 def check_writable(out: Path) -> None:
@@ -128,10 +155,13 @@ def check_writable(out: Path) -> None:
 
 
 def find_run(path: Path) -> RunPaths:
-    """The run folder for `path` (a run folder, or its `model/` folder)."""
+    """The run folder for `path` (a run folder, or its `model/` folder). A link such as `runs/latest` is
+    followed once, here: a newer run moving it later cannot redirect what this command writes."""
     path = Path(path)
     if path.name == "model" and (path.parent / "config.yaml").exists():
         path = path.parent
+    if path.is_symlink():
+        path = path.parent / path.readlink()  # relative stays relative: messages name runs/<name>, as typed
     if not (path / "config.yaml").is_file():
         raise DataError(f"{path} is not an imgclf run folder (no config.yaml); pass runs/<name>")
     return RunPaths(path)

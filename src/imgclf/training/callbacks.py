@@ -4,6 +4,7 @@ checkpoints, progress. Each callback is small and overrides only the hooks it ne
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import signal
@@ -157,6 +158,14 @@ class Checkpointer(Callback):
         return self.folder / "best.safetensors"
 
     def on_epoch_end(self, state: FitState, row: dict[str, float]) -> None:
+        # Weights can stay finite while being garbage: one step at a huge LR gave weights of ~3e38 whose
+        # validation loss was NaN; saving them as `last` would make --resume start from a broken epoch.
+        val_loss = row.get("val_loss")
+        if val_loss is not None and not math.isfinite(val_loss):
+            raise TrainingDiverged(
+                f"the validation loss became {val_loss} in epoch {state.epoch}; {self.last} keeps the last good "
+                "epoch. Try a lower --lr (a tenth), --set train.grad_clip=1.0, or --set train.precision=fp32"
+            )
         improved = self.monitor.improved(row[self.monitor.name], state.best_metric)
         if improved:
             state.best_metric = row[self.monitor.name]
@@ -169,9 +178,12 @@ class Checkpointer(Callback):
         self._save_last(state)  # mid-epoch: its progress lets --resume continue at the next batch
 
     def _save_last(self, state: FitState) -> None:
-        if not all(torch.isfinite(p).all() for p in state.model.parameters()):
+        # buffers too: a BatchNorm running variance that overflowed is as broken as a weight
+        tensors = state.model.state_dict().values()
+        if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
+            epoch = state.epoch + 1 if state.progress is not None else state.epoch  # mid-epoch: the one under way
             raise TrainingDiverged(
-                f"the weights stopped being finite numbers in epoch {state.epoch}; {self.last} keeps the last good "
+                f"the weights stopped being finite numbers in epoch {epoch}; {self.last} keeps the last good "
                 "epoch. Try a lower --lr, --set train.grad_clip=1.0, or --set train.precision=fp32"
             )
         save_checkpoint(

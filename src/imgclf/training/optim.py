@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader
 from imgclf.device import Compute
 from imgclf.errors import ConfigError
 from imgclf.models.finetune import param_groups
+from imgclf.progress import NO_PROGRESS, Progress
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "step", "plateau", "none")
@@ -195,6 +197,7 @@ def find_lr(
     beta: float = 0.9,
     diverge: float = 4.0,
     frozen_norms: Sequence[nn.Module] = (),
+    progress: Progress = NO_PROGRESS,
 ) -> LRFinderResult:
     """LR range test (Smith 2017; fastai's lr_find): train with an exponentially growing LR and record the loss.
 
@@ -220,10 +223,12 @@ def find_lr(
     average, best = 0.0, math.inf
     stopped = f"reached {end_lr:g} after {num_steps} steps"
     batches = _cycle(loader)
+    stack = contextlib.ExitStack()
     model.train()
     for norm in frozen_norms:
         norm.eval()
     try:
+        task = stack.enter_context(progress.task("LR range test", total=num_steps))
         for step in range(num_steps):
             lr = start_lr * (end_lr / start_lr) ** (step / max(1, num_steps - 1))
             for group, scale in zip(optimizer.param_groups, scales):
@@ -246,10 +251,12 @@ def find_lr(
             losses.append(value)
             smoothed.append(smooth)
             best = min(best, smooth)
+            task.advance(lr=f"{lr:.1e}", loss=f"{smooth:.4f}")
             if step > 10 and smooth > diverge * best:
                 stopped = f"diverged at lr {lr:.2e} (smoothed loss {smooth:.3g} > {diverge:g} x minimum {best:.3g})"
                 break
     finally:
+        stack.close()
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
     if len(lrs) < 5:

@@ -1,0 +1,91 @@
+"""The data-dependent settings of a run, resolved before it trains: colour, image size, crop, interpolation,
+mean/std, the augmentation preset and the batch size, from explicit values, then the pretrained model's
+configuration, then what the training images say. config.yaml records the result; `preprocessing_of` turns it
+into the `Preprocessing` that travels with the model."""
+
+from __future__ import annotations
+
+import logging
+
+from imgclf.config import RunConfig, build_config
+from imgclf.data.preprocessing import Preprocessing
+from imgclf.data.scan import ImageIndex
+from imgclf.data.split import SplitManifest
+from imgclf.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_data_settings(config: RunConfig, index: ImageIndex, manifest: SplitManifest, *, weights) -> RunConfig:
+    """Fill every preprocessing setting left open: explicit values win, then the pretrained model's config
+    (size, crop, interpolation, mean/std), then what the training images say. config.yaml records the result.
+
+    Colour `auto` with pretrained weights follows the stem they were trained with: an RGB stem gets RGB input
+    (grayscale images replicated to 3 channels, exactly what it saw in pretraining), a 1-channel stem gets gray.
+    An explicit colour that differs from the stem gets the stem adapted instead (`weights.adapt_stem`)."""
+    from imgclf.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+    from imgclf.data.transforms import auto_img_size, resolve_preset
+    from imgclf.models.weights import pretrained_config, stem_channels
+
+    data = config.data
+    pretrained = weights is not None
+    cfg = (pretrained_config(config.model.name) or {}) if pretrained else {}
+    train_paths = {row.path for row in manifest.split("train")}
+    train_records = [r for r in index.records if r.path in train_paths]
+    color = data.color
+    if color == "auto":
+        if pretrained:
+            color = "gray" if stem_channels(config.model.name, weights) == 1 else "rgb"
+            if color == "rgb" and all(r.single_channel for r in train_records):
+                log.info("color: rgb (grayscale images are replicated to 3 channels for the pretrained stem)")
+        else:
+            color = "gray" if all(r.single_channel for r in train_records) else "rgb"
+            log.info(
+                "color: %s (%s)",
+                color,
+                "every training image is single-channel"
+                if color == "gray"
+                else "some training images have colour channels",
+            )
+    img_size = data.img_size or (cfg["input_size"][-1] if cfg.get("input_size") else None)
+    img_size = img_size or auto_img_size([(r.width, r.height) for r in train_records])
+    interpolation = data.interpolation or cfg.get("interpolation")
+    interpolation = interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
+    mean = tuple(data.mean or cfg.get("mean") or IMAGENET_MEAN)
+    std = tuple(data.std or cfg.get("std") or IMAGENET_STD)
+    if color == "gray" and len(mean) == 3:
+        mean, std = (round(sum(mean) / 3, 4),), (round(sum(std) / 3, 4),)
+    preset = resolve_preset(config.augment.preset, img_size)
+    batch_size = config.train.batch_size
+    if batch_size == "auto":
+        from imgclf.config import auto_batch_size
+
+        batch_size = auto_batch_size(len(train_records))
+        log.info("batch size: %d (auto, for %d training images)", batch_size, len(train_records))
+    return build_config(
+        config,
+        {
+            "train.batch_size": batch_size,
+            "augment.preset": preset,
+            "data.color": color,
+            "data.img_size": img_size,
+            "data.crop_pct": data.crop_pct or cfg.get("crop_pct") or 1.0,
+            "data.interpolation": interpolation,
+            "data.mean": list(mean),
+            "data.std": list(std),
+        },
+    )
+
+
+def preprocessing_of(config: RunConfig) -> Preprocessing:
+    data = config.data
+    if data.color == "auto" or None in (data.img_size, data.crop_pct, data.interpolation, data.mean, data.std):
+        raise ConfigError("internal: preprocessing settings must be resolved before training")
+    return Preprocessing(
+        img_size=data.img_size,
+        color=data.color,
+        mean=tuple(data.mean),
+        std=tuple(data.std),
+        crop_pct=data.crop_pct,
+        interpolation=data.interpolation,
+    )
