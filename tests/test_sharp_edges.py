@@ -158,9 +158,13 @@ def test_messages_name_what_is_wrong_and_what_was_meant(tmp_path, digits_source)
     for path in sorted((digits_source / "digit0").iterdir())[:5]:
         shutil.copy(path, loose / path.name)
     result = run_cli("train", loose, "--out", tmp_path / "runs")
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a usage hint before any work (tests/test_lab.py); the scan says it too:
     text = flat(result.output)
-    assert "lie directly in the folder, not in class folders" in text and "unreadable" not in text
+    assert "but no class folders" in text and "unreadable" not in text
+    with pytest.raises(DataError, match="lie directly in the folder, not in class folders"):
+        from imgclf.data.scan import scan_folder
+
+        scan_folder(loose)
 
     negative = flat(run_cli("train", digits_source, "--lr", "-1", "--out", tmp_path / "runs").output)
     assert negative.count("received") == 1 and "received -1.0" in negative

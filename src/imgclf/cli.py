@@ -26,7 +26,7 @@ app = typer.Typer(
     name="imgclf",
     help="From a folder of labelled images to a trained, evaluated image classifier.\n\n"
     "Start with `imgclf demo`, then `imgclf train data/`.",
-    no_args_is_help=True,
+    no_args_is_help=False,  # `imgclf` alone prints GETTING_STARTED (see _options)
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -184,14 +184,33 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+GETTING_STARTED = """imgclf: from a folder of labelled images to a trained, evaluated classifier you can ship.
+
+Getting started:
+  imgclf demo                              train on the embedded handwritten digits, see the report
+  imgclf init lab --from photos/           a lab project: data/{train,val,test}/<class>/, a notebook, models/
+  imgclf inspect data/                     look before you train: counts, sizes, problems, leaks
+  imgclf train data/ --fast-dev-run        the whole pipeline on a sliver of the data, in seconds
+  imgclf train data/ --subset 20           start small: 20 images per class and split
+  imgclf train data/                       train; the report is runs/<name>/report.html
+  imgclf export runs/latest                a checked ONNX model; then imgclf serve runs/latest
+
+data/ holds one folder per class (data/<class>/*.jpg), or train/, val/ and test/ folders of them.
+Every command has --help; `imgclf --help` lists them all. The guide: docs/guide.md."""
+
+
+@app.callback(invoke_without_command=True)
 def _options(
+    context: typer.Context,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_print_version, is_eager=True, help="print imgclf's version and exit"),
     ] = False,
 ) -> None:
-    """Options that come before the command (the app's help text is the Typer(help=...) above)."""
+    """Options that come before the command (the app's help text is the Typer(help=...) above); `imgclf` alone
+    prints a short getting-started text."""
+    if context.invoked_subcommand is None:
+        typer.echo(GETTING_STARTED)
 
 
 def examples(*commands: str) -> str:
@@ -209,6 +228,10 @@ FreezeOption = Annotated[
     int | None, typer.Option("--freeze-epochs", help="epochs training only the head, backbone frozen")
 ]
 BatchOption = Annotated[int | None, typer.Option("--batch-size", help="images per step")]
+SubsetOption = Annotated[
+    int | None,
+    typer.Option(min=1, help="start small: N images per class and split (seeded; the rest are not decoded)"),
+]
 ImgSizeOption = Annotated[
     int | None, typer.Option("--img-size", help="training resolution (default: pretrained model's, else the data's)")
 ]
@@ -240,6 +263,7 @@ FLAG_KEYS = {
     "augment": "augment.preset",
     "hflip": "augment.hflip",
     "img_size": "data.img_size",
+    "subset": "data.subset",
     "color": "data.color",
     "patience": "train.early_stopping.patience",
     "class_weights": "train.class_weights",
@@ -310,6 +334,7 @@ def train(
     augment: Annotated[str | None, typer.Option(help="none | light | standard | strong")] = None,
     hflip: Annotated[bool | None, typer.Option("--hflip/--no-hflip", help="random horizontal flips")] = None,
     img_size: ImgSizeOption = None,
+    subset: SubsetOption = None,
     color: Annotated[str | None, typer.Option(help="auto | rgb | gray")] = None,
     patience: Annotated[int | None, typer.Option(help="early-stopping patience in epochs")] = None,
     class_weights: Annotated[str | None, typer.Option(help="none | auto (inverse frequency)")] = None,
@@ -342,6 +367,14 @@ def train(
     report: Annotated[
         bool, typer.Option("--report/--no-report", help="write report.html and report.md at the end")
     ] = True,
+    fast_dev_run: Annotated[
+        bool,
+        typer.Option(
+            "--fast-dev-run",
+            help="check the whole pipeline in seconds: 2 images per class and split, two batches, one epoch, "
+            "evaluate, report, export; the run folder is fast-dev-run-... and not a real result",
+        ),
+    ] = False,
 ) -> None:
     """Train a classifier, keep the best epoch by validation, evaluate it on the test split and write the report."""
     from imgclf import workflow
@@ -351,7 +384,16 @@ def train(
     if resume is not None:
         given = [key for key, value in flags.items() if value is not None]
         refused = [flag_name(key) for key in given if key not in workflow.RESUME_SETTINGS]
-        refused += [label for label, value in (("DATA", data), ("--config", config), ("--name", name)) if value]
+        refused += [
+            label
+            for label, value in (
+                ("DATA", data),
+                ("--config", config),
+                ("--name", name),
+                ("--fast-dev-run", fast_dev_run),
+            )
+            if value
+        ]
         settings = {key: value for key, value in flags.items() if key in workflow.RESUME_SETTINGS}
         for key, value in parse_assignments(set_ or []).items():
             if key not in workflow.RESUME_SETTINGS:
@@ -369,7 +411,9 @@ def train(
         )
     else:
         run_config = run_config_from(config, flags, set_)
-        result = workflow.train(data, run_config, out=out, name=name, report=report, progress=RichProgress())
+        result = workflow.train(
+            data, run_config, out=out, name=name, report=report, fast_dev_run=fast_dev_run, progress=RichProgress()
+        )
     if result.metrics:
         print_metrics(result.metrics)
     out_console.print(f"run folder: [bold]{escape(str(result.run_dir))}[/]")
@@ -623,6 +667,38 @@ def split(
 
 @app.command(
     epilog=examples(
+        "imgclf init lab --from photos/                 # photos/<class>/*.jpg split into lab/data/",
+        "imgclf init lab --from photos/ --ratios 0.7 0.15 0.15 --copy",
+        "imgclf init lab                                # the layout only; put images in lab/data/train/<class>/",
+    )
+)
+@handles_errors
+def init(
+    target: Annotated[Path, typer.Argument(help="the new project folder (must not exist, or be empty)")],
+    from_: Annotated[
+        Path | None, typer.Option("--from", help="a flat folder of class folders to split into data/")
+    ] = None,
+    ratios: Annotated[tuple[float, float, float], typer.Option(help="train val test fractions")] = (0.8, 0.1, 0.1),
+    seed: Annotated[int, typer.Option(help="same seed, same split")] = 0,
+    copy: Annotated[bool, typer.Option("--copy", help="copy images instead of hard-linking")] = False,
+    symlink: Annotated[bool, typer.Option("--symlink", help="symlink images instead of hard-linking")] = False,
+) -> None:
+    """Create a lab project: data/{train,val,test}/<class>/ (split from --from: seeded, stratified, identical
+    images kept together), notebooks/Lab10_image_classification.ipynb pointed at it, models/ for the runs, and a
+    README with the next commands."""
+    from imgclf.scaffold import init_project
+
+    if copy and symlink:
+        raise typer.BadParameter("choose one of --copy and --symlink")
+    mode = "copy" if copy else "symlink" if symlink else "hardlink"
+    project = init_project(target, source=from_, ratios=ratios, seed=seed, mode=mode, progress=RichProgress())
+    made = ", ".join(f"{split} {count}" for split, count in project.counts.items()) or "no images yet"
+    console.print(f"project [bold]{escape(str(project.root))}[/]: data/ ({made}), notebooks/, models/, README.md")
+    out_console.print(f"next: cd {escape(str(project.root))} && imgclf train data --fast-dev-run --out models")
+
+
+@app.command(
+    epilog=examples(
         "imgclf report runs/small_cnn-20261128-120000",
     )
 )
@@ -659,6 +735,7 @@ def inspect(
         Path | None, typer.Option("--config", help="train's YAML config: its data.split_ratios, split_seed, max_pixels")
     ] = None,
     strict: Annotated[bool, typer.Option("--strict", help="exit 1 when train would refuse the data")] = False,
+    subset: SubsetOption = None,
 ) -> None:
     """Dataset statistics, every problem train would stop or warn at, skipped files, duplicates and leaks, and a
     sample grid per class, for the split train would make; changes nothing. Exits 0 whatever it finds in the
@@ -666,7 +743,7 @@ def inspect(
     written, 2 for an invalid --config or --ratios."""
     from imgclf.explore import inspect_data
 
-    flags = {"data.split_ratios": list(ratios) if ratios else None, "data.split_seed": seed}
+    flags = {"data.split_ratios": list(ratios) if ratios else None, "data.split_seed": seed, "data.subset": subset}
     data_config = run_config_from(config, flags, None).data
     result = inspect_data(
         data,
@@ -674,6 +751,7 @@ def inspect(
         ratios=data_config.split_ratios,
         seed=data_config.split_seed,
         max_pixels=data_config.max_pixels,
+        subset=data_config.subset,
         progress=RichProgress(),
     )
     summary = result.summary
@@ -762,6 +840,7 @@ def lr_find(
     freeze_epochs: FreezeOption = None,
     batch_size: BatchOption = None,
     img_size: ImgSizeOption = None,
+    subset: SubsetOption = None,
     device: DeviceOption = None,
     steps: Annotated[int, typer.Option(min=10, help="steps of the LR ramp")] = 100,
     config: ConfigOption = None,

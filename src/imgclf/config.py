@@ -31,6 +31,12 @@ class DataConfig(_Section):
         description="train/val/test fractions used when the folder is not split already (flat class folders)",
     )
     split_seed: int = Field(0, description="seed of that split; separate from train.seed so runs share a split")
+    subset: int | None = Field(
+        None,
+        ge=1,
+        description="start small: N images per class and split, drawn with split_seed (the rest are not even "
+        "decoded; a flat folder's subset is shared out N per split); null = every image",
+    )
     color: Literal["auto", "rgb", "gray"] = Field(
         "auto",
         description="channels fed to the model; auto = gray when every training image is single-channel, "
@@ -447,12 +453,38 @@ def all_keys() -> list[str]:
     return walk(RunConfig, "")
 
 
+# What people type for our keys (other tools' names): `train.learning_rate` means `train.lr`.
+_SYNONYMS = {
+    "learning_rate": "lr",
+    "bs": "batch_size",
+    "batch": "batch_size",
+    "wd": "weight_decay",
+    "num_epochs": "epochs",
+    "max_epochs": "epochs",
+    "image_size": "img_size",
+    "imgsz": "img_size",
+    "size": "img_size",
+    "workers": "num_workers",
+    "augmentation": "preset",
+    "arch": "name",
+    "architecture": "name",
+    "model": "name",
+}
+
+
 def _closest_keys(key: str) -> list[str]:
     """Valid keys a mistyped or misplaced one probably meant: the same last name in another section
-    (`epochs` -> `train.epochs`), else close spellings."""
+    (`epochs` -> `train.epochs`), another tool's name for it (`train.learning_rate` -> `train.lr`), else close
+    spellings, within its section first."""
     import difflib
 
     keys = all_keys()
     last = key.rsplit(".", 1)[-1]
-    same_name = [k for k in keys if k.rsplit(".", 1)[-1] == last]
-    return same_name or difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    for name in (last, _SYNONYMS.get(last.lower())):
+        same_name = [k for k in keys if name and k.rsplit(".", 1)[-1] == name]
+        if same_name:
+            section = key.split(".", 1)[0]
+            return sorted(same_name, key=lambda k: not k.startswith(section + "."))
+    section_keys = [k for k in keys if k.startswith(key.rsplit(".", 1)[0] + ".")] if "." in key else keys
+    close = difflib.get_close_matches(key, section_keys, n=3, cutoff=0.6)
+    return close or difflib.get_close_matches(key, keys, n=3, cutoff=0.6)

@@ -45,6 +45,7 @@ def inspect_data(
     ratios: Sequence[float] = (0.8, 0.1, 0.1),
     seed: int = 0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    subset: int | None = None,
     progress: Progress = NO_PROGRESS,
 ) -> InspectResult:
     """Scan a dataset the way `train` would and write what a person should know before training on it.
@@ -63,6 +64,7 @@ def inspect_data(
             folder without val/ gets val carved out of train/).
         seed: split seed (as `data.split_seed`).
         max_pixels: larger images are reported as problems (as `data.max_pixels`).
+        subset: look at N images per class and split only (as `data.subset`; the others are not decoded).
         progress: progress reporter.
 
     Returns:
@@ -76,8 +78,8 @@ def inspect_data(
         >>> inspect_data("data/").summary["imbalance_ratio"]
         1.25
     """
-    from imgclf.data.scan import Problem, scan_folder
-    from imgclf.data.split import find_duplicates, make_manifest, save_duplicates
+    from imgclf.data.scan import Problem
+    from imgclf.data.split import find_duplicates, save_duplicates, scan_and_split
     from imgclf.evaluation.plots import sample_grid_figure
     from imgclf.tracking.runs import check_writable
 
@@ -86,8 +88,9 @@ def inspect_data(
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root} (expected a folder of class folders)")
     check_writable(out_dir)
-    index = scan_folder(root, max_pixels=max_pixels, collect_errors=True, progress=progress)
-    manifest = make_manifest(index, ratios=ratios, seed=seed)
+    index, manifest = scan_and_split(
+        root, ratios=ratios, seed=seed, max_pixels=max_pixels, subset=subset, collect_errors=True, progress=progress
+    )
     duplicates = find_duplicates(manifest)
     errors, warnings = list(index.errors), [Problem(root, message) for message in index.warnings]
     errors_after_split, warnings_after_split = _split_findings(root, index, manifest, len(duplicates))

@@ -10,10 +10,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from imgclf.config import RunConfig, build_config, load_config, save_config
+from imgclf.config import RunConfig, TrainConfig, build_config, load_config, save_config
 from imgclf.data.images import DEFAULT_MAX_PIXELS
 from imgclf.data.preprocessing import Preprocessing
-from imgclf.data.scan import ImageIndex, Problem, scan_folder
+from imgclf.data.scan import ImageIndex, Problem, check_training_folder, scan_folder
 from imgclf.data.settings import preprocessing_of, resolve_data_settings
 from imgclf.data.split import (
     LinkMode,
@@ -22,6 +22,7 @@ from imgclf.data.split import (
     make_manifest,
     materialize_split,
     save_duplicates,
+    scan_and_split,
     warn_about_duplicates,
 )
 from imgclf.errors import ConfigError, DataError, ImgclfError, TrainingInterrupted
@@ -83,6 +84,7 @@ def train(
     epochs: int | None = None,
     resume_settings: Mapping[str, Any] | None = None,
     report: bool = True,
+    fast_dev_run: bool = False,
     progress: Progress = NO_PROGRESS,
 ) -> TrainResult:
     """Train a classifier on an image folder and evaluate it on the test split.
@@ -97,6 +99,10 @@ def train(
         resume_settings: with `resume`, other settings to change, as dotted keys (`{"train.device": "cuda"}`); only
             `RESUME_SETTINGS` may change, anything else is a ConfigError naming it.
         report: write report.html and report.md into the run folder at the end (see `report`).
+        fast_dev_run: check the whole pipeline in seconds, not train a model: 2 images per class and split, one
+            epoch of two training batches, evaluation, report and (with ONNX Runtime installed) a checked ONNX
+            export. The run folder is named `fast-dev-run-...`, env.json and the report say what it is, and
+            `runs/latest` does not move to it.
         progress: progress reporter (the CLI passes a rich one).
 
     Returns:
@@ -112,9 +118,16 @@ def train(
         return _resume(Path(resume), settings=settings, report=report, progress=progress)
     if data is None:
         raise ConfigError("train needs a data folder (or --resume runs/<name>)")
-    prepared = _prepare(Path(data), build_config(config), out=Path(out), progress=progress)
+    config = build_config(config)
+    if fast_dev_run:
+        config = build_config(config, FAST_DEV_RUN)
+        if config.train.lr == "auto":  # the LR finder's 100 steps would be most of the run
+            config = build_config(config, {"train.lr": TrainConfig().lr})
+    prepared = _prepare(Path(data), config, out=Path(out), progress=progress)
     config = prepared.config
-    paths = create_run_dir(Path(out), name, config.model.name)
+    if fast_dev_run:  # two training batches
+        config = build_config(config, {"train.batch_size": max(1, -(-len(prepared.manifest.split("train")) // 2))})
+    paths = create_run_dir(Path(out), name, config.model.name, dev_run=fast_dev_run)
     log.info("run folder: %s", paths.root)
     _write_data_records(paths, prepared.index.problems, prepared.manifest)
     save_config(config, paths.config)
@@ -122,10 +135,35 @@ def train(
 
     env = environment_info(device=describe_device(select_device(config.train.device)), seed=config.train.seed)
     env["data"] = str(Path(data).resolve())  # what the report's next steps train on
+    if fast_dev_run:
+        env["fast_dev_run"] = True
     if prepared.weights is not None:
         env["pretrained_weights"] = {"source": prepared.weights.source, "not_used": list(prepared.weights.tried)}
     write_env(paths, env)
-    return _train_run(paths, config, prepared.manifest, progress=progress, weights=prepared.weights, report=report)
+    result = _train_run(paths, config, prepared.manifest, progress=progress, weights=prepared.weights, report=report)
+    if fast_dev_run:
+        _dev_run_export(paths.root, progress=progress)
+    return result
+
+
+# --fast-dev-run: the whole pipeline on a sliver of the data (the batch size is set after the scan: two batches)
+FAST_DEV_RUN = {
+    "data.subset": 2,
+    "train.epochs": 1,
+    "train.freeze_epochs": 0,
+    "train.calibrate": False,
+    "train.early_stopping.patience": None,
+}
+
+
+def _dev_run_export(run: Path, *, progress: Progress) -> None:
+    """The export step of a dev run: a checked ONNX file, when ONNX's packages are installed."""
+    from imgclf.deploy.export import export_model
+
+    try:
+        export_model(run, progress=progress)
+    except ConfigError as exc:  # onnx / onnxruntime not installed: say so, the rest was checked
+        log.warning("fast dev run: export skipped (%s)", exc)
 
 
 def lr_find(
@@ -682,11 +720,19 @@ def _prepare(data: Path, config: RunConfig, *, out: Path | None = None, progress
     weights = find_weights(model.name, model.weights) if is_pretrained(config) else None
     if not data.is_dir():  # before --out is created: a typo leaves nothing behind
         raise DataError(f"dataset folder not found: {data} (expected a folder of class folders)")
+    check_training_folder(data)
     if out is not None:
         check_writable(out)
     # absolute paths: the manifest (and the cache key) must work from any working directory
-    index = scan_folder(data.resolve(), max_pixels=config.data.max_pixels, progress=progress)
-    manifest = make_manifest(index, ratios=config.data.split_ratios, seed=config.data.split_seed)
+    settings = config.data
+    index, manifest = scan_and_split(
+        data.resolve(),
+        ratios=settings.split_ratios,
+        seed=settings.split_seed,
+        max_pixels=settings.max_pixels,
+        subset=settings.subset,
+        progress=progress,
+    )
     return _Prepared(resolve_data_settings(config, index, manifest, weights=weights), index, manifest, weights)
 
 

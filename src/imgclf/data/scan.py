@@ -119,6 +119,9 @@ def scan_folder(
     workers: int | None = None,
     labelled_only: bool = False,
     collect_errors: bool = False,
+    subset: int | None = None,
+    subset_seed: int = 0,
+    flat_splits: int = 3,
     progress: Progress = NO_PROGRESS,
 ) -> ImageIndex:
     """Scan an image folder in the split or flat layout.
@@ -132,6 +135,10 @@ def scan_folder(
         collect_errors: do not raise what would stop training (the DataErrors below, with the same messages):
             record each in `ImageIndex.errors` and go on, so that `imgclf inspect` lists them all. A missing
             folder still raises.
+        subset: start small: keep `subset` files per class and split (a flat layout: `subset * flat_splits` per
+            class, for the split to share out), drawn with `subset_seed`; the others are not decoded at all.
+        subset_seed: the seed of that draw.
+        flat_splits: how many splits a flat folder's subset will be split into.
         progress: reporter for the decode pass.
 
     Returns:
@@ -162,6 +169,17 @@ def scan_folder(
     problems += [problem for found in walked for problem in found.problems]
 
     jobs = [(split, label, path) for (split, label, _), found in zip(class_dirs, walked) for path in found.files]
+    if subset is not None:
+        per_group = subset if layout == "split" else subset * flat_splits
+        kept = _draw_subset(jobs, per_group, subset_seed)
+        log.info(
+            "subset: %d image(s) per class%s; %d of %d files left out, not decoded",
+            subset,
+            " and split" if layout == "split" else f" and split ({per_group} per class before the split)",
+            len(jobs) - len(kept),
+            len(jobs),
+        )
+        jobs = kept
     records: list[ImageRecord] = []
     with progress.task(f"Checking images in {root}", total=len(jobs)) as task:
         check = partial(_check_job, jobs, max_pixels=max_pixels)
@@ -433,6 +451,70 @@ def _near_match(label: str, classes: tuple[str, ...]) -> str | None:
             if key(label) == key(name):
                 return f"'{label}' differs from train's '{name}' only by {why}: rename one folder"
     return None
+
+
+def check_training_folder(root: Path) -> None:
+    """Catch the usual first mistakes with a folder given to `train`, before any work, with what to do instead.
+
+    Raises:
+        ConfigError: (exit 2) the folder is a run folder; the `train/` split of a split folder (which would be
+            re-split as a flat folder, its val/ and test/ unused); images with no class folders; split folders
+            without `train/`.
+    """
+    from imgclf.errors import ConfigError
+
+    root = Path(root)
+    if not root.is_dir():
+        return  # the scan says it is missing
+    if (root / "config.yaml").is_file() and (root / "manifest.csv").is_file():
+        raise ConfigError(
+            f"{root} is a run folder, not a dataset: continue it with `imgclf train --resume {root}`, evaluate it "
+            f"with `imgclf evaluate {root}`, or train on the data it came from (its env.json names it)"
+        )
+    entries = [p for p in root.iterdir() if not _is_skipped(p.name)]
+    split_of = SPLIT_FOLDER_NAMES.get(root.name.lower())
+    if split_of is not None:
+        siblings = [
+            p.name for p in root.parent.iterdir() if p.is_dir() and p != root and p.name.lower() in SPLIT_FOLDER_NAMES
+        ]
+        if siblings:
+            raise ConfigError(
+                f"{root} is the {split_of} split of {root.parent} (beside {', '.join(sorted(siblings))}/): pass "
+                f"{root.parent} itself; given {root.name}/ alone, imgclf would split it again and never use "
+                f"{', '.join(sorted(siblings))}/"
+            )
+    folders = [p for p in entries if p.is_dir()]
+    images = [p for p in entries if p.is_file() and looks_like_image(p)]
+    if images and not folders:
+        raise ConfigError(
+            f"{root} holds {len(images)} image(s) but no class folders: imgclf learns the classes from folder names; "
+            f"put each class's images in a folder named after it ({root}/cat/, {root}/dog/, ...)"
+        )
+    splits = {SPLIT_FOLDER_NAMES[p.name.lower()] for p in folders if p.name.lower() in SPLIT_FOLDER_NAMES}
+    if splits and "train" not in splits:
+        raise ConfigError(
+            f"{root} has {', '.join(sorted(splits))}/ but no train/: the classes and the model come from "
+            f"{root}/train/<class>/; add it (or pass a flat folder of class folders, which is split for you)"
+        )
+
+
+def _draw_subset(
+    jobs: list[tuple[str | None, str, Path]], per_group: int, seed: int
+) -> list[tuple[str | None, str, Path]]:
+    """`per_group` files of each (split, class), drawn with `seed` from those named like images (all files when a
+    group has no such name), in the jobs' order."""
+    import random
+
+    groups: dict[tuple[str | None, str], list[int]] = {}
+    for index, (split, label, _path) in enumerate(jobs):
+        groups.setdefault((split, label), []).append(index)
+    chosen: set[int] = set()
+    rng = random.Random(seed)
+    for key in sorted(groups, key=lambda k: (k[0] or "", k[1])):
+        indices = groups[key]
+        named = [i for i in indices if looks_like_image(jobs[i][2])] or indices
+        chosen.update(rng.sample(named, min(per_group, len(named))))
+    return [job for index, job in enumerate(jobs) if index in chosen]
 
 
 def _first_problems(problems: list[Problem], limit: int = 3) -> str:

@@ -23,9 +23,10 @@ from typing import Literal
 
 import numpy as np
 
-from imgclf.data.scan import SPLITS, ImageIndex, ImageRecord
+from imgclf.data.scan import SPLITS, ImageIndex, ImageRecord, scan_folder
 from imgclf.errors import DataError
 from imgclf.files import read_csv, write_csv_atomic
+from imgclf.progress import NO_PROGRESS, Progress
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,36 @@ class Duplicate:
     @property
     def kind(self) -> str:
         return "label conflict" if self.first.label != self.second.label else "leak across splits"
+
+
+def scan_and_split(
+    root: Path,
+    *,
+    ratios: Sequence[float],
+    seed: int,
+    max_pixels: int,
+    subset: int | None = None,
+    collect_errors: bool = False,
+    progress: Progress = NO_PROGRESS,
+) -> tuple[ImageIndex, SplitManifest]:
+    """Scan a dataset folder and split it, as `train` does (and `inspect`, to show what train would see).
+
+    With `subset`, only `subset` images per class and split are drawn (with `seed`) and decoded; a flat folder's
+    subset is shared out `subset` per split (every split with a share in `ratios` gets the same count).
+    """
+    shares = [ratio > 0 for ratio in ratios]
+    index = scan_folder(
+        root,
+        max_pixels=max_pixels,
+        subset=subset,
+        subset_seed=seed,
+        flat_splits=sum(shares),
+        collect_errors=collect_errors,
+        progress=progress,
+    )
+    if subset is not None and index.layout == "flat":
+        ratios = tuple(share / sum(shares) for share in shares)
+    return index, make_manifest(index, ratios=ratios, seed=seed)
 
 
 def make_manifest(index: ImageIndex, *, ratios: Sequence[float], seed: int) -> SplitManifest:

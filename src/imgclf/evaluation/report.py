@@ -429,6 +429,7 @@ def _context(record: RunRecord, verdicts: Sequence[Verdict], figures: Mapping[st
     return {
         "run": record.paths.root.name,
         "run_path": shlex.quote(typed_path(record.paths.root)),
+        "dev_run": bool(record.env.get("fast_dev_run")),
         "steps_line": _steps_line(last, train_images, config_train.get("batch_size")),
         "loss_note": _loss_note(record.config),
         "ece_note": _ece_note(record.config, metrics, record.probs),

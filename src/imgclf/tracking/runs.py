@@ -95,9 +95,13 @@ class RunPaths:
 LATEST = "latest"  # out/latest: a relative symlink to the newest run folder made in `out`
 
 
-def create_run_dir(out: Path, name: str | None, model_name: str) -> RunPaths:
-    """Make a new run folder `out/<name>`; the default name is `<model>-<YYYYmmdd-HHMMSS>` (suffixed if taken).
-    `out/latest` then points to it (see `point_latest`).
+DEV_RUN_PREFIX = "fast-dev-run-"
+
+
+def create_run_dir(out: Path, name: str | None, model_name: str, *, dev_run: bool = False) -> RunPaths:
+    """Make a new run folder `out/<name>`; the default name is `<model>-<YYYYmmdd-HHMMSS>` (suffixed if taken),
+    `fast-dev-run-<model>-...` for a dev run. `out/latest` then points to it (see `point_latest`), unless it is a
+    dev run: `latest` always names a real run.
 
     Raises:
         ImgclfError: `out` cannot be written (checked before any training starts), a named run exists, or the
@@ -113,13 +117,14 @@ def create_run_dir(out: Path, name: str | None, model_name: str) -> RunPaths:
             raise ImgclfError(f"run folder {root} already exists; use --resume {root} or another --name")
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        base = f"{model_name.replace('/', '_')}-{stamp}"
+        base = f"{DEV_RUN_PREFIX if dev_run else ''}{model_name.replace('/', '_')}-{stamp}"
         root, n = out / base, 1
         while root.exists():
             n += 1
             root = out / f"{base}-{n}"
     root.mkdir(parents=True, exist_ok=True)
-    point_latest(out, root)
+    if not dev_run:
+        point_latest(out, root)
     return RunPaths(root)
 
 
