@@ -9,7 +9,12 @@ import pytest
 from scipy.special import softmax
 from sklearn.metrics import roc_auc_score
 
-from imgclf.evaluation.calibration import apply_temperature, calibration_summary, fit_temperature
+from imgclf.evaluation.calibration import (
+    apply_temperature,
+    calibration_decision,
+    calibration_summary,
+    fit_temperature,
+)
 from imgclf.evaluation.metrics import (
     classification_metrics,
     expected_calibration_error,
@@ -196,3 +201,21 @@ def test_temperature_one_and_edge_cases():
         apply_temperature(probs, 0.0)
     with pytest.raises(ValueError, match="probs"):
         fit_temperature(probs, np.array([0, 1]))
+
+
+def test_a_temperature_that_raises_validation_ece_is_refused_on_enough_images():
+    """200 validation images: 180 at p=0.9 (90 % right: calibrated) and 20 at p=0.999 (19 right). The log-loss
+    optimum softens them all (T > 1), which un-calibrates the large bin: ECE rises, so the temperature is refused."""
+    confident = [[0.9, 0.1]] * 180 + [[0.999, 0.001]] * 20
+    probs = np.array(confident)
+    y_true = np.array([0] * 162 + [1] * 18 + [0] * 19 + [1])
+    fitted = fit_temperature(probs, y_true)
+    summary = calibration_summary(y_true, probs, fitted)
+    assert fitted > 1 and summary["log_loss_after"] < summary["log_loss_before"]
+    assert summary["ece_after"] > summary["ece_before"]
+    reason = calibration_decision(summary, len(y_true))
+    assert reason == f"raises validation ECE {summary['ece_before']:.4f} -> {summary['ece_after']:.4f}"
+    assert calibration_decision(summary, len(y_true), force=True) is None
+    better = {**summary, "ece_after": summary["ece_before"] / 2}
+    assert calibration_decision(better, len(y_true)) is None  # 100+ images, lower ECE: kept
+    assert "fewer than 100" in calibration_decision(better, 99)

@@ -21,7 +21,7 @@ import torch
 import imgclf
 from conftest import run_cli, write_digits
 from imgclf.data.split import SplitManifest
-from imgclf.deploy.bundle import load_bundle, read_model_json, save_temperature
+from imgclf.deploy.bundle import ModelBundle, load_bundle, read_model_json, save_temperature
 from imgclf.deploy.export import check_images
 from imgclf.deploy.predict import Predictor
 from imgclf.deploy.runtimes import LiteRtRuntime, OnnxRuntime, TorchScriptRuntime
@@ -125,6 +125,20 @@ def test_onnx_metadata_round_trips_classes_preprocessing_and_temperature(fresh_d
     eager = Predictor.load(run, device="cpu")
     files = [Path(r["path"]) for r in read_csv(run / "manifest.csv")][:10]
     np.testing.assert_allclose(predictor.probabilities(files)[0], eager.probabilities(files)[0], atol=1e-5)
+
+
+def test_torchscript_file_carries_classes_preprocessing_and_temperature(fresh_default_run):
+    run = fresh_default_run
+    bundle, _ = load_bundle(run)
+    save_temperature(run / "model", replace(bundle, temperature=0.8))
+    (result,) = imgclf.export(run, format="torchscript")
+    extra = {"imgclf.json": ""}
+    torch.jit.load(str(result.path), map_location="cpu", _extra_files=extra)
+    info = json.loads(extra["imgclf.json"])
+    assert info["classes"] == ["digit0", "digit1", "digit2"]
+    assert info["calibration"]["temperature"] == pytest.approx(0.8)
+    assert ModelBundle.from_dict(info, "model.ts").classes == ("digit0", "digit1", "digit2")
+    assert info["preprocessing"]["img_size"] == 28 and info["preprocessing"]["color"] == "gray"
 
 
 def test_a_failed_check_leaves_no_file_and_exits_1(fresh_default_run, monkeypatch):

@@ -219,6 +219,60 @@ def test_a_corrupt_or_missing_model_exits_before_listening(tmp_path):
             assert sock.connect_ex(("127.0.0.1", port)) != 0  # nothing listens
 
 
+def test_by_default_it_binds_loopback_with_the_runs_pixel_limit(serve_run, tmp_path):
+    """No --host, no --max-pixels: the server listens on 127.0.0.1 only (not on this machine's other address), and
+    the run's data.max_pixels (lowered to 500 here) is the limit: a 30x30 image (900 px) gets 413, a 20x20 one
+    (400 px) its classes."""
+    import yaml
+
+    run = Path(shutil.copytree(serve_run, tmp_path / "run"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["max_pixels"] = 500
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "imgclf", "serve", str(run), "--port", str(port), "--no-access-log"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, process)
+        assert httpx.get(f"{url}/metadata").json()["limits"]["max_pixels"] == 500
+        small, large = io.BytesIO(), io.BytesIO()
+        Image.new("L", (20, 20)).save(small, format="PNG")  # 400 px
+        Image.new("L", (30, 30)).save(large, format="PNG")  # 900 px
+        answers = [
+            httpx.post(f"{url}/predict", files={"files": ("x.png", body.getvalue(), "image/png")}, timeout=30)
+            for body in (small, large)
+        ]
+        assert [a.status_code for a in answers] == [200, 413]
+        listening = [address for address in _local_addresses() if _accepts(address, port)]
+        assert listening == ["127.0.0.1"], listening
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _local_addresses() -> list[str]:
+    """This machine's IPv4 addresses: loopback and the interfaces' (from the routing table's view)."""
+    addresses = {"127.0.0.1"}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))  # no packet is sent: this only picks the outgoing interface
+            addresses.add(probe.getsockname()[0])
+        except OSError:
+            pass
+    return sorted(addresses)
+
+
+def _accepts(address: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(2)
+        return sock.connect_ex((address, port)) == 0
+
+
 # --- the model held still: a real uvicorn server in this process ---------------------------------------------
 
 

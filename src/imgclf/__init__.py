@@ -7,13 +7,16 @@ Example:
     >>> imgclf.predict(result.run_dir, ["photo.jpg"], top_k=3)
     >>> imgclf.export(result.run_dir)  # model/model.onnx, checked against the trained model
 
-Importing imgclf is cheap: the API below is loaded on first use (torch is imported only then).
+Importing imgclf is cheap: the API below is loaded on first use (torch is imported only then). In a Jupyter
+kernel, imgclf's log lines and progress bars show in the cell output with no setup (`imgclf.notebook`).
 """
 
 from __future__ import annotations
 
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
+
+from imgclf import notebook as _notebook
 
 __version__ = "0.1.0"
 
@@ -48,6 +51,10 @@ _EXPORTS = {
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]
+
+# In a Jupyter kernel only (and unless logging is configured): imgclf's log lines, the per-epoch ones among them, in
+# the cell output. Cheap: it looks at sys.modules, imports nothing heavy. See imgclf.notebook.
+_notebook.show_logs()
 
 if TYPE_CHECKING:
     from imgclf.config import (

@@ -553,8 +553,9 @@ def export(
     tflite_batch: Annotated[int, typer.Option(min=1, help="the TFLite model's fixed batch size")] = 1,
 ) -> None:
     """Export the run's model and check it: eager PyTorch and the exported runtime must give the same top-1 class
-    on up to 256 of the run's validation images, at batch 1 and 7, with logits within a thousandth of the largest;
-    otherwise nothing is written (exit 1). The figures go to model.json under `exports`."""
+    on up to 256 of the run's validation images, at batch 1 and 7 (TFLite: its --tflite-batch), with logits
+    within a thousandth of the largest; otherwise nothing is written (exit 1). The figures go to model.json under
+    `exports`."""
     from imgclf import workflow
 
     results = workflow.export(

@@ -5,7 +5,8 @@ Every export follows the same recipe (timm's `onnx_export.py --check-forward`, U
 2. preprocess up to 256 of the run's own validation images (test when validation is empty) exactly as
    prediction does (`Predictor.prepare`);
 3. write the file to a temporary name beside its destination, load it in its own runtime (ONNX Runtime,
-   TorchScript, LiteRT's interpreter) and run the images at batch 1 and at batch 7;
+   TorchScript, LiteRT's interpreter) and run the images at batch 1 and at batch 7 (a TFLite file has one fixed
+   batch size: at that one);
 4. compare with the eager model: every image's top-1 class must agree and every logit must lie within
    `tolerance(...)` of the eager one; otherwise the file is deleted and `ExportCheckFailed` names the figures;
 5. only then rename the file into place and record the check in `model.json` under `exports`.
