@@ -99,28 +99,31 @@ def test_fingerprint_follows_mtime(tmp_path):
     assert fingerprint(paths, hashes(paths), pre) != before
 
 
-def _build_in_child(paths, digests, cache, start, results) -> None:
-    start.wait(timeout=60)  # both processes ask for the cache at the same moment
+def _build_in_child(paths, digests, cache, start, results, delay: float) -> None:
+    real = cache_module.stored_square
+
+    def slow(image, pre):  # a build that lasts ~0.6 s: the second process arrives while the first is building
+        time.sleep(delay)
+        return real(image, pre)
+
+    cache_module.stored_square = slow  # this child process only
+    start.wait(timeout=120)  # both processes ask for the cache at the same moment
     decoded = decoded_images(
         paths, digests, Preprocessing.default_for(16, "rgb"), mode="disk", cache_dir=cache, max_pixels=10**7
     )
     results.put((decoded.built, str(decoded.location), int(np.asarray(decoded.array, dtype=np.int64).sum())))
 
 
-def test_two_concurrent_builders_produce_one_valid_cache(tmp_path, monkeypatch):
+def test_two_concurrent_builders_produce_one_valid_cache(tmp_path):
     paths = photos(tmp_path / "img", count=12)
     cache = tmp_path / "cache"
-    real = cache_module.stored_square
-
-    def slow(image, pre):  # a build that lasts ~0.6 s: the second process arrives while the first is building
-        time.sleep(0.05)
-        return real(image, pre)
-
-    monkeypatch.setattr(cache_module, "stored_square", slow)
-    context = multiprocessing.get_context("fork")
+    # Fresh interpreters, not forks: a fork of this multithreaded test process (JAX and ONNX Runtime threads from
+    # earlier tests) can inherit a lock some thread held and hang before it reports.
+    context = multiprocessing.get_context("spawn")
     start, results = context.Barrier(2), context.Queue()
     workers = [
-        context.Process(target=_build_in_child, args=(paths, hashes(paths), cache, start, results)) for _ in range(2)
+        context.Process(target=_build_in_child, args=(paths, hashes(paths), cache, start, results, 0.05))
+        for _ in range(2)
     ]
     for worker in workers:
         worker.start()

@@ -28,6 +28,11 @@ _EXPORTS = {
     "split": "imgclf.workflow",
     "export": "imgclf.workflow",
     "report": "imgclf.workflow",
+    "reproduce": "imgclf.workflow",
+    "list_runs": "imgclf.tracking.runs",
+    "compare_runs": "imgclf.tracking.compare",
+    "Callback": "imgclf.training.state",
+    "RunInfo": "imgclf.training.state",
     "inspect_data": "imgclf.explore",
     "preview_augmentation": "imgclf.explore",
     "TrainResult": "imgclf.workflow",
@@ -43,6 +48,7 @@ _EXPORTS = {
     "ModelConfig": "imgclf.config",
     "TrainConfig": "imgclf.config",
     "EarlyStoppingConfig": "imgclf.config",
+    "TrackingConfig": "imgclf.config",
     "ImgclfError": "imgclf.errors",
     "DataError": "imgclf.errors",
     "ConfigError": "imgclf.errors",
@@ -63,12 +69,16 @@ if TYPE_CHECKING:
         EarlyStoppingConfig,
         ModelConfig,
         RunConfig,
+        TrackingConfig,
         TrainConfig,
     )
     from imgclf.deploy.export import ExportCheck, ExportResult
     from imgclf.deploy.predict import Prediction, Predictor
     from imgclf.errors import CheckpointError, ConfigError, DataError, ExportCheckFailed, ImageError, ImgclfError
     from imgclf.explore import inspect_data, preview_augmentation
+    from imgclf.tracking.compare import compare_runs
+    from imgclf.tracking.runs import list_runs
+    from imgclf.training.state import Callback, RunInfo
     from imgclf.workflow import (
         EvalResult,
         TrainResult,
@@ -77,6 +87,7 @@ if TYPE_CHECKING:
         load_model,
         predict,
         report,
+        reproduce,
         split,
         train,
     )

@@ -276,6 +276,8 @@ FLAG_KEYS = {
     "compile_": "train.compile",
     "deterministic": "train.deterministic",
     "calibrate": "train.calibrate",
+    "mlflow": "tracking.mlflow",
+    "tensorboard": "tracking.tensorboard",
 }
 
 
@@ -312,6 +314,8 @@ def run_config_from(config_file: Path | None, flags: dict[str, Any], assignments
         "imgclf train data/ --config recipe.yaml --set train.warmup_epochs=2",
         "imgclf train data/ --device cuda --precision bf16 --compile --cache memory",
         "imgclf train --resume runs/small_cnn-20261128-120000 [--epochs 40]",
+        "imgclf train --reproduce runs/small_cnn-20261128-120000   # same config, same files (checked)",
+        "imgclf train data/ --mlflow --tensorboard",
     )
 )
 @handles_errors
@@ -361,6 +365,16 @@ def train(
     out: Annotated[Path, typer.Option(help="folder that receives the run folder")] = Path("runs"),
     name: Annotated[str | None, typer.Option(help="run folder name (default: <model>-<time>)")] = None,
     resume: Annotated[Path | None, typer.Option(help="continue runs/<name> from its last checkpoint")] = None,
+    reproduce: Annotated[
+        Path | None,
+        typer.Option(help="train runs/<name> again: its config on the same files (checked against its manifest)"),
+    ] = None,
+    mlflow: Annotated[
+        bool | None, typer.Option("--mlflow", help="also log to MLflow ($MLFLOW_TRACKING_URI; imgclf[tracking])")
+    ] = None,
+    tensorboard: Annotated[
+        bool | None, typer.Option("--tensorboard", help="TensorBoard event files in the run folder (imgclf[tracking])")
+    ] = None,
     calibrate: Annotated[
         bool | None, typer.Option("--calibrate", help="fit a temperature on val so probabilities match accuracy")
     ] = None,
@@ -381,7 +395,32 @@ def train(
     from imgclf.config import parse_assignments
 
     flags = config_flags(locals())
-    if resume is not None:
+    if resume is not None and reproduce is not None:
+        raise typer.BadParameter("choose one of --resume and --reproduce", param_hint="--reproduce")
+    if reproduce is not None:
+        settings = {**flags, **parse_assignments(set_ or [])}
+        refused = [
+            flag_name(key)
+            for key, value in settings.items()
+            if value is not None and key not in workflow.REPRODUCE_SETTINGS
+        ]
+        refused += [label for label, value in (("--config", config), ("--fast-dev-run", fast_dev_run)) if value]
+        if refused:
+            raise typer.BadParameter(
+                f"--reproduce trains with {reproduce}'s own settings; {', '.join(refused)} would make it another run. "
+                "These apply: " + ", ".join(sorted(flag_name(key) for key in workflow.REPRODUCE_SETTINGS)),
+                param_hint="--reproduce",
+            )
+        result = workflow.reproduce(
+            reproduce,
+            data,
+            out=None if out == Path("runs") else out,
+            name=name,
+            settings={key: value for key, value in settings.items() if key in workflow.REPRODUCE_SETTINGS},
+            report=report,
+            progress=RichProgress(),
+        )
+    elif resume is not None:
         given = [key for key, value in flags.items() if value is not None]
         refused = [flag_name(key) for key in given if key not in workflow.RESUME_SETTINGS]
         refused += [
@@ -418,6 +457,85 @@ def train(
         print_metrics(result.metrics)
     out_console.print(f"run folder: [bold]{escape(str(result.run_dir))}[/]")
     print_report(result.report)
+
+
+@app.command(
+    epilog=examples(
+        "imgclf tune data/ --trials 30 --timeout 2h --space space.yaml",
+        "imgclf tune data/ --storage postgresql://user:pw@host/db --study fmnist --trials 100   # on many machines",
+        "imgclf tune data/ --epochs 8 --set train.batch_size=32 --pruner halving",
+        "imgclf train data/ --config runs/tune-data/best.yaml",
+    )
+)
+@handles_errors
+def tune(
+    data: Annotated[Path, typer.Argument(help="root/{train,val,test}/<class>/ or root/<class>/, as for train")],
+    trials: Annotated[int, typer.Option(min=1, help="trials the study should finish, over every process")] = 20,
+    timeout: Annotated[
+        str | None, typer.Option(help="stop starting trials after this long: 90s, 30m, 2h (this process)")
+    ] = None,
+    space: Annotated[
+        Path | None,
+        typer.Option(help="YAML search space: key: {type: float|int|categorical, low, high, log, choices}"),
+    ] = None,
+    study: Annotated[str | None, typer.Option(help="study name (default: the data folder's name)")] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="Optuna RDB URL shared by many processes (default: SQLite in the study folder)")
+    ] = None,
+    pruner: Annotated[str, typer.Option(help="median | halving | none")] = "median",
+    tune_seed: Annotated[int, typer.Option("--tune-seed", help="the sampler's seed")] = 0,
+    model: ModelOption = None,
+    pretrained: PretrainedOption = None,
+    weights: WeightsOption = None,
+    epochs: Annotated[int | None, typer.Option(help="maximum epochs per trial")] = None,
+    batch_size: BatchOption = None,
+    img_size: ImgSizeOption = None,
+    subset: SubsetOption = None,
+    freeze_epochs: FreezeOption = None,
+    seed: Annotated[int | None, typer.Option(help="training seed of every trial")] = None,
+    device: DeviceOption = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: auto)")] = None,
+    cache: Annotated[str | None, typer.Option(help="decoded-image cache: auto | memory | disk | off")] = None,
+    mlflow: Annotated[bool | None, typer.Option("--mlflow", help="log every trial to MLflow")] = None,
+    tensorboard: Annotated[bool | None, typer.Option("--tensorboard", help="TensorBoard files per trial")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    out: Annotated[Path, typer.Option(help="folder that receives the study folder tune-<study>/")] = Path("runs"),
+) -> None:
+    """Search hyperparameters with Optuna (TPE, pruning on validation accuracy): every trial is a run folder under
+    OUT/tune-STUDY/trials/, ranked by its kept epoch's validation accuracy; only the best is evaluated on test, once.
+    An interrupted study resumes where it stopped; processes sharing --storage work on one study. Writes best.yaml,
+    trials.csv, history.png, importance.png and summary.html."""
+    from imgclf.config import parse_duration
+    from imgclf.tune import tune as run_tune
+
+    flags = config_flags(locals())
+    result = run_tune(
+        data,
+        run_config_from(config, flags, set_),
+        space=space,
+        trials=trials,
+        timeout=parse_duration(timeout, "--timeout") if timeout else None,
+        study=study,
+        storage=storage,
+        out=out,
+        pruner=pruner,
+        seed=tune_seed,
+        progress=RichProgress(),
+    )
+    counts = ", ".join(f"{count} {state.lower()}" for state, count in result.counts.items())
+    out_console.print(f"study [bold]{escape(result.study_name)}[/] ({escape(result.storage)}): {counts}")
+    if result.best_value is not None:
+        params = ", ".join(f"{key} = {_cell(value, '{:.4g}')}" for key, value in result.best_params.items())
+        out_console.print(f"best: val accuracy {result.best_value:.4f} with {escape(params)}")
+        if result.best_run is not None:
+            out_console.print(f"best run: [bold]{escape(str(result.best_run))}[/]")
+    if result.test_metrics:
+        print_metrics(result.test_metrics)
+    out_console.print(
+        f"summary: [bold]{escape(str(result.study_dir / 'summary.html'))}[/]; train with: imgclf train "
+        f"{escape(str(data))} --config {escape(str(result.study_dir / 'best.yaml'))}"
+    )
 
 
 @app.command(
@@ -928,6 +1046,103 @@ def config_command(
 
     resolved = load_config(file) if file else RunConfig()
     typer.echo(dump_config(resolved), nl=False)
+
+
+runs_app = typer.Typer(
+    help="The runs in a folder as a table (status, model, data, epochs, validation and test accuracy, minutes), or "
+    "several runs compared (`imgclf runs compare A B`).",
+    epilog=examples(
+        "imgclf runs                          # the runs in runs/, oldest first",
+        "imgclf runs --sort test_acc          # best test accuracy first (any column or test metric)",
+        "imgclf runs --dir models --json      # for scripts",
+        "imgclf runs compare runs/a runs/b    # config diff, metrics, curves -> compare.html, compare.png",
+    ),
+)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.callback(invoke_without_command=True)
+@handles_errors
+def runs_table(
+    context: typer.Context,
+    dir_: Annotated[Path, typer.Option("--dir", help="the folder train wrote the runs into (its --out)")] = Path(
+        "runs"
+    ),
+    sort: Annotated[str, typer.Option(help="a column or test metric; best first (default: oldest first)")] = "started",
+    json_: Annotated[bool, typer.Option("--json", help="print the runs as JSON records, for scripts")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="also list fast dev runs")] = False,
+) -> None:
+    """List the runs in a folder: status (running, finished, stopped, failed, or crashed when a running run's
+    process is gone), start, model, data fingerprint (equal for the same images and split), epochs, the kept epoch's
+    validation accuracy, test accuracy and minutes. Reads the run folders only."""
+    if context.invoked_subcommand is not None:
+        return
+    import json
+
+    from imgclf.tracking.runs import list_runs, sort_runs
+
+    summaries = list_runs(dir_, include_dev_runs=all_)
+    if sort != "started":
+        summaries = sort_runs(summaries, sort)
+    if json_:
+        typer.echo(json.dumps(summaries, indent=2, default=str))
+        return
+    if not summaries:
+        out_console.print(f"no runs in {escape(str(dir_))} (imgclf train data/ --out {escape(str(dir_))})")
+        return
+    table = Table("run", "status", "started", "model", "data", "epochs", "best val acc", "test acc", "minutes")
+    colours = {"finished": "green", "running": "cyan", "stopped": "yellow", "failed": "red", "crashed": "red"}
+    for run in summaries:
+        colour = colours.get(run["status"] or "", "white")
+        planned = f"/{run['epochs_planned']}" if run["epochs_planned"] else ""
+        table.add_row(
+            escape(run["name"]),
+            f"[{colour}]{escape(str(run['status']))}[/]",
+            (run["started"] or "-")[:16].replace("T", " "),
+            escape(str(run["model"] or "-")) + (" (pretrained)" if run["pretrained"] else ""),
+            run["data"] or "-",
+            f"{run['epochs']}{planned}",
+            _cell(run["best_val_acc"]),
+            _cell(run["test_acc"]),
+            _cell(run["minutes"], "{:.1f}"),
+        )
+    out_console.print(table)
+    for run in summaries:
+        if run["status"] in ("failed", "crashed", "stopped") and run["reason"]:
+            console.print(f"[yellow]{escape(run['name'])}: {escape(run['status'])}:[/] {escape(str(run['reason']))}")
+
+
+@runs_app.command("compare", epilog=examples("imgclf runs compare runs/a runs/b runs/c --out comparisons/"))
+@handles_errors
+def runs_compare(
+    runs: Annotated[list[Path], typer.Argument(help="two or more run folders")],
+    out: Annotated[Path, typer.Option(help="folder for compare.html and compare.png")] = Path("."),
+) -> None:
+    """Compare runs: the configuration keys that differ, their metrics side by side and their learning curves
+    overlaid; writes compare.html (one self-contained page, differing keys highlighted) and compare.png."""
+    from imgclf.tracking.compare import compare_runs
+
+    comparison = compare_runs(runs, out)
+    table = Table("", *[escape(name) for name in comparison.names])
+    for label, values in comparison.rows:
+        table.add_row(label, *[_cell(value, "{:.4g}") for value in values])
+    out_console.print(table)
+    if comparison.differing:
+        differences = Table("differs", *[escape(name) for name in comparison.names])
+        for key, values in comparison.differing.items():
+            differences.add_row(key, *[escape(_cell(value, "{:.4g}")) for value in values])
+        out_console.print(differences)
+    else:
+        out_console.print("the runs have the same configuration")
+    out_console.print(f"written: [bold]{escape(str(comparison.html))}[/] and {escape(str(comparison.png))}")
+
+
+def _cell(value: Any, form: str = "{:.4f}") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return form.format(value)
+    return str(value)
 
 
 cache_app = typer.Typer(

@@ -300,6 +300,42 @@ class TrainConfig(_Section):
         return value
 
 
+class TrackingConfig(_Section):
+    """Where a run is recorded besides its folder (each sink is an optional extra, off by default). A sink that
+    fails, or a tracking server that cannot be reached, warns once and never stops or slows training."""
+
+    mlflow: bool = Field(
+        False,
+        description="also log to MLflow (pip install 'imgclf[tracking]'): the config as params, one value per epoch, "
+        "test metrics, report, confusion matrix and the model bundle as artifacts",
+    )
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (a server's http://host:5000, sqlite:///mlflow.db, ...); null = "
+        "$MLFLOW_TRACKING_URI, else MLflow's own default (./mlflow.db)",
+    )
+    mlflow_experiment: str = Field("imgclf", description="MLflow experiment the runs are logged under")
+    tensorboard: bool = Field(
+        False,
+        description="write TensorBoard event files into <run>/tensorboard (pip install 'imgclf[tracking]'): "
+        "scalars per epoch, learning rate, a sample grid and the confusion matrix",
+    )
+    callbacks: tuple[str, ...] = Field(
+        (),
+        description="more callbacks, as import paths 'package.module:name' of a Callback class (or factory) that "
+        "takes no arguments",
+    )
+
+    @field_validator("callbacks")
+    @classmethod
+    def _import_paths(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for path in value:
+            module, sep, name = path.partition(":")
+            if not sep or not module or not name:
+                raise ValueError(f"callbacks are import paths 'package.module:name'; received '{path}'")
+        return value
+
+
 class RunConfig(_Section):
     """Everything that defines a training run."""
 
@@ -307,6 +343,7 @@ class RunConfig(_Section):
     augment: AugmentConfig = AugmentConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
 
 def build_config(
@@ -357,6 +394,31 @@ def load_config(path: Path, overrides: Mapping[str, Any] | None = None) -> RunCo
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections; received {type(tree).__name__}")
     return build_config(tree, overrides)
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str | float | int, what: str = "--time") -> float:
+    """Seconds in a duration written `90s`, `10m`, `2h`, `1.5h` or a plain number of seconds.
+
+    Raises:
+        ConfigError: naming `what`, the expected form and what was received.
+
+    Example:
+        >>> [parse_duration(t) for t in ("90s", "10m", "1.5h", 45)]
+        [90.0, 600.0, 5400.0, 45.0]
+    """
+    raw = str(text).strip().lower()
+    unit = raw[-1:] if raw[-1:] in _DURATION_UNITS else "s"
+    number = raw[:-1] if raw[-1:] in _DURATION_UNITS else raw
+    try:
+        seconds = float(number) * _DURATION_UNITS[unit]
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ConfigError(f"{what} takes a positive duration such as 90s, 10m or 2h; received '{text}'")
+    return seconds
 
 
 _YAML_WORDS = frozenset({"on", "off", "yes", "no", "y", "n"})
@@ -415,12 +477,7 @@ def _describe(exc: ValidationError) -> str:
     for error in exc.errors():
         where = ".".join(str(part) for part in error["loc"]) or "config"
         if error["type"] == "extra_forbidden":
-            hint = _closest_keys(where)
-            problems.append(
-                f"unknown key '{where}'"
-                + (f"; did you mean {' or '.join(hint)}?" if hint else "")
-                + " (`imgclf config` lists every key)"
-            )
+            problems.append(_unknown_key(where))
             continue
         message = error["msg"].removeprefix("Value error, ")
         if "received" in message or (error["type"] == "value_error" and isinstance(error.get("input"), Mapping)):
@@ -451,6 +508,21 @@ def all_keys() -> list[str]:
         return keys
 
     return walk(RunConfig, "")
+
+
+def check_key(key: str, where: str = "config") -> None:
+    """Raise a ConfigError naming `key` and the closest valid keys unless it is a dotted config key (a leaf)."""
+    if key not in all_keys():
+        raise ConfigError(f"{where}: {_unknown_key(key)}")
+
+
+def _unknown_key(key: str) -> str:
+    hint = _closest_keys(key)
+    return (
+        f"unknown key '{key}'"
+        + (f"; did you mean {' or '.join(hint)}?" if hint else "")
+        + " (`imgclf config` lists every key)"
+    )
 
 
 # What people type for our keys (other tools' names): `train.learning_rate` means `train.lr`.

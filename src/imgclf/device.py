@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal
@@ -148,3 +150,49 @@ def compile_in_place(model: nn.Module, device: torch.device) -> None:
             "(e.g. apt-get install g++) or train without --compile"
         )
     model.compile()
+
+
+@contextlib.contextmanager
+def preserved_torch_state() -> Iterator[None]:
+    """Put back what a run changes process-wide when the block ends: deterministic mode, cuDNN's settings, the CPU
+    thread count and the random generators (torch, NumPy, Python). Several runs in one process (tuning trials)
+    then each start from the same state, whatever the one before set.
+
+    Example:
+        >>> with preserved_torch_state():
+        ...     imgclf.train("data/", {"train": {"deterministic": True}})
+        >>> torch.are_deterministic_algorithms_enabled()
+        False
+    """
+    import random
+
+    import numpy as np
+
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+        torch.get_num_threads(),
+        torch.get_rng_state(),
+        np.random.get_state(),
+        random.getstate(),
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
+    try:
+        yield
+    finally:
+        deterministic, warn_only, benchmark, cudnn_deterministic, threads, torch_rng, numpy_rng, python_rng, cublas = (
+            saved
+        )
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+        torch.backends.cudnn.deterministic = cudnn_deterministic
+        torch.set_num_threads(threads)
+        torch.set_rng_state(torch_rng)
+        np.random.set_state(numpy_rng)
+        random.setstate(python_rng)
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas

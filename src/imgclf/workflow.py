@@ -18,6 +18,7 @@ from imgclf.data.settings import preprocessing_of, resolve_data_settings
 from imgclf.data.split import (
     LinkMode,
     SplitManifest,
+    compare_manifests,
     find_duplicates,
     make_manifest,
     materialize_split,
@@ -35,6 +36,8 @@ from imgclf.tracking.runs import (
     create_run_dir,
     environment_info,
     find_run,
+    read_json,
+    record_status,
     write_env,
 )
 
@@ -85,6 +88,9 @@ def train(
     resume_settings: Mapping[str, Any] | None = None,
     report: bool = True,
     fast_dev_run: bool = False,
+    callbacks: Sequence[Any] = (),
+    evaluate_test: bool = True,
+    scanned: ScannedData | None = None,
     progress: Progress = NO_PROGRESS,
 ) -> TrainResult:
     """Train a classifier on an image folder and evaluate it on the test split.
@@ -103,6 +109,14 @@ def train(
             epoch of two training batches, evaluation, report and (with ONNX Runtime installed) a checked ONNX
             export. The run folder is named `fast-dev-run-...`, env.json and the report say what it is, and
             `runs/latest` does not move to it.
+        callbacks: more `training.state.Callback`s, after the built-in ones and the config's `tracking` sinks:
+            the fit hooks (epoch ends with the history row, ...) and the run hooks (`on_run_end` sees the test
+            metrics).
+        evaluate_test: evaluate the kept model on the test split at the end (tuning trials select on validation
+            only and leave the test split alone: False). Without it, metrics are None and the report has no
+            test section.
+        scanned: the result of `scan_data` for this folder and split settings, to reuse its scan (hashes, decode
+            checks) instead of scanning again (tuning trials); ignored when the settings differ.
         progress: progress reporter (the CLI passes a rich one).
 
     Returns:
@@ -115,7 +129,7 @@ def train(
     """
     if resume is not None:
         settings = {**(resume_settings or {}), "train.epochs": epochs}
-        return _resume(Path(resume), settings=settings, report=report, progress=progress)
+        return _resume(Path(resume), settings=settings, report=report, callbacks=callbacks, progress=progress)
     if data is None:
         raise ConfigError("train needs a data folder (or --resume runs/<name>)")
     config = build_config(config)
@@ -123,7 +137,7 @@ def train(
         config = build_config(config, FAST_DEV_RUN)
         if config.train.lr == "auto":  # the LR finder's 100 steps would be most of the run
             config = build_config(config, {"train.lr": TrainConfig().lr})
-    prepared = _prepare(Path(data), config, out=Path(out), progress=progress)
+    prepared = _prepare(Path(data), config, out=Path(out), scanned=scanned, progress=progress)
     config = prepared.config
     if fast_dev_run:  # two training batches
         config = build_config(config, {"train.batch_size": max(1, -(-len(prepared.manifest.split("train")) // 2))})
@@ -140,9 +154,103 @@ def train(
     if prepared.weights is not None:
         env["pretrained_weights"] = {"source": prepared.weights.source, "not_used": list(prepared.weights.tried)}
     write_env(paths, env)
-    result = _train_run(paths, config, prepared.manifest, progress=progress, weights=prepared.weights, report=report)
+    result = _train_run(
+        paths,
+        config,
+        prepared.manifest,
+        progress=progress,
+        weights=prepared.weights,
+        report=report,
+        callbacks=callbacks,
+        evaluate_test=evaluate_test,
+    )
     if fast_dev_run:
         _dev_run_export(paths.root, progress=progress)
+    return result
+
+
+# What `--reproduce` may set: where the run computes and is recorded; everything else is the recorded run's.
+REPRODUCE_SETTINGS = (
+    "train.device",
+    "data.num_workers",
+    "data.cache",
+    "data.cache_dir",
+    "tracking.mlflow",
+    "tracking.mlflow_uri",
+    "tracking.mlflow_experiment",
+    "tracking.tensorboard",
+    "tracking.callbacks",
+)
+
+
+def reproduce(
+    run: Path | str,
+    data: Path | str | None = None,
+    *,
+    out: Path | str | None = None,
+    name: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+    report: bool = True,
+    callbacks: Sequence[Any] = (),
+    progress: Progress = NO_PROGRESS,
+) -> TrainResult:
+    """Train a new run with a run's resolved configuration on the same files, checked first against its manifest.
+
+    The folder (default: the one the run trained on, from its env.json) is scanned and split with the run's data
+    settings and compared with its manifest.csv by path (relative to the folder), sha256, class and split. Any
+    difference refuses the run and names the files; otherwise the new run trains exactly as the old one did
+    (on a CPU, to the same history) and its env.json names the run it reproduces.
+
+    Args:
+        run: the run folder to reproduce.
+        data: the data folder, when it moved; default the run's.
+        out: folder for the new run; default the old run's parent.
+        name: the new run's folder name.
+        settings: dotted keys of `REPRODUCE_SETTINGS` (where it computes and is recorded); others are refused.
+        report: write the report at the end.
+        callbacks: more callbacks (see `train`).
+        progress: progress reporter.
+
+    Raises:
+        DataError: the folder differs from the manifest (nothing is trained); ConfigError: a refused setting.
+
+    Example:
+        >>> imgclf.reproduce("runs/small_cnn-20261128-120000").history == old_history  # up to the seconds
+    """
+    paths = find_run(Path(run))
+    given = {key: value for key, value in (settings or {}).items() if value is not None}
+    refused = sorted(set(given) - set(REPRODUCE_SETTINGS))
+    if refused:
+        raise ConfigError(
+            f"--reproduce trains with {paths.root}'s own settings; {', '.join(refused)} would make it another run. "
+            f"These may change: {', '.join(REPRODUCE_SETTINGS)}"
+        )
+    recorded_root = read_json(paths.env).get("data")
+    if data is None and not recorded_root:
+        raise ConfigError(f"{paths.env} does not say which folder {paths.root} trained on; pass the data folder")
+    folder = Path(data if data is not None else recorded_root)
+    config = load_config(paths.config, given)
+    scanned = scan_data(folder, config, progress=progress)
+    recorded = SplitManifest.load(paths.manifest)
+    difference = compare_manifests(recorded, Path(recorded_root or scanned.root), scanned.manifest, scanned.root)
+    if difference:
+        raise DataError(
+            f"{folder} no longer holds the images {paths.root} trained on: {difference.describe()}. Nothing was "
+            f"trained; restore the files, or train a new run on the folder as it is"
+        )
+    log.info("%s holds the %d images %s trained on, unchanged", folder, len(recorded.rows), paths.root)
+    result = train(
+        folder,
+        config,
+        out=Path(out) if out is not None else paths.root.parent,
+        name=name,
+        report=report,
+        callbacks=callbacks,
+        scanned=scanned,
+        progress=progress,
+    )
+    env = read_json(RunPaths(result.run_dir).env)
+    write_env(RunPaths(result.run_dir), {**env, "reproduces": str(paths.root.resolve())})
     return result
 
 
@@ -164,6 +272,45 @@ def _dev_run_export(run: Path, *, progress: Progress) -> None:
         export_model(run, progress=progress)
     except ConfigError as exc:  # onnx / onnxruntime not installed: say so, the rest was checked
         log.warning("fast dev run: export skipped (%s)", exc)
+
+
+@dataclass(frozen=True)
+class ScannedData:
+    """A folder scanned and split once (`scan_data`), for several runs on it (tuning trials)."""
+
+    root: Path  # resolved
+    settings: tuple  # (split_ratios, split_seed, max_pixels, subset) it was split with
+    index: ImageIndex
+    manifest: SplitManifest
+
+
+def scan_data(
+    data: Path | str, config: RunConfig | Mapping[str, Any] | None = None, *, progress: Progress = NO_PROGRESS
+):
+    """Scan and split a dataset folder as `train` would with `config`'s data settings, once, so that several runs
+    (`train(..., scanned=...)`) share the hashes and decode checks instead of repeating them.
+
+    Raises:
+        DataError: the folder is missing or train would refuse it.
+    """
+    settings = build_config(config).data
+    root = Path(data)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root} (expected a folder of class folders)")
+    check_training_folder(root)
+    index, manifest = scan_and_split(
+        root.resolve(),
+        ratios=settings.split_ratios,
+        seed=settings.split_seed,
+        max_pixels=settings.max_pixels,
+        subset=settings.subset,
+        progress=progress,
+    )
+    return ScannedData(root.resolve(), _split_settings(settings), index, manifest)
+
+
+def _split_settings(settings) -> tuple:
+    return (tuple(settings.split_ratios), settings.split_seed, settings.max_pixels, settings.subset)
 
 
 def lr_find(
@@ -472,6 +619,67 @@ def _train_run(
     weights=None,
     report: bool = True,
     extend_from: int | None = None,
+    callbacks: Sequence[Any] = (),
+    evaluate_test: bool = True,
+) -> TrainResult:
+    """`_fit_run` with status.json kept true (running, then finished / stopped / failed) and the extra callbacks'
+    run hooks (the config's tracking sinks, then the caller's) ended exactly once, however the run ends."""
+    from imgclf.tracking.sinks import tracking_callbacks
+
+    hooks = _RunHooks([*tracking_callbacks(config.tracking, paths.root), *callbacks])
+    with record_status(paths) as note:
+        try:
+            result = _fit_run(
+                paths,
+                config,
+                manifest,
+                hooks=hooks,
+                progress=progress,
+                checkpoint=checkpoint,
+                weights=weights,
+                report=report,
+                extend_from=extend_from,
+                evaluate_test=evaluate_test,
+            )
+        except BaseException as exc:
+            hooks.end(None, "stopped" if isinstance(exc, (TrainingInterrupted, KeyboardInterrupt)) else "failed")
+            raise
+        note.reason = result.stop_reason or f"all {len(result.history)} epochs ran"
+        hooks.end(result.metrics, "finished")
+    return result
+
+
+class _RunHooks:
+    """The run hooks of the extra callbacks: started once the configuration is final, ended at most once."""
+
+    def __init__(self, callbacks: Sequence[Any]) -> None:
+        self.callbacks = list(callbacks)
+        self.run = None
+
+    def start(self, run) -> None:
+        self.run = run
+        for callback in self.callbacks:
+            callback.on_run_start(run)
+
+    def end(self, metrics: Mapping[str, Any] | None, status: str) -> None:
+        run, self.run = self.run, None
+        if run is not None:
+            for callback in self.callbacks:
+                callback.on_run_end(run, metrics, status)
+
+
+def _fit_run(
+    paths: RunPaths,
+    config: RunConfig,
+    manifest: SplitManifest,
+    *,
+    hooks: _RunHooks,
+    progress: Progress,
+    checkpoint=None,
+    weights=None,
+    report: bool = True,
+    extend_from: int | None = None,
+    evaluate_test: bool = True,
 ) -> TrainResult:
     """The recipe: loaders -> model, optimizer, phases -> callbacks -> fit -> bundle (-> temperature) -> test
     evaluation -> report."""
@@ -484,6 +692,7 @@ def _train_run(
     from imgclf.device import resolve_compute
     from imgclf.training import callbacks as cb
     from imgclf.training.engine import fit
+    from imgclf.training.state import RunInfo
 
     classes = manifest.classes
     train_cfg = config.train
@@ -525,7 +734,9 @@ def _train_run(
         cb.Checkpointer(paths.checkpoints, monitor, extra_meta={"classes": list(classes)}),
         cb.EpochLog(),
         cb.ProgressBar(progress, steps_per_epoch=steps),
+        *hooks.callbacks,
     ]
+    hooks.start(RunInfo(paths.root, config.model_dump(mode="json"), classes, resumed=checkpoint is not None))
     log.info(
         "training %s (%s parameters) on %d images, validating on %d; %d classes, %dpx %s; %s, %s%s; data %s",
         spec.name,
@@ -585,10 +796,12 @@ def _train_run(
     batch_size = 2 * config.train.batch_size
     if config.train.calibrate:
         predictor = evaluation.calibrate(predictor, paths, manifest, batch_size=batch_size, progress=progress)
-    rows, used_split = evaluation.manifest_rows(manifest, "test")
-    metrics = evaluation.evaluate_rows(
-        predictor, rows, used_split, paths.root, batch_size=batch_size, progress=progress
-    )
+    metrics = None
+    if evaluate_test:
+        rows, used_split = evaluation.manifest_rows(manifest, "test")
+        metrics = evaluation.evaluate_rows(
+            predictor, rows, used_split, paths.root, batch_size=batch_size, progress=progress
+        )
     built = None
     if report:
         from imgclf.evaluation.report import build_report
@@ -621,8 +834,9 @@ def _out_of_memory(exc: Exception, batch_size: int) -> ImgclfError:
     )
 
 
-# What `--resume` may change: where and how the rest of the run computes, how long it goes on. Everything else
-# (model, data, optimisation, augmentation) would make it another run, and is refused (see `_resume`).
+# What `--resume` may change: where and how the rest of the run computes, how long it goes on, where it is also
+# recorded. Everything else (model, data, optimisation, augmentation) would make it another run, and is refused
+# (see `_resume`).
 RESUME_SETTINGS = (
     "train.epochs",
     "train.early_stopping.patience",
@@ -634,10 +848,17 @@ RESUME_SETTINGS = (
     "data.num_workers",
     "data.cache",
     "data.cache_dir",
+    "tracking.mlflow",
+    "tracking.mlflow_uri",
+    "tracking.mlflow_experiment",
+    "tracking.tensorboard",
+    "tracking.callbacks",
 )
 
 
-def _resume(run_dir: Path, *, settings: Mapping[str, Any], report: bool, progress: Progress) -> TrainResult:
+def _resume(
+    run_dir: Path, *, settings: Mapping[str, Any], report: bool, callbacks: Sequence[Any] = (), progress: Progress
+) -> TrainResult:
     """Continue a run from `checkpoints/last.safetensors`, or train a finished one further.
 
     `settings` may change only `RESUME_SETTINGS`. A finished run (all its epochs, or stopped early) trained to a
@@ -694,7 +915,14 @@ def _resume(run_dir: Path, *, settings: Mapping[str, Any], report: bool, progres
         )
     checkpoint.meta["epochs"] = epochs
     return _train_run(
-        paths, config, manifest, progress=progress, checkpoint=checkpoint, report=report, extend_from=extend_from
+        paths,
+        config,
+        manifest,
+        progress=progress,
+        checkpoint=checkpoint,
+        report=report,
+        extend_from=extend_from,
+        callbacks=callbacks,
     )
 
 
@@ -706,8 +934,11 @@ class _Prepared:
     weights: Any  # PretrainedWeights or None
 
 
-def _prepare(data: Path, config: RunConfig, *, out: Path | None = None, progress: Progress) -> _Prepared:
-    """Check the model, device and pretrained weights (fast failures first), then scan, split and resolve."""
+def _prepare(
+    data: Path, config: RunConfig, *, out: Path | None = None, scanned: ScannedData | None = None, progress: Progress
+) -> _Prepared:
+    """Check the model, device and pretrained weights (fast failures first), then scan, split (or reuse `scanned`,
+    when it is this folder split with these settings) and resolve."""
     from imgclf.builders import is_pretrained
     from imgclf.device import select_device
     from imgclf.models.registry import check_model_name
@@ -725,14 +956,17 @@ def _prepare(data: Path, config: RunConfig, *, out: Path | None = None, progress
         check_writable(out)
     # absolute paths: the manifest (and the cache key) must work from any working directory
     settings = config.data
-    index, manifest = scan_and_split(
-        data.resolve(),
-        ratios=settings.split_ratios,
-        seed=settings.split_seed,
-        max_pixels=settings.max_pixels,
-        subset=settings.subset,
-        progress=progress,
-    )
+    if scanned is not None and scanned.root == data.resolve() and scanned.settings == _split_settings(settings):
+        index, manifest = scanned.index, scanned.manifest
+    else:
+        index, manifest = scan_and_split(
+            data.resolve(),
+            ratios=settings.split_ratios,
+            seed=settings.split_seed,
+            max_pixels=settings.max_pixels,
+            subset=settings.subset,
+            progress=progress,
+        )
     return _Prepared(resolve_data_settings(config, index, manifest, weights=weights), index, manifest, weights)
 
 

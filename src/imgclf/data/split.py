@@ -78,6 +78,67 @@ class SplitManifest:
 
 
 @dataclass(frozen=True)
+class ManifestDifference:
+    """How a folder's images differ from the ones a manifest recorded, by path relative to each data root."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]  # same path, other content (sha256) or another class
+    moved: tuple[str, ...]  # same file, another split
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed or self.moved)
+
+    def describe(self, shown: int = 5) -> str:
+        """'2 added (a.png, b.png); 1 changed (c.png)', naming at most `shown` files per kind."""
+        parts = []
+        for kind, names in (
+            ("added", self.added),
+            ("removed", self.removed),
+            ("changed", self.changed),
+            ("in another split", self.moved),
+        ):
+            if names:
+                more = f", and {len(names) - shown} more" if len(names) > shown else ""
+                parts.append(f"{len(names)} {kind} ({', '.join(names[:shown])}{more})")
+        return "; ".join(parts)
+
+
+def compare_manifests(
+    recorded: SplitManifest, recorded_root: Path, current: SplitManifest, current_root: Path
+) -> ManifestDifference:
+    """What differs between the images a run recorded (under `recorded_root`) and a fresh scan of a folder (under
+    `current_root`): files added, removed, changed in content or class, or assigned to another split."""
+
+    def keyed(manifest: SplitManifest, root: Path) -> dict[str, ManifestRow]:
+        return {_relative(row.path, root): row for row in manifest.rows}
+
+    before, after = keyed(recorded, Path(recorded_root)), keyed(current, Path(current_root))
+    common = sorted(set(before) & set(after))
+    return ManifestDifference(
+        added=tuple(sorted(set(after) - set(before))),
+        removed=tuple(sorted(set(before) - set(after))),
+        changed=tuple(
+            name
+            for name in common
+            if (before[name].sha256, before[name].label) != (after[name].sha256, after[name].label)
+        ),
+        moved=tuple(
+            name
+            for name in common
+            if before[name].sha256 == after[name].sha256 and before[name].split != after[name].split
+        ),
+    )
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+@dataclass(frozen=True)
 class Duplicate:
     """Two files with identical content in different splits (a leak) or with different labels (a conflict)."""
 

@@ -1,14 +1,18 @@
-"""Run folders: where each artifact lives, how runs are named, and the environment record."""
+"""Run folders: where each artifact lives, how runs are named, the environment record, and the run's status
+(status.json: running / finished / stopped / failed, with the reason and the times)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -16,7 +20,7 @@ from typing import Any
 
 import imgclf
 from imgclf.cpus import usable_cpus
-from imgclf.errors import DataError, ImgclfError
+from imgclf.errors import DataError, ImgclfError, TrainingInterrupted
 from imgclf.files import write_json_atomic
 
 
@@ -90,6 +94,10 @@ class RunPaths:
     def report_assets(self) -> Path:
         """PNG figures for report.md (report.html embeds the same images)."""
         return self.root / "report"
+
+    @property
+    def status(self) -> Path:
+        return self.root / "status.json"
 
 
 LATEST = "latest"  # out/latest: a relative symlink to the newest run folder made in `out`
@@ -258,3 +266,297 @@ def _git(*args: str) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip() if result.returncode == 0 else None
+
+
+# --- status.json: what state a run is in --------------------------------------------------------------------------
+
+STATUSES = ("running", "finished", "stopped", "failed")
+# What the runs table shows for a "running" record whose process is gone: the run crashed (killed, power lost)
+# before it could write how it ended.
+CRASHED = "crashed"
+
+
+@dataclass
+class StatusNote:
+    """What the code inside `record_status` tells it: why a run that ends normally ended (early stopping, all
+    epochs, pruned by a tuner)."""
+
+    reason: str | None = None
+
+
+@contextlib.contextmanager
+def record_status(paths: RunPaths) -> Iterator[StatusNote]:
+    """Keep `status.json` true while a run trains: "running" (with this process's pid, its start time and the host)
+    while the block runs, then "finished" (the note's reason), "stopped" (a signal, Ctrl-C: resumable) or "failed"
+    (the error). A resumed run keeps its first start time and adds up the seconds of all its sessions.
+
+    A process killed outright leaves "running"; `read_status` then sees that the pid is gone and says "crashed".
+
+    Example:
+        >>> with record_status(paths) as note:
+        ...     note.reason = "early stopping: val_loss did not improve for 10 epochs"
+    """
+    before = read_status_file(paths)
+    started = time.time()
+    record = {
+        "status": "running",
+        "reason": None,
+        "started": before.get("started", _iso(started)),
+        "session_started": _iso(started),
+        "ended": None,
+        "seconds": float(before.get("seconds") or 0.0),
+        "sessions": int(before.get("sessions") or 0) + 1,
+        "pid": os.getpid(),
+        "pid_start": _process_start(os.getpid()),
+        "host": socket.gethostname(),
+    }
+    write_json_atomic(paths.status, record)
+    note = StatusNote()
+
+    def end(status: str, reason: str | None) -> None:
+        now = time.time()
+        record.update(
+            status=status, reason=reason, ended=_iso(now), seconds=round(record["seconds"] + now - started, 3)
+        )
+        write_json_atomic(paths.status, record)
+
+    try:
+        yield note
+    except TrainingInterrupted as exc:
+        end("stopped", str(exc))
+        raise
+    except KeyboardInterrupt:
+        end("stopped", "interrupted (Ctrl-C twice): resume from the last finished epoch")
+        raise
+    except BaseException as exc:
+        end("failed", f"{type(exc).__name__}: {exc}" if not isinstance(exc, ImgclfError) else str(exc))
+        raise
+    end("finished", note.reason)
+
+
+def read_status_file(paths: RunPaths) -> dict[str, Any]:
+    """status.json as written ({} when absent or unreadable: a run older than status records, or a folder being
+    created)."""
+    try:
+        record = json.loads(paths.status.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def read_status(paths: RunPaths) -> dict[str, Any]:
+    """The run's status, with a "running" record whose process is gone on this host turned into "crashed".
+
+    A run without status.json (made before status records existed) is "finished" when it has metrics.json, else
+    "unknown".
+    """
+    record = read_status_file(paths)
+    if not record:
+        return {"status": "finished" if paths.metrics.is_file() else "unknown", "reason": None}
+    if record.get("status") == "running" and record.get("host") == socket.gethostname():
+        pid = record.get("pid")
+        if not isinstance(pid, int) or not _alive(pid, record.get("pid_start")):
+            record = {**record, "status": CRASHED, "reason": f"its process ({pid}) ended without a word: killed?"}
+    return record
+
+
+def _alive(pid: int, start: Any) -> bool:
+    """Whether process `pid` runs and is the one that wrote the record (same start time, where /proc tells)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists
+    now_start = _process_start(pid)
+    return start is None or now_start is None or now_start == start
+
+
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22): with the pid, it names a
+    process uniquely, so a reused pid is not mistaken for a live run. None where /proc is not available."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(seconds))
+
+
+# --- the runs table: what `imgclf runs` shows, from run folders only ----------------------------------------------
+
+# Columns of the runs table (and keys of `--json`'s records); `--sort` also takes any test metric's name.
+RUN_COLUMNS = (
+    "name",
+    "status",
+    "started",
+    "model",
+    "data",
+    "epochs",
+    "best_epoch",
+    "best_val_acc",
+    "best_val_loss",
+    "test_acc",
+    "minutes",
+)
+
+
+def list_runs(folder: Path, *, include_dev_runs: bool = False) -> list[dict[str, Any]]:
+    """One summary per run folder directly inside `folder` (see `summarize_run`), oldest first; folders that are
+    not runs (no config.yaml) and the `latest` link are left out, and so are fast dev runs unless asked for.
+
+    Raises:
+        DataError: `folder` does not exist.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"runs folder not found: {folder} (train writes runs into --out, default runs/)")
+    summaries = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name == LATEST or not (entry / "config.yaml").is_file():
+            continue
+        if entry.name.startswith(DEV_RUN_PREFIX) and not include_dev_runs:
+            continue
+        summaries.append(summarize_run(entry))
+    return sorted(summaries, key=lambda s: s["started"] or "")
+
+
+def summarize_run(path: Path) -> dict[str, Any]:
+    """A run folder in one record: its status (crashed when a "running" run's process is gone), when it started,
+    model, data fingerprint (the same for runs on the same images and split), epochs done of planned, the best
+    epoch's validation accuracy and loss, test accuracy, minutes of training, and every numeric test metric under
+    `metrics`. Reads the folder only; a run that is unfinished, stopped or failed has blanks (None) where its files
+    are missing."""
+    import yaml
+
+    paths = RunPaths(Path(path))
+    status = read_status(paths)
+    try:
+        config = yaml.safe_load(paths.config.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        config = {}
+    history = _history(paths.history)
+    metrics = read_json(paths.metrics)
+    best = _best_row(history, config)
+    planned = (config.get("train") or {}).get("epochs")
+    seconds = status.get("seconds")
+    if seconds is None or status.get("status") == "running":
+        seconds = sum(row.get("seconds") or 0.0 for row in history) or None
+    env = read_json(paths.env)
+    return {
+        "name": paths.root.name,
+        "path": str(paths.root),
+        "status": status.get("status"),
+        "reason": status.get("reason"),
+        "started": status.get("started") or env.get("started"),
+        "model": (config.get("model") or {}).get("name"),
+        "pretrained": bool((config.get("model") or {}).get("pretrained")),
+        "data": data_fingerprint(paths.manifest),
+        "epochs": len(history),
+        "epochs_planned": planned,
+        "best_epoch": best.get("epoch"),
+        "best_val_acc": best.get("val_acc"),
+        "best_val_loss": best.get("val_loss"),
+        "test_acc": metrics.get("accuracy"),
+        "minutes": round(seconds / 60, 3) if seconds else None,
+        "metrics": {key: v for key, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        "dev_run": paths.root.name.startswith(DEV_RUN_PREFIX),
+    }
+
+
+def sort_runs(summaries: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """Runs ordered by a column or a test metric: numbers best first (losses and ECE low, the rest high), text
+    A to Z; runs without the value last.
+
+    Raises:
+        ConfigError: `key` is neither a column nor a metric of any run.
+    """
+    from imgclf.errors import ConfigError
+
+    metric_names = sorted({name for s in summaries for name in s["metrics"]})
+    if key not in RUN_COLUMNS and key not in metric_names:
+        raise ConfigError(
+            f"--sort takes a column ({', '.join(RUN_COLUMNS)}) or a test metric "
+            f"({', '.join(metric_names) or 'none recorded yet'}); received '{key}'"
+        )
+
+    def value(summary: dict[str, Any]) -> Any:
+        return summary.get(key) if key in RUN_COLUMNS else summary["metrics"].get(key)
+
+    present = [s for s in summaries if value(s) is not None]
+    missing = [s for s in summaries if value(s) is None]
+    numeric = all(isinstance(value(s), (int, float)) for s in present)
+    low_first = any(word in key for word in ("loss", "ece", "minutes", "started", "name"))
+    return sorted(present, key=value, reverse=numeric and not low_first) + missing
+
+
+def data_fingerprint(manifest: Path) -> str | None:
+    """12 hex digits naming the exact images and split of a run (sha256 over its manifest's split, label and
+    file hash, in order): two runs with the same fingerprint trained and tested on the same data."""
+    import hashlib
+
+    try:
+        rows = _csv_rows(manifest)
+    except OSError:
+        return None
+    digest = hashlib.sha256()
+    for row in sorted((r.get("split", ""), r.get("label", ""), r.get("sha256", "")) for r in rows):
+        digest.update(("\t".join(row) + "\n").encode())
+    return digest.hexdigest()[:12]
+
+
+def _history(path: Path) -> list[dict[str, Any]]:
+    try:
+        rows = _csv_rows(path)
+    except OSError:
+        return []
+    return [{key: _number(value) for key, value in row.items()} for row in rows]
+
+
+def _best_row(history: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
+    """The history row of the epoch the run kept (its early-stopping monitor, as the checkpointer chose)."""
+    stopping = ((config.get("train") or {}).get("early_stopping")) or {}
+    monitor = stopping.get("monitor", "val_loss")
+    rows = [row for row in history if isinstance(row.get(monitor), float) and row[monitor] == row[monitor]]
+    if not rows:
+        return {}
+    mode = stopping.get("mode", "auto")
+    highest = mode == "max" or (mode == "auto" and monitor.endswith("acc"))
+    return (max if highest else min)(rows, key=lambda row: row[monitor])
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    from imgclf.files import read_csv
+
+    return read_csv(path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a run folder's file; {} when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _number(text: str) -> Any:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return text if text != "" else None
+    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 0.002}} -> {"train.lr": 0.002}: a nested config as dotted keys."""
+    flat: dict[str, Any] = {}
+    for key, value in (tree or {}).items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

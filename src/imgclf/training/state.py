@@ -1,10 +1,13 @@
 """What the fit loop and its callbacks share: the training state (`FitState`, saved in checkpoints), where an
-interrupted epoch stands (`EpochProgress`), and the `Callback` hooks. Its own module, so that the loop
-(`engine.py`) and the callbacks (`callbacks.py`) both import it and not each other."""
+interrupted epoch stands (`EpochProgress`), the run a callback belongs to (`RunInfo`), and the `Callback` hooks.
+Its own module, so that the loop (`engine.py`), the callbacks (`callbacks.py`) and the tracking sinks
+(`tracking/sinks.py`) all import it and not each other."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -90,8 +93,34 @@ class FitState:
         return self.epoch >= self.epochs or self.stop_reason is not None
 
 
+@dataclass(frozen=True)
+class RunInfo:
+    """The run a callback's run hooks are about: its folder (the run-folder contract: history.csv, metrics.json,
+    model/, report.html), its resolved configuration as config.yaml holds it, and its classes."""
+
+    root: Path
+    config: Mapping[str, Any]
+    classes: tuple[str, ...]
+    resumed: bool = False  # continues an earlier session of the same run folder
+
+
 class Callback:
-    """Hooks called by `fit()`; each does nothing unless overridden."""
+    """Hooks called by `fit()` (fit, epoch, batch, interrupt) and by the workflow around it (run start and end);
+    each does nothing unless overridden.
+
+    Example:
+        >>> class PrintBest(Callback):
+        ...     def on_run_end(self, run, metrics, status):
+        ...         print(run.root.name, status, metrics and metrics["accuracy"])
+        >>> imgclf.train("data/", callbacks=[PrintBest()])
+    """
+
+    def on_run_start(self, run: RunInfo) -> None:
+        """Before the first epoch of this session, with the configuration resolved (batch size, LR, precision)."""
+
+    def on_run_end(self, run: RunInfo, metrics: Mapping[str, Any] | None, status: str) -> None:
+        """After the test evaluation and the report (`metrics`: metrics.json's content, None when the test split
+        was not evaluated), or when the run stops or fails (`status`: finished | stopped | failed)."""
 
     def on_fit_start(self, state: FitState) -> None:
         pass

@@ -1,0 +1,204 @@
+"""`imgclf tune` with Optuna on the digits: pruning, best.yaml, one test evaluation, an interrupted study that
+resumes, two processes sharing one study on a real PostgreSQL, and no global state left between trials."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import FAST, run_cli
+from imgclf.errors import ConfigError, TrainingInterrupted
+from imgclf.files import read_csv
+from imgclf.training.state import Callback
+
+optuna = pytest.importorskip("optuna", reason="the tune extra: pip install 'imgclf[tune]'")
+
+# lr 0.02 learns the 3 digit classes within an epoch, 1e-5 does not: with successive halving, a 1e-5 trial after a
+# 0.02 one is pruned at its first epoch. --tune-seed 3 draws 0.02, 1e-5, 0.02, 0.02 (Optuna's seeded TPE startup).
+SPACE = {"train.lr": {"type": "categorical", "choices": [0.02, 1e-5]}}
+RECIPE = ["--epochs", "3", "--img-size", "16", "--batch-size", "8", "--set", "model.width=8", "--set"]
+RECIPE += ["augment.preset=light", "--set", "augment.hflip=false"]
+
+
+def write_space(folder: Path, space=SPACE) -> Path:
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def trial_runs(study_dir: Path) -> dict[str, Path]:
+    return {p.name: p for p in (study_dir / "trials").iterdir() if p.is_dir() and not p.is_symlink()}
+
+
+@pytest.mark.slow
+def test_tune_prunes_writes_best_yaml_and_evaluates_test_once(tmp_path, digits_source):
+    result = run_cli(
+        "tune", digits_source, "--trials", "4", "--space", write_space(tmp_path), "--pruner", "halving",
+        "--tune-seed", "3", *RECIPE, "--out", tmp_path / "out", "--study", "digits",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    study_dir = tmp_path / "out" / "tune-digits"
+    rows = read_csv(study_dir / "trials.csv")
+    assert [row["number"] for row in rows] == ["0", "1", "2", "3"]
+    states = [row["state"] for row in rows]
+    assert "pruned" in states and states.count("complete") >= 1, rows
+    pruned = next(row for row in rows if row["state"] == "pruned")
+    assert pruned["train.lr"] == "1e-05" and pruned["pruned_at"] == "1" and pruned["epochs"] == "1"
+    stopped = json.loads((Path(pruned["run"]) / "status.json").read_text())
+    assert stopped["status"] == "finished" and stopped["reason"].startswith("pruned by the tuner after epoch 1")
+    runs = trial_runs(study_dir)
+    assert sorted(runs) == ["trial-0000", "trial-0001", "trial-0002", "trial-0003"]
+    evaluated = [name for name, run in runs.items() if (run / "metrics.json").exists()]
+    best = max((row for row in rows if row["state"] == "complete"), key=lambda row: float(row["val_acc"]))
+    assert evaluated == [Path(best["run"]).name]  # test evaluated once, for the best trial only
+    best_config = yaml.safe_load((study_dir / "best.yaml").read_text())
+    assert best_config["train"]["lr"] == float(best["train.lr"]) == 0.02
+    assert best_config["train"]["epochs"] == 3 and best_config["model"]["width"] == 8
+    for name in ("history.png", "importance.png", "summary.html", "study.db"):
+        assert (study_dir / name).is_file(), name
+    summary = (study_dir / "summary.html").read_text()
+    assert "Best trial" in summary and "measured once" in summary
+    again = run_cli("train", digits_source, "--config", study_dir / "best.yaml", "--out", tmp_path, "--no-report")
+    assert again.exit_code == 0, again.output
+
+
+class InterruptTrial2(Callback):
+    """Sends this process a real SIGINT in the first epoch of trial 2 (the study's third trial)."""
+
+    def on_run_start(self, run):
+        self.name = run.root.name
+
+    def on_batch_end(self, state, index, loss, batch_size):
+        if self.name == "trial-0002" and index == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.slow
+def test_an_interrupted_study_resumes_without_repeating_finished_trials(tmp_path, digits_source):
+    from imgclf.tune import tune
+
+    config = {**FAST, "train": {**FAST["train"], "epochs": 2}, "tracking": {"callbacks": ["test_tune:InterruptTrial2"]}}
+    space = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
+    with pytest.raises(TrainingInterrupted):
+        tune(digits_source, config, space=space, trials=4, out=tmp_path, study="s", pruner="none")
+    study_dir = tmp_path / "tune-s"
+    runs = trial_runs(study_dir)
+    finished = {name: (run / "history.csv").read_bytes() for name, run in runs.items() if name != "trial-0002"}
+    assert sorted(finished) == ["trial-0000", "trial-0001"]
+    assert json.loads((runs["trial-0002"] / "status.json").read_text())["status"] == "stopped"
+    assert not (study_dir / "trials.csv").exists()  # interrupted before the study wrote its files
+
+    config["tracking"] = {"callbacks": []}
+    result = tune(digits_source, config, space=space, trials=4, out=tmp_path, study="s", pruner="none")
+    rows = read_csv(study_dir / "trials.csv")
+    assert [(row["number"], row["state"]) for row in rows] == [
+        ("0", "complete"),
+        ("1", "complete"),
+        ("2", "fail"),
+        ("3", "complete"),
+        ("4", "complete"),
+    ]
+    assert result.counts == {"COMPLETE": 4, "FAIL": 1}
+    for name, history in finished.items():  # trials 0 and 1 were not run again
+        assert (study_dir / "trials" / name / "history.csv").read_bytes() == history
+    assert result.test_metrics is not None
+    assert result.best_run.name in {"trial-0000", "trial-0001", "trial-0003", "trial-0004"}
+
+
+# --- shared storage: a real PostgreSQL -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh database on the PostgreSQL that .ci/run starts (IMGCLF_TEST_POSTGRES: an admin URL), dropped after."""
+    admin = os.environ.get("IMGCLF_TEST_POSTGRES")
+    if not admin:
+        if os.environ.get("IMGCLF_REQUIRE_POSTGRES"):
+            pytest.fail("IMGCLF_REQUIRE_POSTGRES is set but IMGCLF_TEST_POSTGRES is not")
+        pytest.skip("no PostgreSQL (set IMGCLF_TEST_POSTGRES=postgresql://user:pw@127.0.0.1:5432/postgres)")
+    psycopg = pytest.importorskip("psycopg", reason="the PostgreSQL driver: pip install 'psycopg[binary]'")
+    name = f"imgclf_tune_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {name}")
+        try:
+            yield admin.rsplit("/", 1)[0] + "/" + name
+        finally:
+            connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_postgres_study_and_run_no_trial_twice(tmp_path, digits_source, postgres_url):
+    space = write_space(tmp_path, {"train.lr": {"type": "float", "low": 1e-3, "high": 2e-2, "log": True}})
+    processes = []
+    for worker in ("w1", "w2"):
+        command = [sys.executable, "-m", "imgclf", "tune", str(digits_source), "--trials", "6", "--study", "shared"]
+        command += ["--storage", postgres_url, "--space", str(space), "--pruner", "none", *RECIPE]
+        command += ["--out", str(tmp_path / worker)]
+        processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [process.communicate(timeout=900)[0] for process in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == 0, output[-3000:]
+    study = optuna.load_study(study_name="shared", storage=postgres_url)
+    counted = [t for t in study.trials if not t.user_attrs.get("surplus")]
+    done = [t for t in counted if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(done) == 6 and len(counted) == 6, [(t.number, t.state) for t in study.trials]
+    folders = [run for worker in ("w1", "w2") for run in trial_runs(tmp_path / worker / "tune-shared")]
+    assert sorted(folders) == sorted(f"trial-{t.number:04d}" for t in counted)  # each trial ran once, somewhere
+    assert all(trial_runs(tmp_path / worker / "tune-shared") for worker in ("w1", "w2")), "both processes worked"
+    evaluated = [
+        run
+        for worker in ("w1", "w2")
+        for run in trial_runs(tmp_path / worker / "tune-shared").values()
+        if (run / "metrics.json").exists()
+    ]
+    assert len(evaluated) <= 1  # the best trial is evaluated on test at most once, by the process that finished last
+
+
+# --- no global state between trials; errors ----------------------------------------------------------------------
+
+
+def test_a_trial_leaves_no_deterministic_mode_threads_or_rng_behind():
+    from imgclf.device import preserved_torch_state, resolve_compute
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    with preserved_torch_state():
+        resolve_compute("cpu", "fp32", deterministic=True)
+        torch.set_num_threads(1)
+        torch.rand(100)
+        assert torch.are_deterministic_algorithms_enabled()
+    assert torch.are_deterministic_algorithms_enabled() == deterministic and torch.get_num_threads() == threads
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_bad_search_spaces_are_usage_errors(tmp_path, digits_source):
+    from imgclf.tune import load_space
+
+    unknown = run_cli("tune", digits_source, "--space", write_space(tmp_path, {"train.learning_rate": {}}))
+    assert unknown.exit_code == 2 and "did you mean train.lr" in " ".join(unknown.output.split())
+    with pytest.raises(ConfigError, match="needs numbers low < high"):
+        load_space({"train.lr": {"type": "float", "low": 0.1, "high": 0.01}})
+    with pytest.raises(ConfigError, match="log-scaled"):
+        load_space({"train.lr": {"type": "float", "low": 0, "high": 0.01, "log": True}})
+    with pytest.raises(ConfigError, match="categorical"):
+        load_space({"augment.preset": {"type": "categorical", "choices": []}})
+    invalid = run_cli(
+        "tune", digits_source, "--space",
+        write_space(tmp_path, {"augment.preset": {"type": "categorical", "choices": ["light", "heavy"]}}),
+        "--out", tmp_path,
+    )  # fmt: skip
+    assert invalid.exit_code == 2 and "augment.preset = 'heavy' is not a valid setting" in " ".join(
+        invalid.output.split()
+    )
+    assert not (tmp_path / "tune-flat").exists()
