@@ -24,11 +24,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e .
 	touch $@
 
-# Two steps: litert-torch's tree (the tflite extra) caps typing-extensions below 4.13, and one resolution of
-# everything at once backtracks for over 20 minutes; on top of the dev set, pip settles it in about 30 s.
-$(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,tflite]'
+# The dev set (tests, the optional extras: ONNX, serving, tracking, tuning, TFLite) at the versions of
+# .ci/dev-constraints.txt: litert-torch's tree caps typing-extensions below 4.13, which newer pydantic, mlflow and
+# jupyter-client need, and an unconstrained resolution of everything backtracks for many minutes or fails.
+$(VENV)/.installed-dev: $(VENV)/.installed .ci/dev-constraints.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -c .ci/dev-constraints.txt -e '.[dev,tflite]'
 	touch $@
 
 clean:

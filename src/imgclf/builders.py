@@ -9,6 +9,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from imgclf.device import Compute, compile_in_place
 from imgclf.errors import ConfigError, DataError
 from imgclf.files import write_atomic, write_csv_atomic
 from imgclf.progress import NO_PROGRESS, Progress
+from imgclf.training import distributed
+from imgclf.training.distributed import SINGLE, Group
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ def make_loaders(
     pre: Preprocessing,
     compute: Compute,
     *,
+    group: Group = SINGLE,
     progress: Progress = NO_PROGRESS,
 ) -> Loaders:
     """Loaders for the train split (augmented, shuffled, seeded) and the val split (eval preprocessing).
@@ -48,6 +52,9 @@ def make_loaders(
     With `data.cache` (auto: when the decoded images fit the memory budget) every image is decoded once into a
     uint8 array and whole batches are augmented on the device; otherwise each image is decoded and augmented in
     a DataLoader every epoch. Both give the same eval tensors for the same file.
+
+    Under torchrun (`group`) each process gets its slice of every epoch (`train.batch_size` images per process
+    and step); the processes of one node share one disk cache, built once and mapped read-only by each.
     """
     from imgclf.data.cache import choose_mode
 
@@ -57,8 +64,9 @@ def make_loaders(
             "no validation images: add a val folder or give data.split_ratios a val share > 0 "
             "(model selection and early stopping need a validation split)"
         )
-    batch_size = min(int(config.train.batch_size), len(train_rows))
-    steps, dropped = epoch_steps(len(train_rows), batch_size)
+    per_process = -(-len(train_rows) // group.world_size)
+    batch_size = min(int(config.train.batch_size), per_process)
+    steps, dropped = epoch_steps(per_process, batch_size)
     if steps < MIN_STEPS_PER_EPOCH:
         log.warning(
             "only %d optimizer step%s per epoch (%d training images, batch %d): the model changes a few times per "
@@ -78,8 +86,8 @@ def make_loaders(
             config.data.num_workers,
         )
     if mode == "off":
-        return _streaming_loaders(config, manifest, pre, compute, batch_size)
-    return _cached_loaders(config, manifest, pre, compute, batch_size, mode, progress)
+        return _streaming_loaders(config, manifest, pre, compute, batch_size, group)
+    return _cached_loaders(config, manifest, pre, compute, batch_size, mode, group, progress)
 
 
 def epoch_steps(train_images: int, batch_size: int) -> tuple[int, int]:
@@ -91,7 +99,7 @@ def epoch_steps(train_images: int, batch_size: int) -> tuple[int, int]:
     return full + (rest > 0), 0
 
 
-def _cached_loaders(config, manifest, pre, compute, batch_size, mode, progress) -> Loaders:
+def _cached_loaders(config, manifest, pre, compute, batch_size, mode, group, progress) -> Loaders:
     from imgclf.data.batch_transforms import BatchAugment, eval_batch
     from imgclf.data.cache import decoded_images
     from imgclf.data.loaders import CachedLoader
@@ -109,7 +117,10 @@ def _cached_loaders(config, manifest, pre, compute, batch_size, mode, progress) 
             max_pixels=config.data.max_pixels,
             progress=progress,
         )
-        images = torch.from_numpy(decoded.array.copy()) if decoded.location else torch.from_numpy(decoded.array)
+        if decoded.location and not group.enabled:
+            images = torch.from_numpy(decoded.array.copy())  # a private copy of the map: gathers run from RAM
+        else:  # in memory already, or shared read-only by the node's processes through the page cache
+            images = _as_tensor(decoded.array)
         labels = torch.tensor([class_index[r.label] for r in rows])
         if decoded.failed:
             _check_bad_images(decoded.failed, config.data.max_bad_images)
@@ -133,15 +144,16 @@ def _cached_loaders(config, manifest, pre, compute, batch_size, mode, progress) 
                 shuffle=train,
                 transform=transform,
                 device=compute.device,
-                drop_last=train and epoch_steps(len(labels), batch_size)[1] > 0,
+                drop_last=train and epoch_steps(-(-len(labels) // group.world_size), batch_size)[1] > 0,
                 seed=config.train.seed,
+                shard=(group.rank, group.world_size),
             )
         )
     where = "disk cache" if mode == "disk" else "memory"
     return Loaders(loaders[0], loaders[1], loaders[0].num_images, loaders[1].num_images, f"decoded once ({where})")
 
 
-def _streaming_loaders(config, manifest, pre, compute, batch_size) -> Loaders:
+def _streaming_loaders(config, manifest, pre, compute, batch_size, group) -> Loaders:
     from imgclf.data.loaders import ImageDataset, auto_num_workers, make_loader
     from imgclf.data.transforms import eval_transform, train_transform
 
@@ -158,8 +170,13 @@ def _streaming_loaders(config, manifest, pre, compute, batch_size) -> Loaders:
         manifest.split("train"), train_transform(pre, augment.preset, hflip=augment.hflip, vflip=augment.vflip)
     )
     val_set = dataset(manifest.split("val"), eval_transform(pre))
-    workers = config.data.num_workers if config.data.num_workers is not None else auto_num_workers()
+    workers = (
+        config.data.num_workers
+        if config.data.num_workers is not None
+        else auto_num_workers(processes=group.local_world_size)
+    )
     pin = compute.device.type == "cuda"
+    shard = (group.rank, group.world_size)
     train_loader = make_loader(
         train_set,
         batch_size=batch_size,
@@ -167,8 +184,9 @@ def _streaming_loaders(config, manifest, pre, compute, batch_size) -> Loaders:
         num_workers=workers,
         seed=config.train.seed,
         pin_memory=pin,
-        drop_last=epoch_steps(len(train_set), batch_size)[1] > 0,
+        drop_last=epoch_steps(-(-len(train_set) // group.world_size), batch_size)[1] > 0,
         max_bad_images=config.data.max_bad_images,
+        shard=shard,
     )
     val_loader = make_loader(
         val_set,
@@ -177,8 +195,18 @@ def _streaming_loaders(config, manifest, pre, compute, batch_size) -> Loaders:
         num_workers=workers,
         pin_memory=pin,
         max_bad_images=config.data.max_bad_images,
+        shard=shard,
     )
-    return Loaders(train_loader, val_loader, len(train_set), len(val_set), f"streaming ({workers} workers)")
+    return Loaders(train_loader, val_loader, len(train_set), len(val_set), f"streaming ({workers} workers per process)")
+
+
+def _as_tensor(array) -> torch.Tensor:
+    """A tensor over `array` without a copy (a read-only memory map stays read-only: nothing writes to it)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable": we only read it
+        return torch.from_numpy(array)
 
 
 def mixing(config: RunConfig, num_classes: int):
@@ -198,10 +226,13 @@ def make_fit_state(
     weights=None,
     *,
     extend_from: int | None = None,
+    group: Group = SINGLE,
 ):
     """A freshly initialised (seeded) model with pretrained weights if given, its optimizer, the training loss,
     and the phase plan whose `enter` sets trainable layers, learning rates and the LR schedule. `extend_from`:
     the epochs a finished run had; the plan gets an extension phase up to `train.epochs` (`extend_phases`).
+    Under torchrun (`group`) the phases wrap the model in DDP, `train.lr_scaling: linear` multiplies the learning
+    rates by the number of processes, and `train.sync_batchnorm` makes BatchNorm layers synchronised.
 
     Returns:
         (FitState, ModelSpec, loss, Phases callback).
@@ -224,13 +255,16 @@ def make_fit_state(
     if weights is not None:
         new = load_pretrained(model, weights, name=spec.name)
         log.info("pretrained weights from %s; new head: %s", weights.source, ", ".join(new))
+    if train.sync_batchnorm:
+        model = distributed.sync_batchnorm(group, model, compute.device)
     model = model.to(compute.device, memory_format=compute.memory_format)
     if train.compile:
         compile_in_place(model, compute.device)
+    scale = group.world_size if train.lr_scaling == "linear" else 1
     optimizer = build_optimizer(
         train.optimizer,
         model,
-        lr=train.lr,
+        lr=train.lr * scale,
         weight_decay=train.weight_decay,
         momentum=train.momentum,
         nesterov=train.nesterov,
@@ -244,8 +278,8 @@ def make_fit_state(
     plan = plan_phases(
         epochs=extend_from or train.epochs,
         freeze_epochs=train.freeze_epochs,
-        lr=train.lr,
-        finetune_lr=train.finetune_lr,
+        lr=train.lr * scale,
+        finetune_lr=train.finetune_lr * scale if train.finetune_lr is not None else None,
         unfreeze=train.unfreeze,
         keep_pretrained_norms=is_pretrained(config) and train.pretrained_bn == "frozen",
     )
@@ -269,7 +303,8 @@ def make_fit_state(
     state = FitState(
         model=model, optimizer=optimizer, schedule=LRSchedule(None, "epoch"), epochs=train.epochs, scaler=scaler
     )
-    return state, spec, loss_fn, Phases(plan, make_schedule)
+    wrap = partial(distributed.wrap, group, device=compute.device) if group.enabled else None
+    return state, spec, loss_fn, Phases(plan, make_schedule, wrap)
 
 
 def find_learning_rate(

@@ -316,6 +316,8 @@ def run_config_from(config_file: Path | None, flags: dict[str, Any], assignments
         "imgclf train --resume runs/small_cnn-20261128-120000 [--epochs 40]",
         "imgclf train --reproduce runs/small_cnn-20261128-120000   # same config, same files (checked)",
         "imgclf train data/ --mlflow --tensorboard",
+        "torchrun --nproc_per_node 8 -m imgclf train data/ --model resnet50 --pretrained   # one process per GPU",
+        "imgclf train data/ --devices 2                                                   # torchrun started for you",
     )
 )
 @handles_errors
@@ -381,6 +383,13 @@ def train(
     report: Annotated[
         bool, typer.Option("--report/--no-report", help="write report.html and report.md at the end")
     ] = True,
+    devices: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="train on N processes of this machine (one per GPU, or CPU processes): launches torchrun itself",
+        ),
+    ] = None,
     fast_dev_run: Annotated[
         bool,
         typer.Option(
@@ -390,10 +399,15 @@ def train(
         ),
     ] = False,
 ) -> None:
-    """Train a classifier, keep the best epoch by validation, evaluate it on the test split and write the report."""
+    """Train a classifier, keep the best epoch by validation, evaluate it on the test split and write the report.
+
+    Under torchrun (`torchrun --nproc_per_node 8 -m imgclf train data/`) every process trains on its slice of the
+    data with DistributedDataParallel and rank 0 writes the one run folder; --devices N starts torchrun itself."""
     from imgclf import workflow
     from imgclf.config import parse_assignments
 
+    if devices is not None and devices > 1:
+        _relaunch_under_torchrun(devices)
     flags = config_flags(locals())
     if resume is not None and reproduce is not None:
         raise typer.BadParameter("choose one of --resume and --reproduce", param_hint="--reproduce")
@@ -453,10 +467,38 @@ def train(
         result = workflow.train(
             data, run_config, out=out, name=name, report=report, fast_dev_run=fast_dev_run, progress=RichProgress()
         )
+    if _rank() != 0:
+        return
     if result.metrics:
         print_metrics(result.metrics)
     out_console.print(f"run folder: [bold]{escape(str(result.run_dir))}[/]")
     print_report(result.report)
+
+
+def _relaunch_under_torchrun(processes: int) -> None:
+    """Run this same command under `torchrun --standalone --nproc_per_node N` (without --devices) and exit with its
+    exit code; inside torchrun already, --devices is ignored (torchrun decided the processes)."""
+    import os
+    import subprocess
+    import sys
+
+    from imgclf.training.distributed import launched
+
+    if launched():
+        logging.getLogger("imgclf").warning("--devices is ignored under torchrun, which started the processes")
+        return
+    arguments, skip = [], False
+    for argument in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif argument == "--devices":
+            skip = True
+        elif not argument.startswith("--devices="):
+            arguments.append(argument)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    command += ["-m", "imgclf", *arguments]
+    console.print(f"starting {processes} processes: {' '.join(command[2:])}", highlight=False)
+    raise typer.Exit(subprocess.call(command, env=os.environ.copy()))
 
 
 @app.command(
@@ -593,6 +635,7 @@ def evaluate(
         "imgclf predict runs/<name>/model/model.onnx photos/ --out preds.csv   # ONNX Runtime, no torch",
         "imgclf predict runs/<name> 'inbox/**/*.jpg' --out preds.jsonl --format jsonl",
         "imgclf predict runs/<name> photos/ --tta",
+        "torchrun --nproc_per_node 4 -m imgclf predict runs/<name> big/folder --out preds.csv   # sharded",
     )
 )
 @handles_errors
@@ -628,7 +671,9 @@ def predict(
         progress=RichProgress(),
     )
     failed = [p for p in predictions if p.error]
-    if to_stdout:
+    if _rank() != 0:  # under torchrun rank 0 wrote or prints every row
+        pass
+    elif to_stdout:
         sys.stdout.write(predictions_text(predictions, top_k=top_k, format=format_))
         sys.stdout.flush()
     elif out is not None:
@@ -645,7 +690,7 @@ def predict(
         out_console.print(table)
     if failed and len(failed) == len(predictions):
         raise ImgclfError(f"none of the {len(predictions)} input(s) could be read; first: {failed[0].error}")
-    if failed:
+    if failed and _rank() == 0:
         console.print(f"[yellow]{len(failed)} file(s) could not be read; see the error column[/]")
 
 
@@ -1265,7 +1310,7 @@ class _PlainLogHandler(logging.Handler):
 
 def _setup_logging() -> None:
     """Log imgclf's INFO messages to stderr (once per process): through rich in a terminal, as plain lines
-    elsewhere."""
+    elsewhere. Under torchrun, rank 0 logs; the other processes only warn, each line marked with its rank."""
     package_logger = logging.getLogger("imgclf")
     if any(isinstance(handler, (RichHandler, _PlainLogHandler)) for handler in package_logger.handlers):
         return
@@ -1273,9 +1318,17 @@ def _setup_logging() -> None:
         handler: logging.Handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
     else:
         handler = _PlainLogHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    rank = _rank()
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s" if rank else "%(message)s"))
     package_logger.addHandler(handler)
-    package_logger.setLevel(logging.INFO)
+    package_logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def _rank() -> int:
+    """This process's global rank under torchrun (0 for a single process): only rank 0 prints results."""
+    import os
+
+    return int(os.environ.get("RANK", "0"))
 
 
 def main() -> None:

@@ -270,6 +270,14 @@ class TrainConfig(_Section):
         description="deterministic kernels everywhere (torch.use_deterministic_algorithms): identical GPU runs, "
         "slower; CPU runs are reproducible without it",
     )
+    lr_scaling: Literal["none", "linear"] = Field(
+        "none",
+        description="under torchrun, where batch_size is per process: linear = multiply lr (and finetune_lr) by the "
+        "number of processes (the global batch over the per-process one), with the usual warmup; none = as given",
+    )
+    sync_batchnorm: bool = Field(
+        False, description="under torchrun on GPUs: BatchNorm statistics over every process's batch (SyncBatchNorm)"
+    )
     seed: int = Field(0, description="seed for weights init, data order and augmentation")
     device: str = Field("auto", description="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps")
 

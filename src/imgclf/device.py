@@ -84,7 +84,11 @@ class Compute:
 
 
 def resolve_compute(
-    device: str = "auto", precision: Precision = "auto", channels_last: bool = True, deterministic: bool = False
+    device: str = "auto",
+    precision: Precision = "auto",
+    channels_last: bool = True,
+    deterministic: bool = False,
+    processes_per_node: int = 1,
 ) -> Compute:
     """The compute settings for a run.
 
@@ -95,6 +99,8 @@ def resolve_compute(
             support it, fp16 on older GPUs (with a GradScaler), fp32 elsewhere.
         channels_last: NHWC memory layout for convolutions (faster with oneDNN and cuDNN); ignored on MPS.
         deterministic: deterministic algorithms only (a process-wide PyTorch setting), for bit-identical GPU runs.
+        processes_per_node: training processes sharing this machine (torchrun's local world size): each takes its
+            share of the usable cores for its CPU threads.
 
     Example:
         >>> resolve_compute("cpu", "fp32").precision
@@ -114,10 +120,21 @@ def resolve_compute(
         torch.backends.cudnn.benchmark = False
     elif torch_device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels once
-    if torch_device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+    if torch_device.type == "cpu" and not _threads_set_by_user():
         # OpenMP's default counts the host's cores, not a container's CPU quota; never raise a lower setting
-        torch.set_num_threads(min(torch.get_num_threads(), usable_cpus()))
+        share = max(1, usable_cpus() // max(processes_per_node, 1))
+        torch.set_num_threads(min(torch.get_num_threads(), share) if processes_per_node == 1 else share)
     return Compute(torch_device, dtypes[precision], channels_last and torch_device.type != "mps")
+
+
+def _threads_set_by_user() -> bool:
+    """Whether OMP_NUM_THREADS was chosen by the user. torchrun sets it to 1 for every process when it starts
+    several per node and the user did not; that default is not a choice, so the cores are shared out instead."""
+    value = os.environ.get("OMP_NUM_THREADS")
+    if value is None:
+        return False
+    torchrun_default = value == "1" and "TORCHELASTIC_RUN_ID" in os.environ
+    return not (torchrun_default and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1)
 
 
 def _auto_precision(device: torch.device) -> str:

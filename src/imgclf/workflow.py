@@ -40,6 +40,7 @@ from imgclf.tracking.runs import (
     record_status,
     write_env,
 )
+from imgclf.training import distributed
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,8 @@ def train(
     if data is None:
         raise ConfigError("train needs a data folder (or --resume runs/<name>)")
     config = build_config(config)
+    group = distributed.setup(config.train.device)  # under torchrun: join the other processes
+    progress = progress if group.is_main else Progress()  # one process draws the bars
     if fast_dev_run:
         config = build_config(config, FAST_DEV_RUN)
         if config.train.lr == "auto":  # the LR finder's 100 steps would be most of the run
@@ -141,19 +144,29 @@ def train(
     config = prepared.config
     if fast_dev_run:  # two training batches
         config = build_config(config, {"train.batch_size": max(1, -(-len(prepared.manifest.split("train")) // 2))})
-    paths = create_run_dir(Path(out), name, config.model.name, dev_run=fast_dev_run)
+    # one folder, named once (by rank 0) for every process
+    paths = distributed.on_main(group, lambda: create_run_dir(Path(out), name, config.model.name, dev_run=fast_dev_run))
     log.info("run folder: %s", paths.root)
-    _write_data_records(paths, prepared.index.problems, prepared.manifest)
-    save_config(config, paths.config)
     from imgclf.device import describe_device, select_device  # lazy: torch
 
-    env = environment_info(device=describe_device(select_device(config.train.device)), seed=config.train.seed)
+    env = environment_info(
+        device=describe_device(select_device(distributed.device_for(group, config.train.device))),
+        seed=config.train.seed,
+    )
     env["data"] = str(Path(data).resolve())  # what the report's next steps train on
     if fast_dev_run:
         env["fast_dev_run"] = True
     if prepared.weights is not None:
         env["pretrained_weights"] = {"source": prepared.weights.source, "not_used": list(prepared.weights.tried)}
-    write_env(paths, env)
+    if group.enabled:
+        env["distributed"] = _distributed_record(group, config)
+
+    def write_records() -> None:
+        _write_data_records(paths, prepared.index.problems, prepared.manifest)
+        save_config(config, paths.config)
+        write_env(paths, env)
+
+    distributed.on_main(group, write_records)
     result = _train_run(
         paths,
         config,
@@ -165,8 +178,22 @@ def train(
         evaluate_test=evaluate_test,
     )
     if fast_dev_run:
-        _dev_run_export(paths.root, progress=progress)
+        distributed.on_main(group, lambda: _dev_run_export(paths.root, progress=progress))
     return result
+
+
+def _distributed_record(group, config: RunConfig) -> dict[str, Any]:
+    """What env.json says about a torchrun run: the processes, the global batch and the learning-rate policy."""
+    scale = group.world_size if config.train.lr_scaling == "linear" else 1
+    return {
+        "world_size": group.world_size,
+        "processes_per_node": group.local_world_size,
+        "backend": group.backend,
+        "batch_size_per_process": config.train.batch_size,
+        "global_batch_size": int(config.train.batch_size) * group.world_size,
+        "lr_scaling": config.train.lr_scaling,
+        "lr": config.train.lr * scale if isinstance(config.train.lr, float) else config.train.lr,
+    }
 
 
 # What `--reproduce` may set: where the run computes and is recorded; everything else is the recorded run's.
@@ -298,15 +325,20 @@ def scan_data(
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root} (expected a folder of class folders)")
     check_training_folder(root)
-    index, manifest = scan_and_split(
-        root.resolve(),
-        ratios=settings.split_ratios,
-        seed=settings.split_seed,
-        max_pixels=settings.max_pixels,
-        subset=settings.subset,
-        progress=progress,
-    )
-    return ScannedData(root.resolve(), _split_settings(settings), index, manifest)
+
+    def scan() -> ScannedData:
+        index, manifest = scan_and_split(
+            root.resolve(),
+            ratios=settings.split_ratios,
+            seed=settings.split_seed,
+            max_pixels=settings.max_pixels,
+            subset=settings.subset,
+            progress=progress,
+        )
+        return ScannedData(root.resolve(), _split_settings(settings), index, manifest)
+
+    # under torchrun rank 0 scans (hashing every file once) and hands the split to the others
+    return distributed.on_main(distributed.current(), scan)
 
 
 def _split_settings(settings) -> tuple:
@@ -484,6 +516,10 @@ def predict(
         out_format: csv | jsonl.
         progress: progress reporter.
 
+    Under torchrun (`torchrun --nproc_per_node 4 -m imgclf predict ...`) each process predicts every 4th input
+    (on its own GPU); rank 0 writes `out` with the rows in the single-process order, and every process returns
+    them all.
+
     Returns:
         One `Prediction` per input file, in order; unreadable files carry an error message.
 
@@ -496,8 +532,10 @@ def predict(
 
     if out_format not in OUTPUT_FORMATS:  # before any work
         raise ConfigError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}; received '{out_format}'")
+    # under torchrun: each process predicts its slice of the inputs and rank 0 writes them all, in input order
+    group = distributed.setup(device)
     if not isinstance(model, Predictor):
-        predictor = Predictor.load(Path(model), device=device)
+        predictor = Predictor.load(Path(model), device=distributed.device_for(group, device))
         predictor.max_pixels = evaluation.run_max_pixels(Path(model))
     else:
         predictor = model
@@ -506,9 +544,16 @@ def predict(
     files = collect_inputs(inputs)
     if not files:
         raise DataError(f"no image files found in {', '.join(str(i) for i in inputs)}")
-    predictions = predictor.predict(files, top_k=top_k, batch_size=batch_size, tta=tta, progress=progress)
+    mine = files[group.rank :: group.world_size]
+    shown = progress if group.is_main else Progress()
+    predictions = predictor.predict(mine, top_k=top_k, batch_size=batch_size, tta=tta, progress=shown)
+    if group.enabled:
+        slices = distributed.gather(group, predictions)
+        predictions = [None] * len(files)
+        for rank, part in enumerate(slices):
+            predictions[rank :: group.world_size] = part
     if out is not None:
-        write_predictions(predictions, Path(out), top_k=top_k, format=out_format)
+        distributed.on_main(group, lambda: write_predictions(predictions, Path(out), top_k=top_k, format=out_format))
     return predictions
 
 
@@ -623,11 +668,17 @@ def _train_run(
     evaluate_test: bool = True,
 ) -> TrainResult:
     """`_fit_run` with status.json kept true (running, then finished / stopped / failed) and the extra callbacks'
-    run hooks (the config's tracking sinks, then the caller's) ended exactly once, however the run ends."""
+    run hooks (the config's tracking sinks, then the caller's) ended exactly once, however the run ends. Under
+    torchrun the status and the sinks are rank 0's; the caller's callbacks run on every process."""
+    from contextlib import nullcontext
+
+    from imgclf.tracking.runs import StatusNote
     from imgclf.tracking.sinks import tracking_callbacks
 
-    hooks = _RunHooks([*tracking_callbacks(config.tracking, paths.root), *callbacks])
-    with record_status(paths) as note:
+    main = distributed.current().is_main
+    sinks = tracking_callbacks(config.tracking, paths.root) if main else []
+    hooks = _RunHooks([*sinks, *callbacks])
+    with record_status(paths) if main else nullcontext(StatusNote()) as note:
         try:
             result = _fit_run(
                 paths,
@@ -696,25 +747,35 @@ def _fit_run(
 
     classes = manifest.classes
     train_cfg = config.train
-    compute = resolve_compute(train_cfg.device, train_cfg.precision, train_cfg.channels_last, train_cfg.deterministic)
+    group = distributed.current()  # one process, or this one's place among torchrun's
+    compute = resolve_compute(
+        distributed.device_for(group, train_cfg.device),
+        train_cfg.precision,
+        train_cfg.channels_last,
+        train_cfg.deterministic,
+        processes_per_node=group.local_world_size,
+    )
     if train_cfg.precision == "auto":  # config.yaml records what was used
         config = build_config(config, {"train.precision": compute.precision})
-        save_config(config, paths.config)
+        distributed.on_main(group, partial(save_config, config, paths.config))
     pre = preprocessing_of(config)
-    # 1. data; an LR from the LR finder when asked for
-    loaders = builders.make_loaders(config, manifest, pre, compute, progress=progress)
+    # 1. data (this process's slice of it); an LR from the LR finder (run by rank 0) when asked for
+    loaders = builders.make_loaders(config, manifest, pre, compute, group=group, progress=progress)
     steps = len(loaders.train)
     if train_cfg.lr == "auto":
-        found = builders.find_learning_rate(
-            config, manifest, pre, compute, loaders.train, steps, weights, paths.root, progress=progress
+        found = distributed.on_main(
+            group,
+            lambda: builders.find_learning_rate(
+                config, manifest, pre, compute, loaders.train, steps, weights, paths.root, progress=progress
+            ),
         )
         config = build_config(config, {"train.lr": found.suggestion})
-        save_config(config, paths.config)
+        distributed.on_main(group, partial(save_config, config, paths.config))
     # 2. model (pretrained weights under a new head), optimizer, loss, phases; or the saved state when resuming
     stopping = config.train.early_stopping
     monitor = cb.Monitor.resolve(stopping.monitor, stopping.mode)
     state, spec, loss_fn, phases = builders.make_fit_state(
-        config, manifest, pre, steps, monitor.mode, compute, weights, extend_from=extend_from
+        config, manifest, pre, steps, monitor.mode, compute, weights, extend_from=extend_from, group=group
     )
     if checkpoint is not None:
         state.restore_counters(checkpoint.meta)
@@ -726,19 +787,21 @@ def _fit_run(
         log.info("resuming after epoch %d of %d (%s phase)", state.epoch, state.epochs, state.phase)
     else:
         phases.enter(state, 1)
-    # 3. everything around the step
-    callbacks: list[cb.Callback] = [phases, cb.HistoryCSV(paths.history)]
-    if stopping.patience is not None:
-        callbacks.append(cb.EarlyStopping(monitor, stopping.patience, stopping.min_delta))
-    callbacks += [
-        cb.Checkpointer(paths.checkpoints, monitor, extra_meta={"classes": list(classes)}),
-        cb.EpochLog(),
-        cb.ProgressBar(progress, steps_per_epoch=steps),
+    # 3. everything around the step. Every process takes the decisions (phases, early stopping, the checkpoint's
+    # checks: the history rows are the same on all); rank 0 alone writes and shows.
+    main = group.is_main
+    early = [cb.EarlyStopping(monitor, stopping.patience, stopping.min_delta)] if stopping.patience is not None else []
+    callbacks: list[cb.Callback] = [
+        phases,
+        *([cb.HistoryCSV(paths.history)] if main else []),
+        *early,
+        cb.Checkpointer(paths.checkpoints, monitor, extra_meta={"classes": list(classes)}, write=main),
+        *([cb.EpochLog(), cb.ProgressBar(progress, steps_per_epoch=steps)] if main else []),
         *hooks.callbacks,
     ]
     hooks.start(RunInfo(paths.root, config.model_dump(mode="json"), classes, resumed=checkpoint is not None))
     log.info(
-        "training %s (%s parameters) on %d images, validating on %d; %d classes, %dpx %s; %s, %s%s; data %s",
+        "training %s (%s parameters) on %d images, validating on %d; %d classes, %dpx %s; %s, %s%s; data %s%s",
         spec.name,
         f"{sum(p.numel() for p in state.model.parameters()):,}",
         loaders.train_images,
@@ -750,6 +813,7 @@ def _fit_run(
         compute.precision,
         ", channels_last" if compute.channels_last else "",
         loaders.path,
+        _processes_note(group, int(config.train.batch_size)),
     )
     # 4. train; the best weights are loaded back at the end. Ctrl-C or SIGTERM stop after the current batch.
     with cb.GracefulStop() as stop:
@@ -771,6 +835,7 @@ def _fit_run(
                 should_stop=should_stop,
                 callbacks=callbacks,
                 resolution=_resolution_schedule(config, pre),
+                group=group,
             )
         except torch.OutOfMemoryError as exc:
             raise _out_of_memory(exc, train_cfg.batch_size) from None
@@ -780,9 +845,13 @@ def _fit_run(
             f"{paths.checkpoints / 'last.safetensors'} holds that point. Continue with: imgclf train --resume "
             f"{paths.root}"
         )
-        if stop.signal_number is not None:
-            raise TrainingInterrupted(f"{state.interrupted_by}: {where}", stop.signal_number)
+        # the signal may have reached another process only: its name, shared by all, gives the exit code
+        signal_number = stop.signal_number or _signal_number(state.interrupted_by)
+        if signal_number is not None:
+            raise TrainingInterrupted(f"{state.interrupted_by}: {where}", signal_number)
         raise DataError(f"{state.interrupted_by}. The run {where} once the files are fixed or removed")
+    if not main:  # rank 0 ships and evaluates the model; the other processes are done
+        return TrainResult(paths.root, None, state.history, state.best_epoch, state.stop_reason, None)
     # 5. ship the best weights with their preprocessing (and a temperature fitted on val), evaluate once on test
     bundle = ModelBundle(
         spec=spec,
@@ -824,6 +893,22 @@ def _resolution_schedule(config: RunConfig, pre: Preprocessing):
         min_res=augment.min_res,
         ramp=augment.res_ramp,
     )
+
+
+def _processes_note(group, batch_size: int) -> str:
+    if not group.enabled:
+        return ""
+    return f"; {group.world_size} processes, batch {batch_size} each ({group.world_size * batch_size} in all)"
+
+
+def _signal_number(reason: str | None) -> int | None:
+    """SIGINT -> 2: the number of a stop reason that names a signal (GracefulStop's reasons), else None."""
+    import signal
+
+    try:
+        return int(signal.Signals[reason]) if reason else None
+    except KeyError:
+        return None
 
 
 def _out_of_memory(exc: Exception, batch_size: int) -> ImgclfError:
@@ -878,8 +963,10 @@ def _resume(
         )
     previous = load_config(paths.config)
     config = load_config(paths.config, given)
+    group = distributed.setup(config.train.device)  # under torchrun: join the other processes
+    progress = progress if group.is_main else Progress()
     if config != previous:
-        save_config(config, paths.config)
+        distributed.on_main(group, partial(save_config, config, paths.config))
         log.info("on resume: %s", ", ".join(f"{key} = {value}" for key, value in given.items()))
     manifest = SplitManifest.load(paths.manifest)
     checkpoint = load_checkpoint(paths.checkpoints / "last.safetensors")
@@ -951,23 +1038,15 @@ def _prepare(
     weights = find_weights(model.name, model.weights) if is_pretrained(config) else None
     if not data.is_dir():  # before --out is created: a typo leaves nothing behind
         raise DataError(f"dataset folder not found: {data} (expected a folder of class folders)")
-    check_training_folder(data)
+    group = distributed.current()
     if out is not None:
-        check_writable(out)
+        distributed.on_main(group, lambda: check_writable(out))
     # absolute paths: the manifest (and the cache key) must work from any working directory
-    settings = config.data
-    if scanned is not None and scanned.root == data.resolve() and scanned.settings == _split_settings(settings):
-        index, manifest = scanned.index, scanned.manifest
-    else:
-        index, manifest = scan_and_split(
-            data.resolve(),
-            ratios=settings.split_ratios,
-            seed=settings.split_seed,
-            max_pixels=settings.max_pixels,
-            subset=settings.subset,
-            progress=progress,
-        )
-    return _Prepared(resolve_data_settings(config, index, manifest, weights=weights), index, manifest, weights)
+    if scanned is None or scanned.root != data.resolve() or scanned.settings != _split_settings(config.data):
+        scanned = scan_data(data, config, progress=progress)
+    index, manifest = scanned.index, scanned.manifest
+    resolved = resolve_data_settings(config, index, manifest, weights=weights, processes=group.world_size)
+    return _Prepared(resolved, index, manifest, weights)
 
 
 def _write_data_records(paths: RunPaths, problems: Sequence[Problem], manifest: SplitManifest) -> None:

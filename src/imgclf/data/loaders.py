@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from imgclf.cpus import usable_cpus
 from imgclf.data.images import Color, load_image
@@ -66,10 +66,11 @@ def collate_skipping(items: list) -> tuple[torch.Tensor | None, torch.Tensor | N
     return images, targets, bad
 
 
-def auto_num_workers() -> int:
-    """Loader processes for this machine. On <= 2 cores, workers compete with the compute threads for the
-    same cores and make training slower, so decoding stays in the main process."""
-    cores = usable_cpus()
+def auto_num_workers(processes: int = 1) -> int:
+    """Loader processes for each of `processes` training processes on this machine. On <= 2 cores each, workers
+    compete with the compute threads for the same cores and make training slower, so decoding stays in the
+    training process."""
+    cores = usable_cpus() // max(processes, 1)
     return 0 if cores <= 2 else min(8, cores - 1)
 
 
@@ -83,16 +84,25 @@ def make_loader(
     pin_memory: bool = False,
     drop_last: bool = False,
     max_bad_images: int = 10,
+    shard: tuple[int, int] | None = None,
 ) -> StreamingLoader:
     """A DataLoader whose order and worker seeds come from its own generator, and which can start an epoch at
     any batch (to resume after a graceful stop).
 
     Training code re-seeds `loader.generator` at the start of every epoch, so the data order of epoch N is
     the same whether the run went straight through or was resumed.
+
+    `shard=(rank, processes)` (torchrun): training (`shuffle`) takes this process's slice of each epoch's order
+    with torch's `DistributedSampler` (padded to equal lengths, `set_epoch` per epoch); evaluation takes every
+    `processes`-th image from `rank` on, without padding, so that no image counts twice in the summed metrics.
     """
     generator = torch.Generator()
     generator.manual_seed(seed)
-    sampler = EpochSampler(len(dataset), shuffle=shuffle, generator=generator)
+    sampler: EpochSampler | ShardedSampler
+    if shard is not None and shard[1] > 1:
+        sampler = ShardedSampler(dataset, shard=shard, shuffle=shuffle, seed=seed)
+    else:
+        sampler = EpochSampler(len(dataset), shuffle=shuffle, generator=generator)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -124,6 +134,29 @@ class EpochSampler(Sampler[int]):
         return self.count - self.start
 
 
+class ShardedSampler(DistributedSampler):
+    """One process's slice of the data (torchrun). Training: torch's `DistributedSampler` (the same per-epoch
+    permutation on every process, padded so each gets the same number of images; `set_epoch` reshuffles), which
+    can start an epoch at position `start` to resume. Evaluation (`shuffle=False`): every `processes`-th image from
+    `rank` on, unpadded."""
+
+    def __init__(self, dataset: Dataset, *, shard: tuple[int, int], shuffle: bool, seed: int) -> None:
+        rank, processes = shard
+        super().__init__(dataset, num_replicas=processes, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.start = 0
+        if not shuffle:
+            self.num_samples = len(range(rank, len(dataset), processes))
+
+    def __iter__(self):
+        order = (
+            list(super().__iter__()) if self.shuffle else list(range(self.rank, len(self.dataset), self.num_replicas))
+        )
+        return iter(order[self.start :])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
 class StreamingLoader:
     """A DataLoader plus `iter_from(step)`, which skips images that fail to load: each is logged with its path
     and kept in `bad_images`; past `max_bad_images`, `abort_reason` asks training to stop (with a checkpoint)."""
@@ -136,6 +169,11 @@ class StreamingLoader:
         self.max_bad_images = max_bad_images
         self.bad_images: list[BadSample] = []
 
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle a sharded sampler for `epoch` (the single-process order comes from `generator`)."""
+        if isinstance(self.sampler, ShardedSampler):
+            self.sampler.set_epoch(epoch)
+
     @property
     def abort_reason(self) -> str | None:
         if len(self.bad_images) <= self.max_bad_images:
@@ -147,7 +185,8 @@ class StreamingLoader:
         )
 
     def __len__(self) -> int:
-        full, rest = divmod(self.sampler.count, self.loader.batch_size)
+        count = self.sampler.num_samples if isinstance(self.sampler, ShardedSampler) else self.sampler.count
+        full, rest = divmod(count, self.loader.batch_size)
         return full if self.loader.drop_last or rest == 0 else full + 1
 
     def __iter__(self):
@@ -180,6 +219,9 @@ class CachedLoader:
         device: where batches are produced.
         drop_last: skip a last, smaller batch (a batch of one breaks BatchNorm).
         seed: initial seed of `generator`.
+        shard: (rank, processes) under torchrun: this process's slice of each epoch's order. Training (`shuffle`)
+            pads the order by repeating its start, as `DistributedSampler` does, so every process has the same
+            number of batches; evaluation takes every `processes`-th image, unpadded.
     """
 
     def __init__(
@@ -193,6 +235,7 @@ class CachedLoader:
         device: torch.device,
         drop_last: bool = False,
         seed: int = 0,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4 or len(images) != len(labels):
             raise ValueError(
@@ -207,13 +250,18 @@ class CachedLoader:
         self.drop_last = drop_last
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
+        self.rank, self.processes = shard if shard is not None else (0, 1)
 
     @property
     def num_images(self) -> int:
-        return len(self.images)
+        """Images this process goes through per epoch."""
+        count = len(self.images)
+        if self.shuffle:
+            return -(-count // self.processes)
+        return len(range(self.rank, count, self.processes))
 
     def __len__(self) -> int:
-        full, rest = divmod(len(self.images), self.batch_size)
+        full, rest = divmod(self.num_images, self.batch_size)
         return full if self.drop_last or rest == 0 else full + 1
 
     def __iter__(self):
@@ -223,6 +271,11 @@ class CachedLoader:
         """The epoch's batches from batch `step` on (the order is drawn in full, so it matches a fresh epoch)."""
         count = len(self.images)
         order = torch.randperm(count, generator=self.generator) if self.shuffle else torch.arange(count)
+        if self.processes > 1:
+            if self.shuffle:  # padded to equal lengths, as DistributedSampler does
+                padded = self.num_images * self.processes
+                order = order.repeat(-(-padded // count))[:padded]
+            order = order[self.rank :: self.processes]
         order = order.to(self.images.device)
         for start in range(step * self.batch_size, len(self) * self.batch_size, self.batch_size):
             index = order[start : start + self.batch_size]

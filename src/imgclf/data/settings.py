@@ -16,13 +16,16 @@ from imgclf.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def resolve_data_settings(config: RunConfig, index: ImageIndex, manifest: SplitManifest, *, weights) -> RunConfig:
+def resolve_data_settings(
+    config: RunConfig, index: ImageIndex, manifest: SplitManifest, *, weights, processes: int = 1
+) -> RunConfig:
     """Fill every preprocessing setting left open: explicit values win, then the pretrained model's config
     (size, crop, interpolation, mean/std), then what the training images say. config.yaml records the result.
 
     Colour `auto` with pretrained weights follows the stem they were trained with: an RGB stem gets RGB input
     (grayscale images replicated to 3 channels, exactly what it saw in pretraining), a 1-channel stem gets gray.
-    An explicit colour that differs from the stem gets the stem adapted instead (`weights.adapt_stem`)."""
+    An explicit colour that differs from the stem gets the stem adapted instead (`weights.adapt_stem`). An automatic
+    batch size counts the training images of one of `processes` processes (torchrun: the batch is per process)."""
     from imgclf.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD
     from imgclf.data.transforms import auto_img_size, resolve_preset
     from imgclf.models.weights import pretrained_config, stem_channels
@@ -60,8 +63,11 @@ def resolve_data_settings(config: RunConfig, index: ImageIndex, manifest: SplitM
     if batch_size == "auto":
         from imgclf.config import auto_batch_size
 
-        batch_size = auto_batch_size(len(train_records))
-        log.info("batch size: %d (auto, for %d training images)", batch_size, len(train_records))
+        per_process = -(-len(train_records) // processes)
+        batch_size = auto_batch_size(per_process)
+        log.info(
+            "batch size: %d (auto, for %d training images%s)", batch_size, per_process, " per process" * (processes > 1)
+        )
     return build_config(
         config,
         {

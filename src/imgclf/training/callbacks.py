@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
+from torch import nn
 
 from imgclf.errors import TrainingDiverged
 from imgclf.files import write_csv_atomic
@@ -75,14 +76,22 @@ class Phases(Callback):
     """Enters each phase of a fine-tuning plan at its first epoch: freezes or unfreezes stages, sets the phase's
     learning rates and starts its LR schedule (see `imgclf.models.finetune`)."""
 
-    def __init__(self, phases: list[Phase], make_schedule: Callable[[Phase], LRSchedule]) -> None:
+    def __init__(
+        self,
+        phases: list[Phase],
+        make_schedule: Callable[[Phase], LRSchedule],
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
+    ) -> None:
         self.phases = phases
         self.make_schedule = make_schedule
+        self.wrap = wrap  # under torchrun: DDP around the model, made again for each phase's trainable layers
 
     def enter(self, state: FitState, epoch: int) -> None:
         """Put the model and optimizer in the state of the phase that `epoch` belongs to."""
         phase = phase_at(self.phases, epoch)
         state.frozen_norms = set_trainable(state.model, phase)
+        if self.wrap is not None:
+            state.forward = self.wrap(state.model)
         set_phase_lrs(state.optimizer, phase.lr)
         state.schedule = self.make_schedule(phase)
         if state.phase is not None and state.phase != phase.name:
@@ -144,10 +153,11 @@ class Checkpointer(Callback):
     """Tracks the best epoch and writes `last.safetensors` every epoch and `best.safetensors` when it improves;
     at the end, loads the best weights back into the model."""
 
-    def __init__(self, folder: Path, monitor: Monitor, extra_meta: dict | None = None) -> None:
+    def __init__(self, folder: Path, monitor: Monitor, extra_meta: dict | None = None, *, write: bool = True) -> None:
         self.folder = Path(folder)
         self.monitor = monitor
         self.extra_meta = extra_meta or {}
+        self.write = write  # False on the processes other than rank 0: they track and check, rank 0 writes
 
     @property
     def last(self) -> Path:
@@ -171,7 +181,7 @@ class Checkpointer(Callback):
             state.best_metric = row[self.monitor.name]
             state.best_epoch = state.epoch
         self._save_last(state)
-        if improved:
+        if improved and self.write:
             _link_or_copy(self.last, self.best)
 
     def on_interrupt(self, state: FitState) -> None:
@@ -186,6 +196,8 @@ class Checkpointer(Callback):
                 f"the weights stopped being finite numbers in epoch {epoch}; {self.last} keeps the last good "
                 "epoch. Try a lower --lr, --set train.grad_clip=1.0, or --set train.precision=fp32"
             )
+        if not self.write:
+            return
         save_checkpoint(
             self.last,
             model=state.model,
@@ -195,7 +207,7 @@ class Checkpointer(Callback):
         )
 
     def on_fit_end(self, state: FitState) -> None:
-        if self.best.exists():
+        if self.write and self.best.exists():
             weights = load_checkpoint(self.best).model
             state.model.load_state_dict(weights)
             log.info(

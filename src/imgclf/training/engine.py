@@ -11,7 +11,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -21,6 +21,8 @@ from torch.optim import Optimizer
 
 from imgclf.device import Compute
 from imgclf.errors import TrainingDiverged
+from imgclf.training import distributed
+from imgclf.training.distributed import SINGLE, Group
 from imgclf.training.optim import LRSchedule, current_lr
 from imgclf.training.state import Callback, EpochProgress, FitState
 
@@ -39,14 +41,22 @@ MixFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
 StopCheck = Callable[[], "str | None"]
 
 
-def seed_epoch(seed: int, epoch: int, loader: Iterable | None = None) -> None:
-    """Seed every RNG (torch, numpy, random, the loader's order and worker seeds) from (seed, epoch)."""
+def seed_epoch(seed: int, epoch: int, loader: Iterable | None = None, rank: int = 0) -> None:
+    """Seed every RNG (torch, numpy, random, the loader's order and worker seeds) from (seed, epoch).
+
+    With several processes the data order stays the same on all of them (each takes its slice of it), while the
+    augmentation's random draws (torch's generator) are mixed with the process's `rank`, so that processes do not
+    crop and flip their images alike.
+    """
     derived = (seed * 1_000_003 + epoch) % (2**63)
-    torch.manual_seed(derived)
-    np.random.seed(derived % (2**32))
-    random.seed(derived)
+    mixed = derived if rank == 0 else (derived * 1_000_033 + rank) % (2**63)
+    torch.manual_seed(mixed)
+    np.random.seed(mixed % (2**32))
+    random.seed(mixed)
     if getattr(loader, "generator", None) is not None:
         loader.generator.manual_seed(derived)
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
 
 
 def train_one_epoch(
@@ -65,6 +75,7 @@ def train_one_epoch(
     should_stop: StopCheck | None = None,
     on_batch: BatchHook | None = None,
     img_size: int | None = None,
+    group: Group = SINGLE,
 ) -> tuple[EpochProgress, bool]:
     """One pass over `loader`: (mix), forward under autocast, loss, backward, (unscale, clip), step, schedule.
 
@@ -75,6 +86,8 @@ def train_one_epoch(
         frozen_norms: stay in eval mode, so the running statistics of a frozen backbone do not move.
         mix: MixUp/CutMix; targets become mixed one-hot vectors and accuracy counts their largest class.
         img_size: train on batches downscaled to this size (progressive resizing); None = as the loader gives.
+        group: the processes training together (torchrun): a non-finite loss or a stop request on any of them
+            stops all after the same batch. The returned sums are this process's own.
 
     Returns:
         (the epoch's progress, whether it ran to the end).
@@ -109,10 +122,12 @@ def train_one_epoch(
         with compute.autocast():
             logits = model(images)
             loss = loss_fn(logits, targets)
-        # note: a CPU-GPU sync point, but a NaN must stop training before it reaches the weights
-        if not torch.isfinite(loss):
+        # note: a CPU-GPU sync point (and an all-reduce under torchrun: a NaN on one process would reach every
+        # process's weights through the averaged gradients), but a NaN must stop training before the weights
+        if distributed.any_rank(group, ~torch.isfinite(loss.detach()), device):
+            value = loss.item() if not torch.isfinite(loss) else "non-finite on another process"
             raise TrainingDiverged(
-                f"the training loss became {loss.item()} at batch {index + 1} (lr {current_lr(optimizer):.2e}); "
+                f"the training loss became {value} at batch {index + 1} (lr {current_lr(optimizer):.2e}); "
                 "the checkpoints hold the last good epoch. Try a lower --lr (a tenth), --set train.grad_clip=1.0, "
                 "or --set train.precision=fp32"
             )
@@ -141,7 +156,7 @@ def train_one_epoch(
         seen += batch
         if on_batch is not None:
             on_batch(index, loss.detach(), batch)
-        if should_stop is not None and should_stop() is not None:
+        if should_stop is not None and distributed.any_rank(group, should_stop() is not None, device):
             stopped = True
             break
     if hasattr(batches, "close"):
@@ -169,8 +184,9 @@ def _iter_from(loader: Iterable, step: int):
 
 
 @torch.no_grad()
-def evaluate_epoch(model: nn.Module, loader: Iterable, compute: Compute) -> EpochResult:
-    """Mean cross-entropy (no label smoothing, no class weights), its standard error, and accuracy over `loader`."""
+def evaluate_epoch(model: nn.Module, loader: Iterable, compute: Compute, group: Group = SINGLE) -> EpochResult:
+    """Mean cross-entropy (no label smoothing, no class weights), its standard error, and accuracy over `loader`
+    (under torchrun: over every process's slice of the images, their sums added)."""
     model.eval()
     device = compute.device
     start = time.perf_counter()
@@ -188,10 +204,14 @@ def evaluate_epoch(model: nn.Module, loader: Iterable, compute: Compute) -> Epoc
         total_square += (losses * losses).sum()
         correct += (logits.argmax(1) == targets).sum()
         seen += targets.shape[0]
-    mean = _mean(total_loss, seen)
-    variance = max(0.0, _mean(total_square, seen) - mean * mean) * seen / max(seen - 1, 1)
+    loss_sum, square_sum, right, seen = distributed.sum_over(
+        group, [total_loss.item(), total_square.item(), correct.item(), seen], device
+    )
+    seen = int(seen)
+    mean = loss_sum / max(seen, 1)
+    variance = max(0.0, square_sum / max(seen, 1) - mean * mean) * seen / max(seen - 1, 1)
     se = math.sqrt(variance / seen) if seen > 1 else float("nan")
-    return EpochResult(mean, _mean(correct, seen), seen, time.perf_counter() - start, se)
+    return EpochResult(mean, right / max(seen, 1), seen, time.perf_counter() - start, se)
 
 
 def fit(
@@ -208,6 +228,7 @@ def fit(
     should_stop: StopCheck | None = None,
     callbacks: Sequence[Callback] = (),
     resolution: Callable[[int], int] | None = None,
+    group: Group = SINGLE,
 ) -> FitState:
     """Train from `state.epoch` (and `state.progress`, mid-epoch) until `state.epochs`, until a callback sets
     `state.stop_reason`, or until `should_stop` gives a reason (then `state.interrupted_by` is set and the
@@ -227,15 +248,20 @@ def fit(
         callbacks: called in order at each hook.
         resolution: epoch -> training image size (progressive resizing: `data.transforms.progressive_size`);
             None trains at the loader's size. Validation always runs at the loader's (full) size.
+        group: the processes training together (torchrun; `training.distributed`): each runs this loop on its
+            slice of the data, `state.forward` (DDP) averages the gradients, the epoch's sums are added over the
+            processes so that every process writes the same history row and takes the same decisions.
 
     Returns:
         The same `state`, advanced.
     """
     for callback in callbacks:
         callback.on_fit_start(state)
+    if state.progress is not None and group.enabled:  # a resumed epoch: this process's generator, and its sums
+        state.progress = _own_share(state.progress, group.rank)
     while not state.finished:
         epoch = state.epoch + 1
-        seed_epoch(seed, epoch, train_loader)
+        seed_epoch(seed, epoch, train_loader, rank=group.rank)
         img_size = resolution(epoch) if resolution is not None else None
         for callback in callbacks:
             callback.on_epoch_start(state)
@@ -246,7 +272,7 @@ def fit(
 
         progress = state.progress or EpochProgress(lr=current_lr(state.optimizer))
         progress, complete = train_one_epoch(
-            state.model,
+            state.forward or state.model,
             train_loader,
             state.optimizer,
             loss_fn,
@@ -260,14 +286,17 @@ def fit(
             should_stop=should_stop,
             on_batch=on_batch,
             img_size=img_size,
+            group=group,
         )
+        progress = _over_processes(progress, group, compute.device, with_rng=not complete)
         if not complete:
-            state.progress, state.interrupted_by = progress, should_stop() if should_stop else None
+            reason = should_stop() if should_stop else None
+            state.progress, state.interrupted_by = progress, distributed.first_of(group, reason)
             for callback in callbacks:
                 callback.on_interrupt(state)
             return state
         state.progress = None
-        val = evaluate_epoch(state.model, val_loader, compute)
+        val = evaluate_epoch(state.model, val_loader, compute, group)
         row = {
             "epoch": epoch,
             "phase": state.phase or "train",
@@ -296,5 +325,28 @@ def fit(
     return state
 
 
-def _mean(total: torch.Tensor, count: int) -> float:
-    return float(total.item()) / max(count, 1)
+def _over_processes(progress: EpochProgress, group: Group, device: torch.device, *, with_rng: bool) -> EpochProgress:
+    """The epoch's sums added over the processes (the same on each), and for a stopped epoch every process's
+    generator state (the checkpoint keeps them all)."""
+    if not group.enabled:
+        return progress
+    loss_sum, ce_sum, correct, seen = distributed.sum_over(
+        group, [progress.loss_sum, progress.ce_sum, progress.correct, progress.seen], device
+    )
+    return replace(
+        progress,
+        loss_sum=loss_sum,
+        ce_sum=ce_sum,
+        correct=int(correct),
+        seen=int(seen),
+        rng_by_rank=distributed.gather(group, progress.rng) if with_rng else None,
+    )
+
+
+def _own_share(progress: EpochProgress, rank: int) -> EpochProgress:
+    """Where this process resumes a stopped epoch: the saved sums are every process's together, so rank 0 continues
+    them and the others start from zero (the epoch's end adds them up again); each takes back its own generator."""
+    rng = progress.rng_by_rank[rank] if progress.rng_by_rank else progress.rng
+    if rank == 0:
+        return replace(progress, rng=rng)
+    return replace(progress, loss_sum=0.0, ce_sum=0.0, correct=0, seen=0, rng=rng)

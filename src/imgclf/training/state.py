@@ -32,6 +32,9 @@ class EpochProgress:
     seconds: float = 0.0
     lr: float | None = None  # the LR at the start of the epoch, for its history row
     rng: list[int] | None = None  # torch's CPU generator state after the last finished batch
+    # Several processes (torchrun): each one's generator state (the checkpoint is written by rank 0 alone), and the
+    # sums above are those of every process together, which rank 0 alone continues on resume
+    rng_by_rank: list[list[int]] | None = None
 
     @property
     def loss(self) -> float:
@@ -64,6 +67,9 @@ class FitState:
     scaler: torch.amp.GradScaler | None = None  # fp16 on CUDA only
     progress: EpochProgress | None = None  # a partly trained epoch, after a graceful stop
     interrupted_by: str | None = None  # why training stopped mid-epoch (a signal, too many bad images)
+    # what the training step runs: DistributedDataParallel around `model` under torchrun (`Phases` makes it again
+    # when layers are frozen or unfrozen), else None (= `model`)
+    forward: nn.Module | None = None
 
     def counters(self) -> dict[str, Any]:
         return {
