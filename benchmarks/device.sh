@@ -2,7 +2,7 @@
 # The Fashion-MNIST benchmarks on a CUDA machine (for the `run` device tool, which copies this repository there and
 # brings back what the command writes under $OUT: at most 8 files, 16 MiB each, at most 2 folders down).
 #
-#   bash benchmarks/device.sh throughput|recipe|all      (default: all)
+#   bash benchmarks/device.sh throughput|recipe|front|all      (default: all)
 #
 # That machine (x86-64, Python 3.12, torch/torchvision/timm/typer/rich/pyyaml/... installed) has no network, no
 # pydantic and no Debian dataset package. Prepare, here, once (about 33 MB; .bench is git-ignored and travels with
@@ -31,12 +31,17 @@
 # epoch, each bound by kernel launches on a model this small. The same 12 epochs at batch 512 and AdamW 6e-3
 # reached 0.9324 test accuracy (run on a CPU, where that batch is slower per image):
 #   bash benchmarks/device.sh recipe --set train.batch_size=512 --set train.lr=0.006
+#
+# `front`: accuracy against a time budget (`--time`) for imgclf and the tutorial pipeline, at budgets that fit the
+# device tool (default 0.1 0.25 0.5 1 minutes: ~4 min of training for both, plus their data and cache builds):
+#   bash benchmarks/device.sh front [--budgets 0.25 0.5 1 2] [--set train.batch_size=512 --set train.lr=0.006]
+# The machine has one GPU: benchmarks/ddp.py (one process per GPU) needs two or more.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
 case "$what" in
-    throughput | recipe | all) ;;
-    *) echo "usage: $0 throughput|recipe|all [--set KEY=VALUE ...]" >&2 && exit 2 ;;
+    throughput | recipe | front | all) ;;
+    *) echo "usage: $0 throughput|recipe|front|all [--set KEY=VALUE ...]" >&2 && exit 2 ;;
 esac
 shift $(($# > 0 ? 1 : 0))  # the rest goes to fashion_mnist.py, e.g. recipe --set train.batch_size=512
 out="${OUT:-$PWD/bench-out}"
@@ -54,5 +59,12 @@ python3 -c "import imgclf, pydantic, torch; print('torch', torch.__version__, 'c
 # PER_CLASS=all: throughput on the full 54,000 (~2 min more, (a) alone ~1-1.5 min).
 per_class=()
 [ "${PER_CLASS:-2000}" = all ] || per_class=(--per-class "${PER_CLASS:-2000}")
+if [ "$what" = front ]; then
+    budgets=(--budgets 0.1 0.25 0.5 1)
+    case " $* " in *" --budgets "*) budgets=() ;; esac
+    python3 benchmarks/fashion_mnist.py front "${budgets[@]}" --data /tmp/fmnist --work /tmp/bench \
+        --png "$out/front_cuda.png" --json "$out/fashion_mnist_cuda_front.json" "$@" 2>&1 | tee "$out/benchmark_front.log"
+    exit 0
+fi
 python3 benchmarks/fashion_mnist.py "$what" "${per_class[@]}" --epochs 2 --data /tmp/fmnist --work /tmp/bench \
     --json "$out/fashion_mnist_cuda_$what.json" "$@" 2>&1 | tee "$out/benchmark_$what.log"

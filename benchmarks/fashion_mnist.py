@@ -2,6 +2,7 @@
 
     python benchmarks/fashion_mnist.py throughput [--epochs 2] [--per-class N] [--json out.json]
     python benchmarks/fashion_mnist.py recipe [--set model.early_pool=true] [--json out.json]
+    python benchmarks/fashion_mnist.py front [--budgets 2 5 10 20] [--scale 0.1] [--png docs/front.png]
     python benchmarks/fashion_mnist.py all
 
 `throughput` trains the same model (imgclf's default small_cnn), for the same epochs, with the same seed and
@@ -25,6 +26,11 @@ training set, the official 10,000 test images as test), in its own cache folder 
 is always part of it), and reports wall time (scan and cache build included), training seconds (the sum of the
 per-epoch seconds, training and validation, which is what a "in N s of training" target reads) and test accuracy;
 `--set KEY=VALUE` (as in `imgclf train`) changes settings of that recipe.
+
+`front` trains the default recipe with a time budget (`train.time_budget`, the schedule fitted to it) at each budget
+and the tutorial pipeline (a) given the same budgets (the whole epochs that fit, from a pilot of its speed), each in
+its own process, and prints test accuracy against training time with the machine's CPU model and cores, and draws
+it (`--png`). `--scale 0.1` multiplies the budgets and the training images by 0.1, for a quick run.
 
 The PNG dataset is written once from Debian's dataset-fashion-mnist IDX files into --data (default
 ~/.cache/imgclf-bench/fashion-mnist).
@@ -126,8 +132,11 @@ def run_imgclf(data: Path, cache: str, epochs: int, out: Path) -> dict:
     }
 
 
-def run_tutorial(data: Path, epochs: int) -> dict:
-    """The PyTorch tutorial way: ImageFolder + per-sample transforms + DataLoader(num_workers=2), fp32, NCHW."""
+def run_tutorial(data: Path, epochs: int, budget: float | None = None) -> dict:
+    """The PyTorch tutorial way: ImageFolder + per-sample transforms + DataLoader(num_workers=2), fp32, NCHW.
+
+    With `budget` (seconds), the tutorial's best effort at a time limit: a pilot of PILOT_STEPS steps (not counted)
+    measures its speed, and it trains the whole epochs that fit (at least one), OneCycle over them."""
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, Subset
@@ -149,6 +158,9 @@ def run_tutorial(data: Path, epochs: int) -> dict:
     train = Subset(full, order[: int(0.9 * len(full))].tolist())
     test = datasets.ImageFolder(data / "test", transform=test_tf)
     loader = DataLoader(train, batch_size=BATCH, shuffle=True, num_workers=2, drop_last=True, pin_memory=pin)
+    if budget is not None:
+        epochs = max(1, int(budget // _tutorial_epoch_seconds(loader, device, pin)))
+    torch.manual_seed(SEED)
     model = default_model().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     steps = epochs * len(loader)
@@ -179,10 +191,39 @@ def run_tutorial(data: Path, epochs: int) -> dict:
     return {
         "images_per_s": float(np.mean(rates)),
         "epoch_seconds": float(np.mean(seconds)),
+        "train_seconds": float(np.sum(seconds)),
+        "epochs": epochs,
         "test_accuracy": correct / len(test),
         "precision": "fp32",
         "device": device.type,
     }
+
+
+PILOT_STEPS = 30
+
+
+def _tutorial_epoch_seconds(loader, device, pin: bool) -> float:
+    """Seconds per epoch of the tutorial loop, from PILOT_STEPS timed steps of a throwaway model."""
+    import torch
+    from torch import nn
+
+    model = default_model().to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    batches = iter(loader)
+    start = None
+    for step in range(PILOT_STEPS + 3):
+        if step == 3:  # the loader's workers and the first steps' one-off costs are behind
+            _sync(device)
+            start = time.perf_counter()
+        images, targets = next(batches)
+        images, targets = images.to(device, non_blocking=pin), targets.to(device, non_blocking=pin)
+        loss = loss_fn(model(images), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    _sync(device)
+    return (time.perf_counter() - start) / PILOT_STEPS * len(loader)
 
 
 def run_model_only(seconds: float = 20.0) -> dict:
@@ -463,9 +504,144 @@ def recipe_child(data: Path, work: Path, assignments: list[str]) -> None:
     )
 
 
+def front(
+    data: Path,
+    work: Path,
+    budgets: list[float],
+    scale: float,
+    assignments: tuple[str, ...],
+    tutorial: bool,
+    png: Path | None,
+) -> dict:
+    """Test accuracy against training time: imgclf's default recipe with `--time` at each budget (the schedule
+    fitted to it; validation counted, the scan, cache build and test evaluation not), and the tutorial pipeline
+    given the same budgets (the whole epochs that fit, from a pilot of its speed), each in its own process."""
+    per_class = None if scale >= 1 else max(50, int(6000 * scale))
+    data = subset(data, per_class, work)
+    machine = _machine()
+    rows = []
+    for minutes in budgets:
+        seconds = minutes * 60 * scale
+        ours = in_child("front", data, 0, work, (*assignments, f"train.time_budget={seconds:g}s"))
+        theirs = in_child("tutorial-budget", data, int(seconds), work) if tutorial else None
+        rows.append({"budget_minutes": minutes * scale, "imgclf": ours, "tutorial": theirs})
+        line = f"{minutes * scale:6.2f} min: imgclf {ours['test_accuracy']:.4f} ({ours['train_seconds']:.0f} s, "
+        line += f"{ours['epochs']} epochs)"
+        if theirs:
+            line += (
+                f", tutorial {theirs['test_accuracy']:.4f} ({theirs['train_seconds']:.0f} s, {theirs['epochs']} epochs)"
+            )
+        print(line, flush=True)
+    images = "all" if per_class is None else f"{per_class} per class"
+    print(f"\nAccuracy vs training time on {machine} (Fashion-MNIST, {images}; test = the official 10,000)")
+    header = f"{'budget':>8} {'imgclf test acc':>16} {'train s':>8} {'epochs':>7}"
+    print(f"{header} {'tutorial test acc':>18} {'train s':>8} {'epochs':>7}")
+    for row in rows:
+        ours, theirs = row["imgclf"], row["tutorial"] or {}
+        print(
+            f"{row['budget_minutes']:7.2f}m {ours['test_accuracy']:16.4f} {ours['train_seconds']:8.0f} "
+            f"{ours['epochs']:7d} "
+            f"{theirs.get('test_accuracy', float('nan')):18.4f} {theirs.get('train_seconds', float('nan')):8.0f} "
+            f"{theirs.get('epochs', 0):7d}"
+        )
+    report = {"machine": machine, "images": images, "settings": list(assignments), "rows": rows}
+    if png is not None:
+        _front_figure(report, png)
+        print(f"figure: {png}")
+    return report
+
+
+def _front_figure(report: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7.5, 4.5))
+    rows = report["rows"]
+    for key, label, style in (("imgclf", "imgclf (--time)", "-o"), ("tutorial", "tutorial pipeline", "--s")):
+        points = [(row[key]["train_seconds"] / 60, row[key]["test_accuracy"]) for row in rows if row.get(key)]
+        if points:
+            axis.plot(*zip(*points), style, label=label)
+            for minutes, accuracy in points:
+                axis.annotate(
+                    f"{accuracy:.4f}", (minutes, accuracy), textcoords="offset points", xytext=(4, -12), fontsize=8
+                )
+    axis.set(xlabel="training time (minutes, validation included)", ylabel="test accuracy")
+    axis.set_title(f"Fashion-MNIST, small_cnn: accuracy vs time\n{report['machine']}", fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(png, dpi=110)
+
+
+def _machine() -> str:
+    """The CPU's model name and cores (and the GPU, when imgclf trains on one)."""
+    name = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    isa = (
+        "AVX512-BF16"
+        if "avx512_bf16" in flags
+        else "AVX-512"
+        if "avx512f" in flags
+        else "AVX2"
+        if "avx2" in flags
+        else ""
+    )
+    from imgclf.cpus import usable_cpus
+
+    text = f"{name}, {usable_cpus()} usable cores{', ' + isa if isa else ''}"
+    import torch
+
+    if torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name(0)}"
+    return text
+
+
+def front_child(data: Path, work: Path, assignments: list[str]) -> None:
+    import imgclf
+    from imgclf.config import build_config, parse_assignments
+
+    start = time.perf_counter()
+    base = {
+        "data": {"split_ratios": [0.9, 0.1, 0.0]},
+        "train": {"epochs": 1000, "early_stopping": {"patience": None}},  # the budget alone decides
+    }
+    config = build_config(base, parse_assignments(assignments))
+    result = imgclf.train(data, config, out=work / "runs", report=False)
+    history = result.history
+    print(
+        json.dumps(
+            {
+                "test_accuracy": result.metrics["accuracy"],
+                "train_seconds": float(history[-1]["budget_s"]),
+                "epochs": len(history),
+                "steps": int(sum(row["steps"] for row in history)),
+                "weights": result.weights,
+                "wall_seconds": time.perf_counter() - start,
+                "precision": _precision(result.run_dir),
+            }
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", nargs="?", choices=("throughput", "recipe", "all"), default="all")
+    parser.add_argument("what", nargs="?", choices=("throughput", "recipe", "front", "all"), default="all")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[2, 5, 10, 20], help="front: minutes")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="front: budgets and training images times this (0.1: a quick run)"
+    )
+    parser.add_argument("--no-tutorial", action="store_true", help="front: imgclf only")
+    parser.add_argument("--png", type=Path, default=None, help="front: draw the figure here")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--per-class", type=int, default=None, help="training images per class (default: all)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -479,10 +655,23 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="imgclf-bench-"))
     if args.child == "recipe":
         return recipe_child(args.data, work, args.set)
+    if args.child == "front":
+        return front_child(args.data, work, args.set)
+    if args.child == "tutorial-budget":
+        result = run_tutorial(args.data, 1, budget=float(args.epochs))
+        result.update(_peak_rss())
+        print(json.dumps(result))
+        return None
     if args.child:
         return child(args.child, args.data, args.epochs, work)
     data = prepare(args.data)
     report = {}
+    if args.what == "front":
+        scale = args.scale
+        report["front"] = front(data, work, args.budgets, scale, tuple(args.set), not args.no_tutorial, args.png)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return None
     if args.what in ("throughput", "all"):
         report["throughput"] = throughput(data, args.epochs, args.per_class, work)
     if args.what in ("recipe", "all"):

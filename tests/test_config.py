@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from imgclf.config import RunConfig, build_config, dump_config, load_config, parse_assignments
+from imgclf.config import NULL, RunConfig, build_config, dump_config, load_config, parse_assignments
 from imgclf.errors import ConfigError
 
 
@@ -52,10 +52,17 @@ def test_set_assignments_parse_yaml_values():
     assert parse_assignments(["train.lr=0.01", "augment.hflip=false", "train.grad_clip=null"]) == {
         "train.lr": 0.01,
         "augment.hflip": False,
-        "train.grad_clip": None,
+        "train.grad_clip": NULL,
     }
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_assignments(["train.lr"])
+
+
+def test_set_null_sets_a_key_to_null_where_a_missing_flag_changes_nothing():
+    base = build_config(None, {"train.grad_clip": 1.0})
+    nulled = build_config(base, parse_assignments(["train.early_stopping.patience=null", "train.grad_clip=null"]))
+    assert nulled.train.early_stopping.patience is None and nulled.train.grad_clip is None
+    assert build_config(base, {"train.grad_clip": None}).train.grad_clip == 1.0  # None: a flag not given
 
 
 def test_configs_are_immutable():

@@ -241,8 +241,9 @@ def make_fit_state(
     from imgclf.models.registry import build_model, model_spec
     from imgclf.models.weights import load_pretrained
     from imgclf.training.callbacks import Phases
+    from imgclf.training.ema import WeightAverage
     from imgclf.training.engine import seed_epoch
-    from imgclf.training.optim import LRSchedule, build_loss, build_optimizer, build_schedule
+    from imgclf.training.optim import LRSchedule, build_loss, build_optimizer, build_schedule, planned_schedule
     from imgclf.training.state import FitState
 
     train = config.train
@@ -258,6 +259,7 @@ def make_fit_state(
     if train.sync_batchnorm:
         model = distributed.sync_batchnorm(group, model, compute.device)
     model = model.to(compute.device, memory_format=compute.memory_format)
+    average = WeightAverage(model, train.ema_decay) if train.ema else None  # before compile: a plain copy
     if train.compile:
         compile_in_place(model, compute.device)
     scale = group.world_size if train.lr_scaling == "linear" else 1
@@ -287,6 +289,10 @@ def make_fit_state(
         plan = extend_phases(plan, done=extend_from, epochs=train.epochs)
 
     def make_schedule(phase) -> LRSchedule:
+        if train.time_budget is not None and phase == plan[-1]:  # the budgeted phase: re-planned as it runs
+            total = phase.epochs * steps_per_epoch
+            warmup = min(round(train.warmup_epochs * steps_per_epoch), total // 5)
+            return planned_schedule(optimizer, total_steps=total, warmup_steps=warmup)
         return build_schedule(
             train.scheduler,
             optimizer,
@@ -301,7 +307,12 @@ def make_fit_state(
 
     scaler = torch.amp.GradScaler("cuda") if compute.needs_grad_scaler() else None
     state = FitState(
-        model=model, optimizer=optimizer, schedule=LRSchedule(None, "epoch"), epochs=train.epochs, scaler=scaler
+        model=model,
+        optimizer=optimizer,
+        schedule=LRSchedule(None, "epoch"),
+        epochs=train.epochs,
+        scaler=scaler,
+        ema=average,
     )
     wrap = partial(distributed.wrap, group, device=compute.device) if group.enabled else None
     return state, spec, loss_fn, Phases(plan, make_schedule, wrap)

@@ -278,6 +278,8 @@ FLAG_KEYS = {
     "calibrate": "train.calibrate",
     "mlflow": "tracking.mlflow",
     "tensorboard": "tracking.tensorboard",
+    "time": "train.time_budget",
+    "ema": "train.ema",
 }
 
 
@@ -315,6 +317,7 @@ def run_config_from(config_file: Path | None, flags: dict[str, Any], assignments
         "imgclf train data/ --device cuda --precision bf16 --compile --cache memory",
         "imgclf train --resume runs/small_cnn-20261128-120000 [--epochs 40]",
         "imgclf train --reproduce runs/small_cnn-20261128-120000   # same config, same files (checked)",
+        "imgclf train data/ --time 10m --ema                # the schedule fitted to 10 minutes; EMA weights",
         "imgclf train data/ --mlflow --tensorboard",
         "torchrun --nproc_per_node 8 -m imgclf train data/ --model resnet50 --pretrained   # one process per GPU",
         "imgclf train data/ --devices 2                                                   # torchrun started for you",
@@ -327,6 +330,13 @@ def train(
     pretrained: PretrainedOption = None,
     weights: WeightsOption = None,
     epochs: Annotated[int | None, typer.Option(help="maximum epochs")] = None,
+    time: Annotated[
+        str | None,
+        typer.Option(help="train for this long (90s, 10m, 2h), the LR schedule fitted to it; --epochs: a cap"),
+    ] = None,
+    ema: Annotated[
+        bool | None, typer.Option("--ema", help="also average the weights (EMA); ship whichever validates better")
+    ] = None,
     batch_size: BatchOption = None,
     lr: Annotated[str | None, typer.Option(help="peak learning rate, or auto (LR finder)")] = None,
     freeze_epochs: FreezeOption = None,
@@ -409,6 +419,8 @@ def train(
     if devices is not None and devices > 1:
         _relaunch_under_torchrun(devices)
     flags = config_flags(locals())
+    if time is not None and epochs is None:  # the budget decides the length; --epochs would cap it
+        flags["train.epochs"] = BUDGET_EPOCHS
     if resume is not None and reproduce is not None:
         raise typer.BadParameter("choose one of --resume and --reproduce", param_hint="--reproduce")
     if reproduce is not None:
@@ -473,6 +485,9 @@ def train(
         print_metrics(result.metrics)
     out_console.print(f"run folder: [bold]{escape(str(result.run_dir))}[/]")
     print_report(result.report)
+
+
+BUDGET_EPOCHS = 1000  # train.epochs under --time without --epochs: a cap the budget reaches first
 
 
 def _relaunch_under_torchrun(processes: int) -> None:
@@ -653,10 +668,8 @@ def predict(
 ) -> None:
     """Predict images; unreadable files get a row with the error instead of stopping the run. Exits 1 when no
     input could be read at all."""
-    import sys
 
     from imgclf import workflow
-    from imgclf.deploy.predict import predictions_text
 
     to_stdout = out is not None and str(out) == "-"
     predictions = workflow.predict(
@@ -671,9 +684,21 @@ def predict(
         progress=RichProgress(),
     )
     failed = [p for p in predictions if p.error]
-    if _rank() != 0:  # under torchrun rank 0 wrote or prints every row
-        pass
-    elif to_stdout:
+    if _rank() == 0:  # under torchrun, rank 0 wrote or shows every row
+        _show_predictions(predictions, out=out, to_stdout=to_stdout, format_=format_, top_k=top_k)
+    if failed and len(failed) == len(predictions):
+        raise ImgclfError(f"none of the {len(predictions)} input(s) could be read; first: {failed[0].error}")
+    if failed and _rank() == 0:
+        console.print(f"[yellow]{len(failed)} file(s) could not be read; see the error column[/]")
+
+
+def _show_predictions(predictions: list, *, out: Path | None, to_stdout: bool, format_: str, top_k: int) -> None:
+    """Predictions on standard output (--out -), a line naming the file written, or a table."""
+    import sys
+
+    from imgclf.deploy.predict import predictions_text
+
+    if to_stdout:
         sys.stdout.write(predictions_text(predictions, top_k=top_k, format=format_))
         sys.stdout.flush()
     elif out is not None:
@@ -688,10 +713,6 @@ def predict(
                 cells += [escape(p.classes[rank]) if has else "", f"{p.probabilities[rank]:.3f}" if has else ""]
             table.add_row(escape(p.source), *cells, escape(p.error or ""))
         out_console.print(table)
-    if failed and len(failed) == len(predictions):
-        raise ImgclfError(f"none of the {len(predictions)} input(s) could be read; first: {failed[0].error}")
-    if failed and _rank() == 0:
-        console.print(f"[yellow]{len(failed)} file(s) could not be read; see the error column[/]")
 
 
 @app.command(

@@ -207,7 +207,23 @@ class TrainConfig(_Section):
     dropout and the light preset for small images) reach 0.935-0.936 test accuracy on Fashion-MNIST in 16-20
     minutes on 2 AVX2 cores; with `model.early_pool` 0.932-0.934 in about 9 minutes (README, Speed)."""
 
-    epochs: int = Field(12, ge=1, description="maximum number of epochs")
+    epochs: int = Field(
+        12, ge=1, description="maximum number of epochs (with time_budget an upper bound: the budget decides)"
+    )
+    time_budget: str | None = Field(
+        None,
+        description="train for this long (90s, 10m, 2h: training and validation, not the scan, cache build, test or "
+        "report) with the LR schedule fitted to the steps that fit, re-planned as the run measures its speed; "
+        "null = train.epochs decides",
+    )
+    ema: bool = Field(
+        False,
+        description="also keep an exponential moving average of the weights (timm's ModelEmaV3, BatchNorm statistics "
+        "averaged too), validate it every epoch, and ship whichever of the two validates better",
+    )
+    ema_decay: float = Field(
+        0.999, gt=0, lt=1, description="EMA decay per step (warmed up from 0, so short runs average less)"
+    )
     batch_size: int | Literal["auto"] = Field(
         "auto",
         description="images per optimisation step; auto = 64, halved for small training sets until an epoch has "
@@ -293,12 +309,28 @@ class TrainConfig(_Section):
             )
         if self.unfreeze != "all" and self.unfreeze < 1:
             raise ValueError(f"unfreeze must be 'all' or a number of stages >= 1; received {self.unfreeze}")
+        if self.time_budget is not None and self.scheduler != "cosine":
+            raise ValueError(
+                f"time_budget lays a warmup + cosine schedule over the steps that fit; scheduler must be cosine, "
+                f"received '{self.scheduler}'"
+            )
         if self.freeze_epochs >= self.epochs:
             raise ValueError(
                 f"freeze_epochs ({self.freeze_epochs}) must be smaller than epochs ({self.epochs}), "
                 "or the backbone is never fine-tuned"
             )
         return self
+
+    @field_validator("time_budget", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            parse_duration(value, "time_budget")
+        except ConfigError as exc:
+            raise ValueError(str(exc).replace("time_budget takes", "takes")) from None
+        return str(value)
 
     @field_validator("batch_size")
     @classmethod
@@ -361,7 +393,8 @@ def build_config(
 
     Args:
         base: a `RunConfig`, a nested mapping as in `config.yaml`, or None for the defaults.
-        overrides: `{"train.epochs": 5, "model.name": "resnet18"}`; None values are ignored.
+        overrides: `{"train.epochs": 5, "model.name": "resnet18"}`; None values are ignored (a flag not given),
+            `NULL` sets a key to null (`--set train.early_stopping.patience=null`).
 
     Returns:
         A new validated `RunConfig`.
@@ -377,6 +410,8 @@ def build_config(
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
+        if value is NULL:  # `--set key=null`: the setting is given, and it is null
+            value = None
         node = tree
         *parents, leaf = dotted.split(".")
         for key in parents:
@@ -429,6 +464,15 @@ def parse_duration(text: str | float | int, what: str = "--time") -> float:
     return seconds
 
 
+class _Null:
+    """An override that sets a key to null, where None means "not given" (`parse_assignments` makes it)."""
+
+    def __repr__(self) -> str:
+        return "null"
+
+
+NULL = _Null()
+
 _YAML_WORDS = frozenset({"on", "off", "yes", "no", "y", "n"})
 
 
@@ -441,7 +485,8 @@ def parse_assignments(assignments: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set expects KEY=VALUE such as train.lr=0.01; received '{item}'")
         text = raw.strip()
         # YAML 1.1 reads on/off/yes/no as booleans; here they are words (data.cache=off), only true/false are not
-        result[key.strip()] = text if text.lower() in _YAML_WORDS else yaml.safe_load(raw) if text else None
+        value = text if text.lower() in _YAML_WORDS else yaml.safe_load(raw) if text else None
+        result[key.strip()] = NULL if value is None else value
     return result
 
 

@@ -270,7 +270,8 @@ class _Objective:
                 progress=self.progress,
             )
         kept = next((row for row in result.history if row["epoch"] == result.best_epoch), None)
-        value = float(kept[OBJECTIVE]) if kept is not None else float("nan")
+        column = OBJECTIVE if result.weights == "raw" else f"{OBJECTIVE}_ema"  # the weights the trial ships
+        value = float(kept[column]) if kept is not None else float("nan")
         trial.set_user_attr("best_epoch", result.best_epoch)
         trial.set_user_attr("epochs", len(result.history))
         if reporter.pruned_at is not None:

@@ -55,9 +55,10 @@ class TrainResult:
     run_dir: Path
     metrics: dict[str, Any] | None
     history: list[dict[str, float]]
-    best_epoch: int | None
+    best_epoch: int | None  # the epoch of the weights the run kept
     stop_reason: str | None
     report: Any = None  # evaluation.report.Report: report.html, report.md and the diagnosis; None with report=False
+    weights: str = "raw"  # which weights it kept: raw (the model's) or ema (their moving average, train.ema)
 
 
 @dataclass(frozen=True)
@@ -780,6 +781,8 @@ def _fit_run(
     if checkpoint is not None:
         state.restore_counters(checkpoint.meta)
         state.model.load_state_dict(checkpoint.model)
+        if state.ema is not None and checkpoint.ema:
+            state.ema.load(checkpoint.ema, int(checkpoint.meta.get("ema_steps", 0)))
         # the phase the checkpoint was written in: that of the epoch it stopped in, or of the last finished one
         phases.enter(state, state.epoch + 1 if state.progress is not None else max(state.epoch, 1))
         state.optimizer.load_state_dict(checkpoint.optimizer)
@@ -791,8 +794,10 @@ def _fit_run(
     # checks: the history rows are the same on all); rank 0 alone writes and shows.
     main = group.is_main
     early = [cb.EarlyStopping(monitor, stopping.patience, stopping.min_delta)] if stopping.patience is not None else []
+    budget = _time_budget(config, state, phases, steps, len(loaders.val), group)
     callbacks: list[cb.Callback] = [
         phases,
+        *([budget] if budget is not None else []),
         *([cb.HistoryCSV(paths.history)] if main else []),
         *early,
         cb.Checkpointer(paths.checkpoints, monitor, extra_meta={"classes": list(classes)}, write=main),
@@ -836,6 +841,7 @@ def _fit_run(
                 callbacks=callbacks,
                 resolution=_resolution_schedule(config, pre),
                 group=group,
+                step_limit=(lambda: budget.epoch_step_limit(state)) if budget is not None else None,
             )
         except torch.OutOfMemoryError as exc:
             raise _out_of_memory(exc, train_cfg.batch_size) from None
@@ -850,14 +856,21 @@ def _fit_run(
         if signal_number is not None:
             raise TrainingInterrupted(f"{state.interrupted_by}: {where}", signal_number)
         raise DataError(f"{state.interrupted_by}. The run {where} once the files are fixed or removed")
+    kept_epoch, kept_metric = (
+        (state.best_ema_epoch, state.best_ema_metric) if state.kept == "ema" else (state.best_epoch, state.best_metric)
+    )
     if not main:  # rank 0 ships and evaluates the model; the other processes are done
-        return TrainResult(paths.root, None, state.history, state.best_epoch, state.stop_reason, None)
-    # 5. ship the best weights with their preprocessing (and a temperature fitted on val), evaluate once on test
+        return TrainResult(paths.root, None, state.history, kept_epoch, state.stop_reason, None, state.kept)
+    # 5. ship the best weights (the model's, or their average's when it validated better) with their preprocessing
+    # (and a temperature fitted on val), evaluate once on test
+    training = {"run": paths.root.name, "best_epoch": kept_epoch, monitor.name: kept_metric, "weights": state.kept}
+    if state.ema is not None:
+        training["ema_decay"] = config.train.ema_decay
     bundle = ModelBundle(
         spec=spec,
         classes=classes,
         preprocessing=pre,
-        training={"run": paths.root.name, "best_epoch": state.best_epoch, monitor.name: state.best_metric},
+        training=training,
         hflip_valid=config.augment.hflip,
     )
     save_bundle(paths.model, state.model, bundle)
@@ -876,7 +889,26 @@ def _fit_run(
         from imgclf.evaluation.report import build_report
 
         built = build_report(paths.root, device=compute.device, progress=progress)
-    return TrainResult(paths.root, metrics, state.history, state.best_epoch, state.stop_reason, built)
+    return TrainResult(paths.root, metrics, state.history, kept_epoch, state.stop_reason, built, state.kept)
+
+
+def _time_budget(config: RunConfig, state, phases, steps: int, val_batches: int, group):
+    """The TimeBudget callback of a run with `train.time_budget` (None without), its cap recorded: the last
+    phase's epochs (train.epochs is an upper bound)."""
+    if config.train.time_budget is None:
+        return None
+    from imgclf.config import parse_duration
+    from imgclf.training.budget import TimeBudget, budget_cap
+
+    if state.budget is None or "cap" not in state.budget:  # a resumed run keeps its record
+        budget_cap(state, phases.phases[-1].epochs * steps)
+    return TimeBudget(
+        parse_duration(config.train.time_budget, "train.time_budget"),
+        steps_per_epoch=steps,
+        val_batches=val_batches,
+        warmup_epochs=config.train.warmup_epochs,
+        group=group,
+    )
 
 
 def _resolution_schedule(config: RunConfig, pre: Preprocessing):

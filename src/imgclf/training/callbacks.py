@@ -22,7 +22,7 @@ from imgclf.errors import TrainingDiverged
 from imgclf.files import write_csv_atomic
 from imgclf.models.finetune import Phase, phase_at, set_phase_lrs, set_trainable
 from imgclf.progress import Progress, Task
-from imgclf.training.checkpoint import load_checkpoint, save_checkpoint
+from imgclf.training.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from imgclf.training.state import Callback, FitState
 
 if TYPE_CHECKING:
@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 # train_loss is the objective (with label smoothing, class weights, MixUp/CutMix as configured); train_ce the
 # plain cross-entropy of the same batches, which is what val_loss measures on clean validation images.
 # val_loss_se: the standard error of val_loss over its val_images; steps: optimizer steps in the epoch;
-# train_images: images they saw.
+# train_images: images they saw. With train.ema: the averaged weights' val loss and accuracy; with a time budget:
+# the budget's seconds spent at the epoch's end and the steps planned for the (last) phase.
 HISTORY_COLUMNS = (
     "epoch",
     "phase",
@@ -50,6 +51,10 @@ HISTORY_COLUMNS = (
     "steps",
     "train_images",
     "img_size",
+    "val_loss_ema",
+    "val_acc_ema",
+    "budget_s",
+    "planned_steps",
 )
 
 
@@ -151,7 +156,11 @@ class EarlyStopping(Callback):
 
 class Checkpointer(Callback):
     """Tracks the best epoch and writes `last.safetensors` every epoch and `best.safetensors` when it improves;
-    at the end, loads the best weights back into the model."""
+    at the end, loads the best weights back into the model.
+
+    With a moving average of the weights (`state.ema`), its best epoch is tracked too (`best_ema.safetensors`), and
+    at the end the better of the two by the monitored validation metric is loaded (a tie keeps the model's own
+    weights); `state.kept` says which."""
 
     def __init__(self, folder: Path, monitor: Monitor, extra_meta: dict | None = None, *, write: bool = True) -> None:
         self.folder = Path(folder)
@@ -167,6 +176,10 @@ class Checkpointer(Callback):
     def best(self) -> Path:
         return self.folder / "best.safetensors"
 
+    @property
+    def best_ema(self) -> Path:
+        return self.folder / "best_ema.safetensors"
+
     def on_epoch_end(self, state: FitState, row: dict[str, float]) -> None:
         # Weights can stay finite while being garbage: one step at a huge LR gave weights of ~3e38 whose
         # validation loss was NaN; saving them as `last` would make --resume start from a broken epoch.
@@ -180,9 +193,15 @@ class Checkpointer(Callback):
         if improved:
             state.best_metric = row[self.monitor.name]
             state.best_epoch = state.epoch
+        averaged = f"{self.monitor.name}_ema"
+        improved_ema = state.ema is not None and self.monitor.improved(row[averaged], state.best_ema_metric)
+        if improved_ema:
+            state.best_ema_metric, state.best_ema_epoch = row[averaged], state.epoch
         self._save_last(state)
         if improved and self.write:
             _link_or_copy(self.last, self.best)
+        if improved_ema and self.write:
+            save_weights(self.best_ema, state.ema.module, {**self.extra_meta, "epoch": state.epoch, "ema": True})
 
     def on_interrupt(self, state: FitState) -> None:
         self._save_last(state)  # mid-epoch: its progress lets --resume continue at the next batch
@@ -198,23 +217,37 @@ class Checkpointer(Callback):
             )
         if not self.write:
             return
+        ema = state.ema.module.state_dict() if state.ema is not None else None
+        meta = {**self.extra_meta, **state.counters(), "monitor": self.monitor.name}
+        if state.ema is not None:
+            meta["ema_steps"] = state.ema.steps
         save_checkpoint(
             self.last,
             model=state.model,
             optimizer=state.optimizer,
             schedule_state=state.schedule.state_dict(),
-            meta={**self.extra_meta, **state.counters(), "monitor": self.monitor.name},
+            meta=meta,
+            ema=ema,
         )
 
     def on_fit_end(self, state: FitState) -> None:
-        if self.write and self.best.exists():
-            weights = load_checkpoint(self.best).model
-            state.model.load_state_dict(weights)
+        ema_better = state.ema is not None and self.monitor.improved(state.best_ema_metric, state.best_metric)
+        state.kept = "ema" if ema_better else "raw"  # every process: the metrics are the same on all
+        source = self.best_ema if ema_better else self.best
+        if self.write and source.exists():
+            state.model.load_state_dict(load_checkpoint(source).model)
+            epoch, value = (
+                (state.best_ema_epoch, state.best_ema_metric) if ema_better else (state.best_epoch, state.best_metric)
+            )
             log.info(
-                "restored the best weights (epoch %s, %s %.4f)",
-                state.best_epoch,
+                "restored the best %s (epoch %s, %s %.4f)%s",
+                "EMA weights (their moving average)" if ema_better else "weights",
+                epoch,
                 self.monitor.name,
-                state.best_metric,
+                value,
+                f"; the model's own weights reached {state.best_metric:.4f}"
+                if ema_better
+                else (f"; the EMA reached {state.best_ema_metric:.4f}" if state.ema is not None else ""),
             )
 
 

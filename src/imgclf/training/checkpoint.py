@@ -1,9 +1,9 @@
 """Resumable training state as plain data: one safetensors file per checkpoint, no pickle.
 
-Tensors (model weights, optimizer moments) are safetensors entries named `model.<name>` and
-`optimizer.<param index>.<name>`; everything else (epoch, history, best metric, scheduler and optimizer
-settings) is JSON in the file's metadata. One file means one atomic `os.replace`: a checkpoint is either the
-old complete one or the new complete one.
+Tensors (model weights, optimizer moments, the weights' moving average) are safetensors entries named
+`model.<name>`, `optimizer.<param index>.<name>` and `ema.<name>`; everything else (epoch, history, best metric,
+scheduler and optimizer settings) is JSON in the file's metadata. One file means one atomic `os.replace`: a
+checkpoint is either the old complete one or the new complete one.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class Checkpoint:
     optimizer: dict[str, Any]
     schedule: dict[str, Any]
     meta: dict[str, Any]
+    ema: dict[str, torch.Tensor] | None = None  # with train.ema: the averaged weights
 
 
 def save_checkpoint(
@@ -41,9 +42,12 @@ def save_checkpoint(
     optimizer: Optimizer,
     schedule_state: dict[str, Any],
     meta: dict[str, Any],
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write model, optimizer and schedule state plus `meta` (JSON-able) to `path` atomically."""
+    """Write model, optimizer and schedule state plus `meta` (JSON-able) to `path` atomically; `ema`: a state
+    dict of averaged weights kept beside the model's."""
     tensors = {f"model.{name}": value for name, value in model.state_dict().items()}
+    tensors.update({f"ema.{name}": value for name, value in (ema or {}).items()})
     optimizer_state = optimizer.state_dict()
     scalars: dict[str, Any] = {}
     for param_id, values in optimizer_state["state"].items():
@@ -64,6 +68,23 @@ def save_checkpoint(
     plain = {name: value.detach().to("cpu", copy=True).contiguous() for name, value in tensors.items()}
     metadata = {"imgclf": json.dumps(header)}
     write_atomic(Path(path), lambda tmp: save_file(plain, str(tmp), metadata=metadata))
+
+
+def save_weights(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Write a model's weights alone (no optimizer or schedule) in the checkpoint format, atomically:
+    `load_checkpoint(path).model` reads them back."""
+    plain = {
+        f"model.{name}": value.detach().to("cpu", copy=True).contiguous() for name, value in model.state_dict().items()
+    }
+    header = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "optimizer_param_groups": [],
+        "optimizer_scalars": {},
+        "schedule": {},
+        "meta": meta,
+    }
+    write_atomic(Path(path), lambda tmp: save_file(plain, str(tmp), metadata={"imgclf": json.dumps(header)}))
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -95,7 +116,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
         param_id, key = name.split(".", 1)
         state.setdefault(int(param_id), {})[key] = value
     optimizer = {"state": state, "param_groups": header["optimizer_param_groups"]}
-    return Checkpoint(model=model, optimizer=optimizer, schedule=header["schedule"], meta=header["meta"])
+    ema = {name[len("ema.") :]: t for name, t in tensors.items() if name.startswith("ema.")}
+    return Checkpoint(
+        model=model, optimizer=optimizer, schedule=header["schedule"], meta=header["meta"], ema=ema or None
+    )
 
 
 def _alternatives(path: Path) -> str:

@@ -23,6 +23,7 @@ from imgclf.device import Compute
 from imgclf.errors import TrainingDiverged
 from imgclf.training import distributed
 from imgclf.training.distributed import SINGLE, Group
+from imgclf.training.ema import WeightAverage
 from imgclf.training.optim import LRSchedule, current_lr
 from imgclf.training.state import Callback, EpochProgress, FitState
 
@@ -76,6 +77,8 @@ def train_one_epoch(
     on_batch: BatchHook | None = None,
     img_size: int | None = None,
     group: Group = SINGLE,
+    max_steps: Callable[[], int | None] | None = None,
+    ema: WeightAverage | None = None,
 ) -> tuple[EpochProgress, bool]:
     """One pass over `loader`: (mix), forward under autocast, loss, backward, (unscale, clip), step, schedule.
 
@@ -88,6 +91,9 @@ def train_one_epoch(
         img_size: train on batches downscaled to this size (progressive resizing); None = as the loader gives.
         group: the processes training together (torchrun): a non-finite loss or a stop request on any of them
             stops all after the same batch. The returned sums are this process's own.
+        max_steps: asked before each batch: the epoch ends (complete) when its batch index reaches it (a time
+            budget's plan); None = the whole loader.
+        ema: a moving average of the weights, updated after every optimizer step.
 
     Returns:
         (the epoch's progress, whether it ran to the end).
@@ -112,6 +118,10 @@ def train_one_epoch(
         torch.set_rng_state(torch.tensor(progress.rng, dtype=torch.uint8))
     index, stopped = progress.step - 1, False
     for index, (images, targets) in enumerate(batches, start=progress.step):
+        limit = max_steps() if max_steps is not None else None
+        if limit is not None and index >= limit:  # the planned steps are done: the epoch ends here
+            index -= 1
+            break
         images = images.to(device, non_blocking=True, memory_format=compute.memory_format)
         targets = targets.to(device, non_blocking=True)
         if img_size is not None and images.shape[-1] != img_size:
@@ -145,6 +155,8 @@ def train_one_epoch(
         else:
             optimizer.step()
         schedule.after_step()
+        if ema is not None:
+            ema.update(getattr(model, "module", model))  # the unwrapped model's weights (DDP keeps it as .module)
         # Accumulate on the device: calling .item() here would be a CPU-GPU sync point every step.
         batch = targets.shape[0]
         hard = targets.argmax(1) if targets.ndim == 2 else targets
@@ -229,6 +241,7 @@ def fit(
     callbacks: Sequence[Callback] = (),
     resolution: Callable[[int], int] | None = None,
     group: Group = SINGLE,
+    step_limit: Callable[[], int | None] | None = None,
 ) -> FitState:
     """Train from `state.epoch` (and `state.progress`, mid-epoch) until `state.epochs`, until a callback sets
     `state.stop_reason`, or until `should_stop` gives a reason (then `state.interrupted_by` is set and the
@@ -251,6 +264,10 @@ def fit(
         group: the processes training together (torchrun; `training.distributed`): each runs this loop on its
             slice of the data, `state.forward` (DDP) averages the gradients, the epoch's sums are added over the
             processes so that every process writes the same history row and takes the same decisions.
+        step_limit: asked before each batch (see `train_one_epoch`'s max_steps): a time budget's plan.
+
+    With `state.ema` (a `WeightAverage`), the averaged weights are updated after every step and validated after
+    every epoch too: the row gets `val_loss_ema` and `val_acc_ema`.
 
     Returns:
         The same `state`, advanced.
@@ -287,6 +304,8 @@ def fit(
             on_batch=on_batch,
             img_size=img_size,
             group=group,
+            max_steps=step_limit,
+            ema=state.ema,
         )
         progress = _over_processes(progress, group, compute.device, with_rng=not complete)
         if not complete:
@@ -297,6 +316,7 @@ def fit(
             return state
         state.progress = None
         val = evaluate_epoch(state.model, val_loader, compute, group)
+        averaged = evaluate_epoch(state.ema.module, val_loader, compute, group) if state.ema is not None else None
         row = {
             "epoch": epoch,
             "phase": state.phase or "train",
@@ -308,13 +328,15 @@ def fit(
             "val_acc": val.accuracy,
             "val_images": val.images,
             "lr": progress.lr,
-            "seconds": round(progress.seconds + val.seconds, 3),
+            "seconds": round(progress.seconds + val.seconds + (averaged.seconds if averaged else 0.0), 3),
             "images_per_s": round(progress.seen / max(progress.seconds, 1e-9), 1),
             "steps": progress.step,
             "train_images": progress.seen,
         }
         if img_size is not None:
             row["img_size"] = img_size
+        if averaged is not None:
+            row["val_loss_ema"], row["val_acc_ema"] = averaged.loss, averaged.accuracy
         state.schedule.after_epoch(row[monitor])
         state.history.append(row)
         state.epoch = epoch

@@ -146,6 +146,27 @@ def build_schedule(
     raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}; received '{name}'")
 
 
+class PlannedCosine:
+    """Linear warmup, then cosine decay to 0 at `total` steps, where `total` can be re-planned while the run goes
+    (a time budget re-estimates the steps that fit as it measures them). A plain object, not a closure, so that
+    LambdaLR's state_dict saves `total` and `warmup` with the step count and a resumed run continues the plan."""
+
+    def __init__(self, total: int, warmup: int, start_factor: float = 0.01) -> None:
+        self.total, self.warmup, self.start_factor = max(1, total), warmup, start_factor
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return self.start_factor + (1 - self.start_factor) * step / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def planned_schedule(optimizer: Optimizer, *, total_steps: int, warmup_steps: int) -> LRSchedule:
+    """Warmup + cosine over a number of steps that `PlannedCosine.total` (`schedule.scheduler.lr_lambdas[0]`) may
+    change later: the time-budget schedule (`training/budget.py`)."""
+    return LRSchedule(LambdaLR(optimizer, PlannedCosine(total_steps, warmup_steps)), "step")
+
+
 def _warmup_cosine(total_steps: int, warmup_steps: int, start_factor: float = 0.01):
     def factor(step: int) -> float:
         if step < warmup_steps:

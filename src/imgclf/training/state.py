@@ -70,6 +70,13 @@ class FitState:
     # what the training step runs: DistributedDataParallel around `model` under torchrun (`Phases` makes it again
     # when layers are frozen or unfrozen), else None (= `model`)
     forward: nn.Module | None = None
+    # a time budget's record (training/budget.py): seconds, elapsed, first estimate, planned steps, cap
+    budget: dict[str, Any] | None = None
+    # an exponential moving average of the weights (timm's ModelEmaV3), validated each epoch beside the model
+    ema: Any = None
+    best_ema_epoch: int | None = None
+    best_ema_metric: float | None = None
+    kept: str = "raw"  # which weights the run ships: raw (the model's) or ema (their average), set at the end
 
     def counters(self) -> dict[str, Any]:
         return {
@@ -82,6 +89,9 @@ class FitState:
             "phase": self.phase,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "progress": asdict(self.progress) if self.progress is not None else None,
+            "budget": self.budget,
+            "best_ema_epoch": self.best_ema_epoch,
+            "best_ema_metric": self.best_ema_metric,
         }
 
     def restore_counters(self, counters: dict[str, Any]) -> None:
@@ -93,6 +103,9 @@ class FitState:
         if self.scaler is not None and counters.get("scaler"):
             self.scaler.load_state_dict(counters["scaler"])
         self.progress = EpochProgress(**counters["progress"]) if counters.get("progress") else None
+        self.budget = counters.get("budget")
+        self.best_ema_epoch = counters.get("best_ema_epoch")
+        self.best_ema_metric = counters.get("best_ema_metric")
 
     @property
     def finished(self) -> bool:
