@@ -51,11 +51,9 @@ HISTORY_COLUMNS = (
     "steps",
     "train_images",
     "img_size",
-    "val_loss_ema",
-    "val_acc_ema",
-    "budget_s",
-    "planned_steps",
 )
+# Written only by runs that have them: train.ema's, a time budget's
+OPTIONAL_COLUMNS = ("val_loss_ema", "val_acc_ema", "budget_s", "planned_steps")
 
 
 @dataclass(frozen=True)
@@ -123,8 +121,10 @@ class HistoryCSV(Callback):
         self.path = path
 
     def on_epoch_end(self, state: FitState, row: dict[str, float]) -> None:
-        rows = ([_short(r.get(column, "")) for column in HISTORY_COLUMNS] for r in state.history)
-        write_csv_atomic(self.path, HISTORY_COLUMNS, rows)
+        extra = [column for column in OPTIONAL_COLUMNS if any(column in r for r in state.history)]
+        columns = [*HISTORY_COLUMNS, *extra]
+        rows = ([_short(r.get(column, "")) for column in columns] for r in state.history)
+        write_csv_atomic(self.path, columns, rows)
 
 
 class EarlyStopping(Callback):
