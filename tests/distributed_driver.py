@@ -2,6 +2,7 @@
 that record what each rank saw, or stop one rank on purpose. Exits like `imgclf train` would (0, 1, 130).
 
     python tests/distributed_driver.py '{"data": ..., "out": ..., "name": ..., "config": {...}, "record": ...}'
+    python tests/distributed_driver.py '{"resume": RUN}'      # or {"reproduce": RUN, "name": ...}
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def main() -> int:
     try:
         if args.get("resume"):
             imgclf.train(None, resume=args["resume"], report=False, callbacks=callbacks)
+        elif args.get("reproduce"):
+            imgclf.reproduce(args["reproduce"], name=args["name"], report=False, callbacks=callbacks)
         else:
             imgclf.train(
                 args["data"], args["config"], out=args["out"], name=args["name"], report=False, callbacks=callbacks

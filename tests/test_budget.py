@@ -64,6 +64,8 @@ def test_epochs_cap_a_budget_and_a_resumed_budget_continues_its_plan(tmp_path, d
     history = read_csv(tmp_path / "c" / "history.csv")
     assert len(history) == 2 and float(history[-1]["budget_s"]) < 60  # two epochs, not ten minutes
     assert final_lr_fraction(tmp_path / "c") <= 0.01  # the plan shrank to the cap: still complete
+    longer = run_cli("train", "--resume", tmp_path / "c", "--epochs", "4")  # its schedule is complete
+    assert longer.exit_code == 2 and "Start a new run with a larger --time" in " ".join(longer.output.split())
 
     command = [sys.executable, "-m", "imgclf", "train", str(digits_ten), "--time", "20s", *RECIPE]
     command += ["--out", str(tmp_path), "--name", "r"]
@@ -121,7 +123,89 @@ def test_a_time_budget_needs_the_cosine_schedule_and_a_duration():
 
     with pytest.raises(ConfigError, match="scheduler must be cosine"):
         build_config(None, {"train.time_budget": "10m", "train.scheduler": "step"})
+    with pytest.raises(ConfigError, match=r"min_res .* cannot be combined with train.time_budget"):
+        build_config(None, {"train.time_budget": "10m", "augment.min_res": 16})
     with pytest.raises(ConfigError, match="positive duration such as 90s"):
         build_config(None, {"train.time_budget": "ten minutes"})
     bad = run_cli("train", "data", "--time", "-5m")
     assert bad.exit_code == 2 and "positive duration" in " ".join(bad.output.split())
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def budgeted_state(*, steps_per_epoch: int, frozen_first: bool = False):
+    """A real FitState whose schedule is a PlannedCosine (the budgeted phase), or a plain one first (a frozen
+    phase: `enter_budgeted_phase` switches)."""
+    import torch
+
+    from imgclf.training.optim import LRSchedule, planned_schedule
+    from imgclf.training.state import FitState
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = planned_schedule(optimizer, total_steps=100 * steps_per_epoch, warmup_steps=steps_per_epoch)
+    if frozen_first:
+        frozen = LRSchedule(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), "step")
+        state = FitState(model, optimizer, frozen, epochs=100)
+        state.enter_budgeted_phase = lambda: setattr(state, "schedule", schedule)
+        return state
+    return FitState(model, optimizer, schedule, epochs=100)
+
+
+def drive(budget, state, clock, *, steps: int, seconds_per_step: float, start_index: int = 0) -> None:
+    import torch
+
+    for index in range(start_index, start_index + steps):
+        clock.now += seconds_per_step
+        state.schedule.after_step()
+        budget.on_batch_end(state, index, torch.tensor(1.0), 8)
+
+
+def test_the_plan_times_only_the_budgeted_phase_and_keeps_its_warmup_within_a_fifth():
+    from imgclf.training.budget import TimeBudget
+
+    clock = FakeClock()
+    state = budgeted_state(steps_per_epoch=50, frozen_first=True)
+    budget = TimeBudget(1000.0, steps_per_epoch=50, val_batches=2, warmup_epochs=1.0)
+    budget.clock = clock
+    budget.on_fit_start(state)
+    budget.on_epoch_start(state)
+    drive(budget, state, clock, steps=20, seconds_per_step=0.1)  # a frozen phase: fast steps, no plan
+    assert budget.epoch_step_limit(state) is None and state.budget.get("first_estimate") is None
+    state.enter_budgeted_phase()
+    budget.on_epoch_start(state)
+    drive(budget, state, clock, steps=12, seconds_per_step=1.0)  # the budgeted phase: 1 s per step
+    # 986 s left at 1 s per step (the frozen phase's 0.1 s not mixed in), less the validations: ~950, not ~9000
+    assert 900 <= state.budget["first_estimate"] <= 986, state.budget
+    plan = state.schedule.scheduler.lr_lambdas[0]
+    assert plan.warmup == 50  # one epoch, within a fifth of the plan
+    clock.now += 900  # the machine stalls in the warmup: the plan shrinks to ~60 steps, the warmup with it
+    drive(budget, state, clock, steps=14, seconds_per_step=1.0, start_index=12)  # index 25 plans again
+    assert plan.total < 100 and plan.warmup == 26  # cut where it stands (the 26th step), not 50 of ~80
+
+
+def test_a_resumed_epoch_keeps_its_cut_and_a_replan_before_any_timed_step_is_safe():
+    from imgclf.training.budget import TimeBudget
+    from imgclf.training.state import EpochProgress
+
+    clock = FakeClock()
+    state = budgeted_state(steps_per_epoch=50)
+    for _ in range(30):  # the first session stopped at batch 30 of epoch 1
+        state.schedule.after_step()
+    plan = state.schedule.scheduler.lr_lambdas[0]
+    plan.total = 40  # its plan: the run ends 10 steps into the resumed epoch
+    state.budget = {"seconds": 60.0, "elapsed": 30.0, "first_estimate": 40, "planned": 40, "cap": 5000}
+    state.progress = EpochProgress(step=30)
+    budget = TimeBudget(60.0, steps_per_epoch=50, val_batches=2, warmup_epochs=0.0)
+    budget.clock = clock
+    budget.on_fit_start(state)
+    budget.on_epoch_start(state)
+    assert budget.epoch_step_limit(state) == 40  # batch index 40 of the epoch: the phase's 40th step, not its 70th
+    drive(budget, state, clock, steps=1, seconds_per_step=0.5, start_index=25)  # index 25: a replan, nothing timed
+    assert budget.elapsed() == pytest.approx(30.5)

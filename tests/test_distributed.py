@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from conftest import write_digits
+from conftest import run_cli, write_digits
 from imgclf.files import read_csv
 from imgclf.training.checkpoint import load_checkpoint
 
@@ -93,6 +93,16 @@ def test_two_processes_write_one_run_folder_with_identical_weights(tmp_path, dig
             assert not any(key.startswith("module.") for key in tensors.keys()), weights  # noqa: SIM118
     assert (run / "metrics.json").is_file()
     assert json.loads((run / "status.json").read_text())["status"] == "finished"
+    # --reproduce under torchrun: rank 0 checks the files, one new folder, the same training
+    codes, outputs = finish(launch(driver(reproduce=run, name="again")))
+    assert codes == [0, 0], outputs
+    assert runs_in(tmp_path / "runs") == ["again", "ddp"]
+    again = tmp_path / "runs" / "again"
+    assert json.loads((again / "env.json").read_text())["reproduces"] == str(run.resolve())
+    times = ("seconds", "images_per_s")
+    assert [{k: v for k, v in row.items() if k not in times} for row in read_csv(again / "history.csv")] == [
+        {k: v for k, v in row.items() if k not in times} for row in history
+    ]
 
 
 @pytest.mark.slow
@@ -135,6 +145,8 @@ def test_sigint_to_one_rank_stops_both_after_the_same_step_and_resume_repeats_th
     assert checkpoint["progress"]["step"] == 3 and len(checkpoint["progress"]["rng_by_rank"]) == 2
     status = json.loads((tmp_path / "stopped" / "status.json").read_text())
     assert status["status"] == "stopped" and status["reason"].startswith("SIGINT")
+    alone = run_cli("train", "--resume", tmp_path / "stopped")  # each process's slice: not with one process
+    assert alone.exit_code == 2 and "resumes only with 2 (received 1)" in " ".join(alone.output.split())
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     codes, outputs = finish(launch(driver(resume=tmp_path / "stopped", record=resumed)))
@@ -225,3 +237,29 @@ def test_devices_starts_torchrun_and_records_the_global_batch(tmp_path, digits_s
         "lr": 0.004,
     }
     assert runs_in(tmp_path) == ["dev"]
+
+
+def test_streaming_shards_count_their_own_images_and_draw_their_own_augmentation_seeds():
+    """The streaming loader under torchrun: each process's share of the images, the same order on every process
+    (DistributedSampler from the seed and epoch) but worker seeds of its own, so that processes do not crop and
+    flip alike; one process's loader keeps drawing its order from its generator."""
+    import torch
+
+    from imgclf.data.loaders import make_loader
+    from imgclf.training.engine import seed_epoch
+
+    dataset = list(range(11))
+    ranks = [make_loader(dataset, batch_size=2, shuffle=True, num_workers=0, shard=(r, 2)) for r in (0, 1)]
+    assert [loader.num_images for loader in ranks] == [6, 6] and [len(loader) for loader in ranks] == [3, 3]
+    evaluation = make_loader(dataset, batch_size=2, shuffle=False, num_workers=0, shard=(1, 2))
+    assert evaluation.num_images == 5  # unpadded: no image counted twice
+    for rank, loader in enumerate(ranks):
+        seed_epoch(7, 3, loader, rank=rank)
+    orders = [list(loader.sampler) for loader in ranks]
+    assert set(orders[0] + orders[1]) == set(range(11)) and orders[0] != orders[1]
+    worker_seeds = [torch.randint(0, 2**62, (1,), generator=loader.generator).item() for loader in ranks]
+    assert worker_seeds[0] != worker_seeds[1]
+    single, again = (make_loader(dataset, batch_size=2, shuffle=True, num_workers=0) for _ in range(2))
+    seed_epoch(7, 3, single, rank=0)
+    seed_epoch(7, 3, again, rank=0)
+    assert single.num_images == 11 and list(single.sampler) == list(again.sampler)

@@ -181,3 +181,24 @@ def test_status_records_a_resumed_run_across_sessions(tmp_path, digits_source):
     assert second["seconds"] > first["seconds"] and second["pid"] == os.getpid()
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["train"]["epochs"] == 3
+
+
+def test_the_table_shows_the_epoch_and_weights_the_run_shipped(tmp_path):
+    """A run that shipped its EMA weights: the table's best epoch and validation figures are the averaged weights'
+    at the epoch model.json names, not the raw weights' best epoch by val_loss."""
+    from imgclf.files import write_csv_atomic
+    from imgclf.tracking.runs import summarize_run
+
+    run = tmp_path / "ema-run"
+    (run / "model").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "small_cnn"}, "train": {"epochs": 3}}))
+    columns = ["epoch", "val_loss", "val_acc", "val_loss_ema", "val_acc_ema", "seconds"]
+    rows = [[1, 0.50, 0.80, 0.60, 0.75, 1.0], [2, 0.40, 0.85, 0.35, 0.88, 1.0], [3, 0.45, 0.84, 0.30, 0.90, 1.0]]
+    write_csv_atomic(run / "history.csv", columns, rows)
+    training = {"best_epoch": 3, "val_loss": 0.30, "weights": "ema"}
+    (run / "model" / "model.json").write_text(json.dumps({"training": training}))
+    summary = summarize_run(run)
+    assert (summary["best_epoch"], summary["best_val_acc"], summary["best_val_loss"]) == (3, 0.90, 0.30)
+    (run / "model" / "model.json").unlink()  # before the run ships: the raw weights' best by val_loss
+    summary = summarize_run(run)
+    assert (summary["best_epoch"], summary["best_val_acc"], summary["best_val_loss"]) == (2, 0.85, 0.40)

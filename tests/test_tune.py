@@ -202,3 +202,15 @@ def test_bad_search_spaces_are_usage_errors(tmp_path, digits_source):
         invalid.output.split()
     )
     assert not (tmp_path / "tune-flat").exists()
+
+
+@pytest.mark.slow
+def test_a_study_whose_trials_keep_diverging_stops_after_five_and_says_why(tmp_path, digits_source):
+    space = write_space(tmp_path, {"train.lr": {"type": "categorical", "choices": [1e30, 1e32]}})
+    recipe = [*RECIPE, "--set", "train.grad_clip=null"]
+    recipe[recipe.index("--epochs") + 1] = "1"
+    result = run_cli("tune", digits_source, "--trials", "20", "--space", space, *recipe, "--out", tmp_path / "out")
+    rows = read_csv(tmp_path / "out" / "tune-flat" / "trials.csv")
+    assert [row["state"] for row in rows] == ["fail"] * 5, rows  # not twenty: the space trains no model
+    assert all("the training loss became" in row["error"] for row in rows)
+    assert "the last 5 trials failed" in " ".join(result.output.split())

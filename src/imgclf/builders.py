@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Loaders:
-    """Training and validation batches, and how they are produced ("cached (disk)", "streaming", ...)."""
+    """Training and validation batches, how many images this process goes through per epoch (its shard under
+    torchrun), and how they are produced ("cached (disk)", "streaming", ...)."""
 
     train: Iterable
     val: Iterable
@@ -197,7 +198,8 @@ def _streaming_loaders(config, manifest, pre, compute, batch_size, group) -> Loa
         max_bad_images=config.data.max_bad_images,
         shard=shard,
     )
-    return Loaders(train_loader, val_loader, len(train_set), len(val_set), f"streaming ({workers} workers per process)")
+    where = f"streaming ({workers} workers per process)"
+    return Loaders(train_loader, val_loader, train_loader.num_images, val_loader.num_images, where)
 
 
 def _as_tensor(array) -> torch.Tensor:

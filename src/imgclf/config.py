@@ -385,6 +385,17 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
 
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.train.time_budget is not None and self.augment.min_res is not None:
+            # the resolution ramp is laid over train.epochs, which a budget makes an upper bound only
+            raise ValueError(
+                "augment.min_res (progressive resizing over train.epochs) cannot be combined with "
+                f"train.time_budget (the budget decides how many epochs run); received min_res "
+                f"{self.augment.min_res} and time_budget {self.train.time_budget}: drop one of them"
+            )
+        return self
+
 
 def build_config(
     base: RunConfig | Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None

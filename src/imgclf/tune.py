@@ -21,6 +21,7 @@ accuracy per trial and the best so far), importance.png (which parameters matter
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import math
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 OBJECTIVE = "val_acc"  # what trials report each epoch and are ranked by (maximised)
 PRUNERS = ("median", "halving", "none")
+MAX_FAILURES_IN_A_ROW = 5  # failed (diverged) trials in a row that stop the study: the space trains no model
 HEARTBEAT_SECONDS = 60  # a trial whose process stops beating for GRACE_SECONDS is marked failed by the others
 GRACE_SECONDS = 180
 
@@ -257,7 +259,7 @@ class _Objective:
         trial.set_user_attr("host", socket.gethostname())
         log.info("trial %d: %s", trial.number, ", ".join(f"{k} = {_show(v)}" for k, v in values.items()))
         reporter = TrialReporter(trial)
-        with preserved_torch_state():
+        with preserved_torch_state(), _recorded_failure(trial):
             result = self.workflow.train(
                 self.data,
                 config,
@@ -280,6 +282,16 @@ class _Objective:
             raise optuna.TrialPruned(f"pruned after epoch {reporter.pruned_at}")
         log.info("trial %d: %s %.4f (epoch %s)", trial.number, OBJECTIVE, value, result.best_epoch)
         return value
+
+
+@contextlib.contextmanager
+def _recorded_failure(trial: Any):
+    """A trial whose training diverged keeps the reason (user attribute `error`, in trials.csv)."""
+    try:
+        yield
+    except TrainingDiverged as exc:
+        trial.set_user_attr("error", str(exc))
+        raise
 
 
 class TrialReporter(Callback):
@@ -368,7 +380,9 @@ def _evaluate_once(workflow, run: Path, progress: Progress) -> dict[str, Any]:
 
 def _write_trials_csv(path: Path, trials: Sequence[Any], dimensions: Sequence[Dimension]) -> None:
     keys = [d.key for d in dimensions]
-    header = ["number", "state", OBJECTIVE, "best_epoch", "epochs", "pruned_at", "seconds", "host", "run", *keys]
+    header = [
+        "number", "state", OBJECTIVE, "best_epoch", "epochs", "pruned_at", "seconds", "host", "run", *keys, "error"
+    ]  # fmt: skip
     rows = []
     for t in trials:
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
@@ -384,6 +398,7 @@ def _write_trials_csv(path: Path, trials: Sequence[Any], dimensions: Sequence[Di
                 t.user_attrs.get("host", ""),
                 t.user_attrs.get("run", ""),
                 *[_blank(t.params.get(key)) for key in keys],
+                t.user_attrs.get("error", ""),
             ]
         )
     write_csv_atomic(path, header, rows)
@@ -513,9 +528,26 @@ def _pruner(optuna, name: str):
     return optuna.pruners.NopPruner()
 
 
-def _stop_at(trials: int):
+def _stop_at(trials: int, failures: int = MAX_FAILURES_IN_A_ROW):
+    """Optuna's after-trial callback: stop when the study has its trials, or when this process's last `failures`
+    trials all failed (diverged): the searched values train no model, and a study would otherwise try forever."""
+    from optuna.trial import TrialState
+
+    in_a_row = 0
+
     def stop(study, trial) -> None:
+        nonlocal in_a_row
+        surplus = trial.user_attrs.get("surplus")
+        in_a_row = in_a_row + 1 if trial.state == TrialState.FAIL and not surplus else 0
         if _finished(study) >= trials:
+            study.stop()
+        elif in_a_row >= failures:
+            log.error(
+                "the last %d trials failed (%s): the study stops here. Narrow the space (a lower train.lr range, "
+                "train.grad_clip) and run imgclf tune again: it continues the same study",
+                in_a_row,
+                trial.user_attrs.get("error", "see the log above"),
+            )
             study.stop()
 
     return stop

@@ -258,6 +258,8 @@ def reproduce(
         raise ConfigError(f"{paths.env} does not say which folder {paths.root} trained on; pass the data folder")
     folder = Path(data if data is not None else recorded_root)
     config = load_config(paths.config, given)
+    group = distributed.setup(config.train.device)  # under torchrun: join now, so that rank 0 alone scans
+    progress = progress if group.is_main else Progress()
     scanned = scan_data(folder, config, progress=progress)
     recorded = SplitManifest.load(paths.manifest)
     difference = compare_manifests(recorded, Path(recorded_root or scanned.root), scanned.manifest, scanned.root)
@@ -277,8 +279,12 @@ def reproduce(
         scanned=scanned,
         progress=progress,
     )
-    env = read_json(RunPaths(result.run_dir).env)
-    write_env(RunPaths(result.run_dir), {**env, "reproduces": str(paths.root.resolve())})
+
+    def record() -> None:
+        env = read_json(RunPaths(result.run_dir).env)
+        write_env(RunPaths(result.run_dir), {**env, "reproduces": str(paths.root.resolve())})
+
+    distributed.on_main(group, record)
     return result
 
 
@@ -800,17 +806,23 @@ def _fit_run(
         *([budget] if budget is not None else []),
         *([cb.HistoryCSV(paths.history)] if main else []),
         *early,
-        cb.Checkpointer(paths.checkpoints, monitor, extra_meta={"classes": list(classes)}, write=main),
+        cb.Checkpointer(
+            paths.checkpoints,
+            monitor,
+            extra_meta={"classes": list(classes), "processes": group.world_size},
+            write=main,
+        ),
         *([cb.EpochLog(), cb.ProgressBar(progress, steps_per_epoch=steps)] if main else []),
         *hooks.callbacks,
     ]
     hooks.start(RunInfo(paths.root, config.model_dump(mode="json"), classes, resumed=checkpoint is not None))
     log.info(
-        "training %s (%s parameters) on %d images, validating on %d; %d classes, %dpx %s; %s, %s%s; data %s%s",
+        "training %s (%s parameters) on %d images, validating on %d%s; %d classes, %dpx %s; %s, %s%s; data %s%s",
         spec.name,
         f"{sum(p.numel() for p in state.model.parameters()):,}",
         loaders.train_images,
         loaders.val_images,
+        " (each process's share)" if group.enabled else "",
         len(classes),
         pre.img_size,
         pre.color,
@@ -1007,6 +1019,20 @@ def _resume(
         raise DataError(f"{paths.manifest} classes {manifest.classes} differ from the checkpoint's {saved_classes}")
     done, planned = int(checkpoint.meta["epoch"]), int(checkpoint.meta["epochs"])
     stop_reason = checkpoint.meta.get("stop_reason")
+    processes = int(checkpoint.meta.get("processes", 1))
+    if checkpoint.meta.get("progress") and processes != group.world_size:
+        # each process resumes its own slice of the stopped epoch's order with its own random state
+        how = f"under torchrun --nproc-per-node {processes} (or --devices {processes})" if processes > 1 else "alone"
+        raise ConfigError(
+            f"{paths.checkpoints / 'last.safetensors'} stopped in the middle of epoch {done + 1} with {processes} "
+            f"process(es); it resumes only with {processes} (received {group.world_size}): run --resume {how}"
+        )
+    if config.train.time_budget is not None and (stop_reason or done >= planned) and config.train.epochs > done:
+        raise ConfigError(
+            f"run {paths.root} was trained to a time budget of {config.train.time_budget} and its schedule is "
+            f"complete ({stop_reason or 'all epochs done'}); --epochs cannot extend it (received --epochs "
+            f"{config.train.epochs}). Start a new run with a larger --time"
+        )
     epochs = config.train.epochs
     extend_from = None
     if stop_reason or done >= planned:

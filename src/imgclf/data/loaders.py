@@ -184,9 +184,20 @@ class StreamingLoader:
             f"{self.max_bad_images}); first: {shown}"
         )
 
+    @property
+    def num_images(self) -> int:
+        """Images this process goes through per epoch (its shard under torchrun, padding included)."""
+        return self.sampler.num_samples if isinstance(self.sampler, ShardedSampler) else self.sampler.count
+
+    @property
+    def shared_order(self) -> bool:
+        """Whether `generator` draws the epoch's order, which every process must share; a sharded sampler draws it
+        from (seed, epoch) itself, and the generator only seeds the workers' augmentation, which must differ
+        between processes (`training.engine.seed_epoch`)."""
+        return not isinstance(self.sampler, ShardedSampler)
+
     def __len__(self) -> int:
-        count = self.sampler.num_samples if isinstance(self.sampler, ShardedSampler) else self.sampler.count
-        full, rest = divmod(count, self.loader.batch_size)
+        full, rest = divmod(self.num_images, self.loader.batch_size)
         return full if self.loader.drop_last or rest == 0 else full + 1
 
     def __iter__(self):

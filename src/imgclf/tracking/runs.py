@@ -440,7 +440,7 @@ def summarize_run(path: Path) -> dict[str, Any]:
         config = {}
     history = _history(paths.history)
     metrics = read_json(paths.metrics)
-    best = _best_row(history, config)
+    best = _best_row(history, config, read_json(paths.model / "model.json").get("training") or {})
     planned = (config.get("train") or {}).get("epochs")
     seconds = status.get("seconds")
     if seconds is None or status.get("status") == "running":
@@ -516,8 +516,15 @@ def _history(path: Path) -> list[dict[str, Any]]:
     return [{key: _number(value) for key, value in row.items()} for row in rows]
 
 
-def _best_row(history: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
-    """The history row of the epoch the run kept (its early-stopping monitor, as the checkpointer chose)."""
+def _best_row(history: list[dict[str, Any]], config: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
+    """The epoch the run kept, as model.json's `training` records it (its epoch, and with `weights: ema` the
+    averaged weights' validation figures); before the run has shipped a model, the best row by its early-stopping
+    monitor, as the checkpointer chooses."""
+    kept = next((row for row in history if row.get("epoch") == training.get("best_epoch")), None)
+    if kept is not None:
+        if training.get("weights") == "ema":
+            return {**kept, "val_acc": kept.get("val_acc_ema"), "val_loss": kept.get("val_loss_ema")}
+        return kept
     stopping = ((config.get("train") or {}).get("early_stopping")) or {}
     monitor = stopping.get("monitor", "val_loss")
     rows = [row for row in history if isinstance(row.get(monitor), float) and row[monitor] == row[monitor]]

@@ -68,6 +68,7 @@ class TimeBudget(Callback):
         self._last_batch_end: float | None = None
         self._val_seconds: list[float] = []  # measured validations (their mean plans: one slow pass is noise)
         self._epoch_start_step = 0
+        self._timed_plan: PlannedCosine | None = None  # the phase whose steps the timing counts
 
     # --- what fit asks --------------------------------------------------------------------------------------
 
@@ -88,19 +89,24 @@ class TimeBudget(Callback):
         state.budget = {"seconds": self.seconds, "elapsed": self._elapsed_before, **record}
 
     def on_epoch_start(self, state: FitState) -> None:
-        self._epoch_start_step = _phase_steps(state)
-        self._last_batch_end = self.clock()
+        # a resumed epoch has taken some of its steps before the checkpoint: the epoch began that many steps ago
+        self._epoch_start_step = _phase_steps(state) - (state.progress.step if state.progress is not None else 0)
+        self._last_batch_end = None  # the epoch's first step carries one-off costs (loader start): not timed
 
     def on_batch_end(self, state: FitState, index: int, loss: torch.Tensor, batch_size: int) -> None:
         now = self.clock()
-        if self._last_batch_end is not None and index > 0:  # the epoch's first step carries one-off costs
+        plan = self._plan(state)
+        if plan is not self._timed_plan:  # a new phase (after a frozen one): its steps have another speed
+            self._timed_plan, self._train_seconds, self._timed_steps = plan, 0.0, 0
+        elif self._last_batch_end is not None:
             self._train_seconds += now - self._last_batch_end
             self._timed_steps += 1
         self._last_batch_end = now
-        plan = self._plan(state)
         if plan is None:
             if self.elapsed() >= self.seconds:  # an earlier (frozen) phase used the whole budget
                 state.stop_reason = f"time budget of {_duration(self.seconds)} spent before the last phase"
+            return
+        if not self._timed_steps:
             return
         unplanned = state.budget.get("first_estimate") is None
         if (unplanned and self._timed_steps >= PROBE_STEPS) or (not unplanned and index % REPLAN_STEPS == 0):
@@ -109,7 +115,7 @@ class TimeBudget(Callback):
             self._replan(state, plan, steps_this_epoch=index + 1)
 
     def on_epoch_end(self, state: FitState, row: dict[str, Any]) -> None:
-        if self._last_batch_end is not None:
+        if self._last_batch_end is not None and self._plan(state) is not None:
             self._val_seconds.append(self.clock() - self._last_batch_end)
         plan = self._plan(state)
         # an epoch the plan cut short ends the run: its validation was the last one the budget holds
@@ -172,6 +178,8 @@ class TimeBudget(Callback):
                 plan.warmup,
             )
         plan.total = max(1, planned)
+        if done < plan.warmup:  # a plan that shrank keeps its warmup within a fifth of it
+            plan.warmup = max(done, min(plan.warmup, plan.total // 5))
         state.budget["planned"] = plan.total
 
 

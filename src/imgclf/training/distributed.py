@@ -36,8 +36,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # How long a collective waits for the other processes. A rank that died mid-run closes its connections, which ends
-# the others' waits at once; this bounds the rest (a rank stuck in a long step, a node that vanished).
-TIMEOUT = timedelta(minutes=int(os.environ.get("IMGCLF_DIST_TIMEOUT_MINUTES", "10")))
+# the others' waits at once; this bounds the rest (a rank stuck in a long step, a node that vanished). Generous,
+# because rank 0 alone does some long work while the others wait at the next collective: the LR range test, the
+# cache build of a large dataset (PyTorch's own default is 10 minutes for NCCL, 30 for Gloo).
+TIMEOUT = timedelta(minutes=int(os.environ.get("IMGCLF_DIST_TIMEOUT_MINUTES", "30")))
 
 
 @dataclass(frozen=True)
@@ -244,6 +246,10 @@ def sync_batchnorm(group: Group, model: nn.Module, device: torch.device) -> nn.M
 
 
 def _collective_device(group: Group, device: torch.device) -> torch.device:
+    """Where a collective's tensor lives: NCCL reduces CUDA tensors only (this process's GPU, whatever `device` the
+    caller had at hand), Gloo CPU ones."""
     import torch
 
-    return device if group.backend == "nccl" else torch.device("cpu")
+    if group.backend == "nccl":
+        return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

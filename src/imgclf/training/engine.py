@@ -54,8 +54,8 @@ def seed_epoch(seed: int, epoch: int, loader: Iterable | None = None, rank: int 
     torch.manual_seed(mixed)
     np.random.seed(mixed % (2**32))
     random.seed(mixed)
-    if getattr(loader, "generator", None) is not None:
-        loader.generator.manual_seed(derived)
+    if getattr(loader, "generator", None) is not None:  # the order (shared), or only the workers' seeds (mixed)
+        loader.generator.manual_seed(derived if getattr(loader, "shared_order", True) else mixed)
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
 
