@@ -535,15 +535,16 @@ def front(
     images = "all" if per_class is None else f"{per_class} per class"
     print(f"\nAccuracy vs training time on {machine} (Fashion-MNIST, {images}; test = the official 10,000)")
     header = f"{'budget':>8} {'imgclf test acc':>16} {'train s':>8} {'epochs':>7}"
-    print(f"{header} {'tutorial test acc':>18} {'train s':>8} {'epochs':>7}")
+    print(f"{header} {'tutorial test acc':>18} {'train s':>8} {'epochs':>7}" if tutorial else header)
     for row in rows:
-        ours, theirs = row["imgclf"], row["tutorial"] or {}
-        print(
+        ours, theirs = row["imgclf"], row["tutorial"]
+        line = (
             f"{row['budget_minutes']:7.2f}m {ours['test_accuracy']:16.4f} {ours['train_seconds']:8.0f} "
-            f"{ours['epochs']:7d} "
-            f"{theirs.get('test_accuracy', float('nan')):18.4f} {theirs.get('train_seconds', float('nan')):8.0f} "
-            f"{theirs.get('epochs', 0):7d}"
+            f"{ours['epochs']:7d}"
         )
+        if theirs:
+            line += f" {theirs['test_accuracy']:18.4f} {theirs['train_seconds']:8.0f} {theirs['epochs']:7d}"
+        print(line)
     report = {"machine": machine, "images": images, "settings": list(assignments), "rows": rows}
     if png is not None:
         _front_figure(report, png)

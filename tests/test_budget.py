@@ -65,7 +65,11 @@ def test_epochs_cap_a_budget_and_a_resumed_budget_continues_its_plan(tmp_path, d
     assert len(history) == 2 and float(history[-1]["budget_s"]) < 60  # two epochs, not ten minutes
     assert final_lr_fraction(tmp_path / "c") <= 0.01  # the plan shrank to the cap: still complete
     longer = run_cli("train", "--resume", tmp_path / "c", "--epochs", "4")  # its schedule is complete
-    assert longer.exit_code == 2 and "Start a new run with a larger --time" in " ".join(longer.output.split())
+    said = " ".join(longer.output.split())
+    assert longer.exit_code == 2 and "a budgeted run is not trained further (received --epochs 4)" in said, said
+    assert yaml.safe_load((tmp_path / "c" / "config.yaml").read_text())["train"]["epochs"] == 2  # left as it was
+    again = run_cli("train", "--resume", tmp_path / "c")
+    assert again.exit_code == 1 and "Start a new run with a larger --time" in " ".join(again.output.split())
 
     command = [sys.executable, "-m", "imgclf", "train", str(digits_ten), "--time", "20s", *RECIPE]
     command += ["--out", str(tmp_path), "--name", "r"]
@@ -154,8 +158,10 @@ def budgeted_state(*, steps_per_epoch: int, frozen_first: bool = False):
         frozen = LRSchedule(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), "step")
         state = FitState(model, optimizer, frozen, epochs=100)
         state.enter_budgeted_phase = lambda: setattr(state, "schedule", schedule)
-        return state
-    return FitState(model, optimizer, schedule, epochs=100)
+    else:
+        state = FitState(model, optimizer, schedule, epochs=100)
+    optimizer.step()  # no gradients, no change: the schedulers only need to see a step before theirs
+    return state
 
 
 def drive(budget, state, clock, *, steps: int, seconds_per_step: float, start_index: int = 0) -> None:

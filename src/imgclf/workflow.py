@@ -1009,9 +1009,6 @@ def _resume(
     config = load_config(paths.config, given)
     group = distributed.setup(config.train.device)  # under torchrun: join the other processes
     progress = progress if group.is_main else Progress()
-    if config != previous:
-        distributed.on_main(group, partial(save_config, config, paths.config))
-        log.info("on resume: %s", ", ".join(f"{key} = {value}" for key, value in given.items()))
     manifest = SplitManifest.load(paths.manifest)
     checkpoint = load_checkpoint(paths.checkpoints / "last.safetensors")
     saved_classes = tuple(checkpoint.meta.get("classes", manifest.classes))
@@ -1027,11 +1024,12 @@ def _resume(
             f"{paths.checkpoints / 'last.safetensors'} stopped in the middle of epoch {done + 1} with {processes} "
             f"process(es); it resumes only with {processes} (received {group.world_size}): run --resume {how}"
         )
-    if config.train.time_budget is not None and (stop_reason or done >= planned) and config.train.epochs > done:
-        raise ConfigError(
-            f"run {paths.root} was trained to a time budget of {config.train.time_budget} and its schedule is "
-            f"complete ({stop_reason or 'all epochs done'}); --epochs cannot extend it (received --epochs "
-            f"{config.train.epochs}). Start a new run with a larger --time"
+    if config.train.time_budget is not None and (stop_reason or done >= planned):
+        asked = given.get("train.epochs")  # --epochs asks for an extension: a usage error; else nothing is left
+        raise (ConfigError if asked else ImgclfError)(
+            f"run {paths.root} was trained to a time budget of {config.train.time_budget} and is finished with its "
+            f"schedule complete ({stop_reason or f'all {planned} epochs done'}); a budgeted run is not trained "
+            f"further{f' (received --epochs {asked})' if asked else ''}. Start a new run with a larger --time"
         )
     epochs = config.train.epochs
     extend_from = None
@@ -1059,6 +1057,9 @@ def _resume(
             epochs,
         )
     checkpoint.meta["epochs"] = epochs
+    if config != previous:  # saved once every check passed: a refused resume leaves config.yaml as it was
+        distributed.on_main(group, partial(save_config, config, paths.config))
+        log.info("on resume: %s", ", ".join(f"{key} = {value}" for key, value in given.items()))
     return _train_run(
         paths,
         config,
