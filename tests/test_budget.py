@@ -4,6 +4,7 @@ averaging (EMA validated beside the weights, the better one shipped), on the dig
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,9 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import save_file
 
 import imgclf
 from conftest import run_cli, write_digits
+from imgclf.deploy.bundle import FORMAT, WEIGHTS
 from imgclf.files import read_csv
 from imgclf.training.checkpoint import load_checkpoint
 from imgclf.training.optim import PlannedCosine
@@ -94,6 +97,20 @@ def test_epochs_cap_a_budget_and_a_resumed_budget_continues_its_plan(tmp_path, d
 
 
 @pytest.mark.slow
+def test_early_stopping_ends_a_budgeted_run_before_its_budget(tmp_path, digits_ten):
+    """Early stopping still decides under --time: no improvement of 10 in val loss after epoch 1, patience 1."""
+    recipe = ["--img-size", "16", "--set", "model.width=8", "--set", "train.early_stopping.min_delta=10"]
+    recipe += ["--patience", "1", "--no-report"]
+    result = run_cli("train", digits_ten, "--time", "10m", *recipe, "--out", tmp_path, "--name", "es")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "es"
+    history = read_csv(run / "history.csv")
+    assert len(history) == 2 and float(history[-1]["budget_s"]) < 600
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "finished" and status["reason"].startswith("early stopping:"), status
+
+
+@pytest.mark.slow
 def test_ema_weights_differ_and_the_better_one_by_validation_is_shipped(tmp_path, digits_ten):
     config = {
         "data": {"img_size": 16},
@@ -119,6 +136,15 @@ def test_ema_weights_differ_and_the_better_one_by_validation_is_shipped(tmp_path
     # scores what the epoch's validation recorded
     again = imgclf.evaluate(run, split="val", out=tmp_path / "val")
     assert again.metrics["accuracy"] == pytest.approx(float(kept[column]), abs=1e-6)
+    # and so do the EMA weights whichever was shipped: the same run with the best EMA weights (BatchNorm buffers
+    # included) in its bundle scores the val_acc_ema of their epoch
+    ema_run = tmp_path / "ema-run"
+    shutil.copytree(run, ema_run)
+    save_file(averaged, ema_run / "model" / WEIGHTS, metadata={"format": FORMAT})
+    ema_epoch = min(history, key=lambda row: float(row["val_loss_ema"]))
+    assert any(k.endswith("running_var") for k in averaged)
+    ema_again = imgclf.evaluate(ema_run, split="val", out=tmp_path / "val-ema")
+    assert ema_again.metrics["accuracy"] == pytest.approx(float(ema_epoch["val_acc_ema"]), abs=1e-6)
 
 
 def test_a_time_budget_needs_the_cosine_schedule_and_a_duration():

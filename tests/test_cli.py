@@ -197,6 +197,34 @@ def test_compute_and_cache_flags_reach_the_config(tmp_path, digits_flat, monkeyp
     assert (config.train.precision, config.train.compile) == ("bf16", True)
 
 
+def test_tune_takes_every_config_flag_of_train(tmp_path, digits_flat, monkeypatch):
+    """What a study does not search comes from the same flags as train's (issue 17: `tune` takes the same config
+    options as `train`)."""
+    import inspect
+
+    from imgclf import cli
+
+    def config_params(command):
+        return {name for name in inspect.signature(command).parameters if name in cli.FLAG_KEYS}
+
+    # train-only by nature: calibration happens after the study (best trial), and --subset, --mlflow... are shared
+    assert config_params(cli.train) - config_params(cli.tune) == {"calibrate"}
+    seen = {}
+
+    def tune(data, config, **kwargs):
+        seen["config"] = config
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("imgclf.tune.tune", tune)
+    args = ["--lr", "0.003", "--label-smoothing", "0", "--augment", "none", "--time", "90s", "--ema"]
+    args += ["--optimizer", "sgd", "--patience", "2", "--precision", "fp32"]
+    assert run("tune", digits_flat, *args).exit_code == 130
+    config = seen["config"]
+    assert (config.train.lr, config.train.label_smoothing, config.augment.preset) == (0.003, 0, "none")
+    assert (config.train.time_budget, config.train.ema, config.train.optimizer) == ("90s", True, "sgd")
+    assert (config.train.early_stopping.patience, config.train.precision) == (2, "fp32")
+
+
 def test_deterministic_flag_reaches_torch_and_two_runs_are_identical(tmp_path, digits_flat, monkeypatch):
     import torch
     from safetensors.torch import load_file

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors import safe_open
 
 from conftest import run_cli, write_digits
@@ -103,6 +104,34 @@ def test_two_processes_write_one_run_folder_with_identical_weights(tmp_path, dig
     assert [{k: v for k, v in row.items() if k not in times} for row in read_csv(again / "history.csv")] == [
         {k: v for k, v in row.items() if k not in times} for row in history
     ]
+
+
+@pytest.mark.slow
+def test_streaming_ddp_changes_phase_and_stops_early_on_both_ranks_together(tmp_path, digits_source):
+    """The streaming loaders (cache off) under two processes, a frozen first epoch then fine-tuning (DDP rebuilt
+    for the new trainable set), and early stopping decided on rank 0 for both: no improvement of 10 in val loss
+    after epoch 1 with patience 1 ends the run after epoch 2 of 6 on both ranks, with the same weights."""
+    record = tmp_path / "record"
+    record.mkdir()
+    config = {
+        **RECIPE,
+        "data": {**RECIPE["data"], "cache": "off"},
+        "train": {**RECIPE["train"], "epochs": 6, "freeze_epochs": 1},
+    }
+    config["train"]["early_stopping"] = {"patience": 1, "min_delta": 10}
+    command = driver(data=digits_source, out=tmp_path / "runs", name="es", config=config, record=record)
+    codes, outputs = finish(launch(command))
+    assert codes == [0, 0], outputs
+    first, second = rank_records(record)
+    # the same steps and decisions on both (rank 0 alone then restores the best epoch's weights to ship them)
+    assert first["after_first_step"] == second["after_first_step"]
+    assert first["history"] == second["history"] and len(first["history"]) == 2
+    run = tmp_path / "runs" / "es"
+    history = read_csv(run / "history.csv")
+    assert [row["phase"] for row in history] == ["frozen", "fine-tune"]
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "finished" and status["reason"].startswith("early stopping:"), status
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["cache"] == "off"
 
 
 @pytest.mark.slow
@@ -263,3 +292,35 @@ def test_streaming_shards_count_their_own_images_and_draw_their_own_augmentation
     seed_epoch(7, 3, single, rank=0)
     seed_epoch(7, 3, again, rank=0)
     assert single.num_images == 11 and list(single.sampler) == list(again.sampler)
+
+
+def test_a_streaming_shard_whose_batch_failed_whole_still_takes_every_step(tmp_path):
+    """Under torchrun a batch whose images all fail to load on one process must not cost it a step (the others
+    would wait at DDP's all-reduce): the next good batch is repeated; one process just skips the batch."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from imgclf.data.loaders import ImageDataset, make_loader
+
+    paths = []
+    for index in range(8):
+        path = tmp_path / f"{index}.png"
+        Image.new("L", (4, 4), index * 30).save(path)
+        paths.append(path)
+    dataset = ImageDataset(
+        paths,
+        [0] * 8,
+        transform=lambda image: torch.from_numpy(np.asarray(image, dtype=np.float32)),
+        color="gray",
+        max_pixels=10**6,
+    )
+    sharded = make_loader(dataset, batch_size=2, shuffle=True, num_workers=0, shard=(0, 2))
+    sharded.sampler.set_epoch(0)
+    for index in list(sharded.sampler)[:2]:  # this process's first batch
+        paths[index].write_bytes(b"not an image")
+    batches = list(sharded)
+    assert len(batches) == len(sharded) == 2 and len(sharded.bad_images) == 2
+    assert torch.equal(batches[0][0], batches[1][0])  # the good batch taken twice
+    single = make_loader(dataset, batch_size=2, shuffle=False, num_workers=0)
+    assert sum(len(images) for images, _ in single) == 6 and len(single.bad_images) == 2

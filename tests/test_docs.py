@@ -10,6 +10,7 @@ import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -116,10 +117,6 @@ def test_every_config_field_is_in_config_md():
 
 # --- every command in the guide is real ---------------------------------------------------------------------------
 
-# Features being added while the guide was written. A guide command that uses one is skipped until `imgclf init`
-# exists (it landed with them), then checked like the rest.
-PENDING_COMMANDS = ("init",)
-PENDING_FLAGS = ("--subset", "--fast-dev-run")
 SHELL_BLOCKS = ("bash", "sh", "shell", "console")  # a block without a language is not shell (a folder tree)
 
 
@@ -146,12 +143,13 @@ def _imgclf_commands(line: str) -> list[tuple[str, ...]]:
     return commands
 
 
-def guide_commands() -> list[tuple[str, ...]]:
-    """Every `imgclf ...` command of docs/guide.md: in shell code blocks, and in inline code outside them."""
-    if not GUIDE.is_file():
+def guide_commands(document: Path = GUIDE) -> list[tuple[str, ...]]:
+    """Every `imgclf ...` command of docs/guide.md (or another document): in shell code blocks, and in inline code
+    outside them."""
+    if not document.is_file():
         return []
     commands, fence, pending = [], None, ""
-    for line in GUIDE.read_text(encoding="utf-8").splitlines():
+    for line in document.read_text(encoding="utf-8").splitlines():
         opening = re.match(r"^\s*(```+|~~~+)\s*(\S*)", line)
         if fence is None and opening:
             fence = (opening.group(1), opening.group(2).lower())
@@ -173,11 +171,6 @@ def guide_commands() -> list[tuple[str, ...]]:
     return list(dict.fromkeys(commands))  # each command once, in the guide's order
 
 
-@functools.cache
-def _init_exists() -> bool:
-    return run_cli("init", "--help").exit_code == 0
-
-
 def test_the_guide_has_commands_to_check():
     commands = guide_commands()
     assert len(commands) >= 30, f"found only {len(commands)} imgclf commands in {GUIDE}"
@@ -187,15 +180,30 @@ def test_the_guide_has_commands_to_check():
 
 @pytest.mark.parametrize("command", guide_commands(), ids=" ".join)
 def test_guide_command_parses(command):
-    args = command[1:]
-    pending = args[:1] in [(name,) for name in PENDING_COMMANDS] or bool(set(args) & set(PENDING_FLAGS))
-    if pending and not _init_exists():
-        pytest.skip(f"uses {PENDING_COMMANDS + PENDING_FLAGS}, being added: checked once `imgclf init --help` works")
-    result = run_cli(*args, "--help")
+    result = run_cli(*command[1:], "--help")
     assert result.exit_code == 0, (
         f"docs/guide.md: `{shlex.join(command)}` is not a real command (with --help appended: exit "
         f"{result.exit_code}):\n{result.output}"
     )
+
+
+@pytest.mark.parametrize("command", guide_commands(REPOSITORY / "README.md"), ids=" ".join)
+def test_readme_command_parses(command):
+    result = run_cli(*command[1:], "--help")
+    assert result.exit_code == 0, (
+        f"README.md: `{shlex.join(command)}` is not a real command (with --help appended: exit "
+        f"{result.exit_code}):\n{result.output}"
+    )
+
+
+def test_the_readme_links_the_notebook_the_guide_the_scaffold_and_the_references():
+    readme = (REPOSITORY / "README.md").read_text(encoding="utf-8")
+    links = set(re.findall(r"\]\(([^)#\s]+)\)", readme))
+    wanted = {"notebooks/Lab10_image_classification.ipynb", "docs/guide.md", "docs/cli.md", "docs/config.md"}
+    assert wanted <= links
+    missing = [link for link in links if "://" not in link and not (REPOSITORY / link).exists()]
+    assert not missing, f"README.md links to files that do not exist: {missing}"
+    assert ("imgclf", "init", "lab", "--from", "photos/") in guide_commands(REPOSITORY / "README.md")
 
 
 def test_the_shell_parsing_of_guide_lines():

@@ -121,6 +121,7 @@ def test_onnx_metadata_round_trips_classes_preprocessing_and_temperature(fresh_d
     assert json.loads(props["classes"]) == list(bundle.classes)
     assert float(props["temperature"]) == pytest.approx(1.7)
     assert props["source_run"] == run.name
+    assert props["imgclf_version"] == imgclf.__version__
     assert json.loads(props["check"])["top1_agreement"] == 1.0
     eager = Predictor.load(run, device="cpu")
     files = [Path(r["path"]) for r in read_csv(run / "manifest.csv")][:10]

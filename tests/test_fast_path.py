@@ -254,6 +254,32 @@ def test_auto_precision_picks_bf16_only_on_cpus_that_compute_it_natively(monkeyp
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert resolve_compute("cpu", "auto").precision == expected
+
+
+@pytest.mark.parametrize(
+    ("aten", "onednn", "expected"),
+    [
+        ("AVX2", None, "fp32"),
+        ("AVX512", "AVX2", "fp32"),
+        ("AVX512", "AVX512_CORE", "fp32"),
+        ("AVX512", "avx512_core_bf16", "bf16"),
+        ("AVX512", "ALL", "bf16"),
+    ],
+)
+def test_auto_precision_is_fp32_when_the_isa_is_capped_below_bf16(monkeypatch, aten, onednn, expected):
+    """ATEN_CPU_CAPABILITY=avx2 or ONEDNN_MAX_CPU_ISA=AVX2 on a bf16 CPU: bf16 would run emulated (~10x slower)."""
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: aten)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if onednn is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn)
     assert resolve_compute("cpu", "auto").precision == expected
 
 
@@ -401,3 +427,25 @@ def test_forked_workers_decode_and_scan_like_threads(tmp_path, monkeypatch):
     assert processes[1] == threads[1]
     assert processes[4].records == threads[4].records and len(processes[4].records) == 12
     assert processes[4].problems == threads[4].problems and len(processes[4].problems) == 1
+
+
+def test_cpu_threads_are_shared_out_between_a_nodes_processes(monkeypatch):
+    """Under torchrun each of a node's processes gets usable cores / processes per node, whether OMP_NUM_THREADS is
+    unset or torchrun's own default of 1; a value the user chose wins."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr("imgclf.device.usable_cpus", lambda: 8)
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        resolve_compute("cpu", "fp32", processes_per_node=4)
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # set by torchrun, not by the user
+        resolve_compute("cpu", "fp32", processes_per_node=2)
+        assert torch.get_num_threads() == 4
+        torch.set_num_threads(3)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's
+        resolve_compute("cpu", "fp32", processes_per_node=2)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -21,15 +21,11 @@ def flat(text: str) -> str:
     return " ".join(text.split())
 
 
-# --- start small ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("layout", ["flat", "split"])
-def test_subset_trains_on_exactly_n_images_per_class_and_split(tmp_path, layout, monkeypatch):
-    data = write_digits(tmp_path / "data", per_class=30, layout=layout)
-    decoded: list[Path] = []
+def count_decodes(monkeypatch) -> list[Path]:
+    """The paths the scan decodes from now on (each image's check), in a list that grows as it goes."""
     import imgclf.data.scan as scan
 
+    decoded: list[Path] = []
     original = scan._check_job
 
     def counting(jobs, index, **kwargs):
@@ -37,6 +33,16 @@ def test_subset_trains_on_exactly_n_images_per_class_and_split(tmp_path, layout,
         return original(jobs, index, **kwargs)
 
     monkeypatch.setattr(scan, "_check_job", counting)
+    return decoded
+
+
+# --- start small ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["flat", "split"])
+def test_subset_trains_on_exactly_n_images_per_class_and_split(tmp_path, layout, monkeypatch):
+    data = write_digits(tmp_path / "data", per_class=30, layout=layout)
+    decoded = count_decodes(monkeypatch)
     result = run_cli(
         "train",
         data,
@@ -58,6 +64,21 @@ def test_subset_trains_on_exactly_n_images_per_class_and_split(tmp_path, layout,
     assert set(counts.values()) == {4} and len(counts) == 3 * 3  # 4 per class in each of the 3 splits
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["subset"] == 4
     assert len(decoded) == 36  # the other images were never decoded
+
+
+@pytest.mark.parametrize("command", ["inspect", "lr-find"])
+def test_inspect_and_lr_find_take_the_same_subset_and_decode_only_it(tmp_path, command, monkeypatch):
+    data = write_digits(tmp_path / "data", per_class=30, layout="split")
+    decoded = count_decodes(monkeypatch)
+    extra = ["--img-size", "16", "--steps", "10", "--batch-size", "4"] if command == "lr-find" else []
+    result = run_cli(command, data, "--subset", "4", "--out", tmp_path / "out", *extra)
+    assert result.exit_code == 0, result.output
+    assert len(decoded) == 36  # 4 per class in each of the 3 splits; the other 234 images were never decoded
+    if command == "inspect":
+        counts = json.loads((tmp_path / "out" / "dataset.json").read_text())["counts"]
+        assert all(n == 4 for split in counts.values() for n in split.values()), counts
+    else:
+        assert (tmp_path / "out" / "lr_find.csv").is_file()
 
 
 def test_subset_draws_the_same_images_for_the_same_seed(tmp_path):
@@ -107,6 +128,25 @@ def test_init_makes_the_lab_layout_with_every_class_in_every_split(tmp_path, dig
     assert f"RUNS = {str((lab / 'models').resolve())!r}" in source
     again = run_cli("init", lab, "--from", digits_source)
     assert again.exit_code == 1 and "is not empty" in flat(again.output)
+    # hard links by default: the same files (inodes) as the source, nothing copied
+    sources = {p.stat().st_ino for p in digits_source.rglob("*.png")}
+    placed = list((lab / "data").rglob("*.png"))
+    assert len(placed) == len(sources) and {p.stat().st_ino for p in placed} == sources
+
+
+def test_init_splits_with_the_given_ratios_and_copies_on_request(tmp_path, digits_source):
+    lab = tmp_path / "lab"
+    result = run_cli("init", lab, "--from", digits_source, "--ratios", "0.5", "0.25", "0.25", "--copy")
+    assert result.exit_code == 0, result.output
+    per_class = len(list((digits_source / "digit0").iterdir()))
+    counts = {split: len(list((lab / "data" / split / "digit0").iterdir())) for split in ("train", "val", "test")}
+    # half, a quarter, a quarter (within the split's rounding); the default 0.8/0.1/0.1 would give 24/3/3
+    assert sum(counts.values()) == per_class, counts
+    assert abs(counts["train"] - per_class / 2) <= 1 and all(
+        abs(counts[s] - per_class / 4) <= 1 for s in ("val", "test")
+    )
+    sources = {p.stat().st_ino for p in digits_source.rglob("*.png")}
+    assert not sources & {p.stat().st_ino for p in (lab / "data").rglob("*.png")}
 
 
 def test_the_packaged_notebook_is_the_repositorys(tmp_path):

@@ -53,6 +53,9 @@ def runs_folder(tmp_path_factory, digits_source) -> Path:
     for name, sig in (("stopped", signal.SIGINT), ("crashed", signal.SIGKILL)):
         process = start_training(digits_source, out, name)
         wait_for_an_epoch(out / name, process)
+        if sig == signal.SIGKILL:  # alive, the same record reads "running" in the table: only a dead pid crashes
+            live = json.loads(run_cli("runs", "--dir", out, "--json").output)
+            assert {run["name"]: run["status"] for run in live}[name] == "running"
         process.send_signal(sig)
         process.communicate(timeout=120)
         assert process.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL)

@@ -214,3 +214,28 @@ def test_a_study_whose_trials_keep_diverging_stops_after_five_and_says_why(tmp_p
     assert [row["state"] for row in rows] == ["fail"] * 5, rows  # not twenty: the space trains no model
     assert all("the training loss became" in row["error"] for row in rows)
     assert "the last 5 trials failed" in " ".join(result.output.split())
+
+
+def test_the_median_pruner_waits_for_two_trials_and_one_epoch_then_prunes_below_the_median():
+    """`--pruner median` (the default): trials report validation accuracy per epoch on a maximizing study; from the
+    third trial on, one below the median of the earlier trials at the same epoch is pruned, never at epoch 0."""
+    from imgclf.tune import _pruner
+
+    study = optuna.create_study(direction="maximize", pruner=_pruner(optuna, "median"))
+    for good in (0.8, 0.9):
+        trial = study.ask()
+        trial.report(good - 0.1, 0)
+        trial.report(good, 1)
+        study.tell(trial, good)
+    weak = study.ask()
+    weak.report(0.1, 0)
+    assert not weak.should_prune()  # epoch 0: warming up
+    weak.report(0.2, 1)
+    assert weak.should_prune()
+    strong = study.ask()
+    strong.report(0.95, 1)
+    assert not strong.should_prune()
+    first = optuna.create_study(direction="maximize", pruner=_pruner(optuna, "median"))
+    early = first.ask()
+    early.report(0.0, 1)
+    assert not early.should_prune()  # no earlier trials to compare with

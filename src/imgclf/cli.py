@@ -245,6 +245,40 @@ SetOption = Annotated[list[str] | None, typer.Option("--set", help="any config k
 
 # The config key behind each command-line flag (by the command function's parameter name); written once for every
 # command that takes them (train, lr-find).
+TimeOption = Annotated[
+    str | None,
+    typer.Option(help="train for this long (90s, 10m, 2h), the LR schedule fitted to it; --epochs: a cap"),
+]
+EmaOption = Annotated[
+    bool | None, typer.Option("--ema", help="also average the weights (EMA); ship whichever validates better")
+]
+LrOption = Annotated[str | None, typer.Option(help="peak learning rate, or auto (LR finder)")]
+UnfreezeOption = Annotated[str | None, typer.Option(help="after freezing: all, or the last K stages")]
+FinetuneLrOption = Annotated[float | None, typer.Option(help="LR after unfreezing (default lr/10)")]
+LayerDecayOption = Annotated[float | None, typer.Option(help="per-layer LR factor below the head, e.g. 0.75")]
+OptimizerOption = Annotated[str | None, typer.Option(help="adamw | adam | sgd")]
+SchedulerOption = Annotated[str | None, typer.Option(help="cosine | step | plateau | none")]
+WeightDecayOption = Annotated[float | None, typer.Option(help="weight decay")]
+LabelSmoothingOption = Annotated[float | None, typer.Option(help="label smoothing")]
+AugmentOption = Annotated[str | None, typer.Option(help="none | light | standard | strong")]
+HflipOption = Annotated[bool | None, typer.Option("--hflip/--no-hflip", help="random horizontal flips")]
+ColorOption = Annotated[str | None, typer.Option(help="auto | rgb | gray")]
+PatienceOption = Annotated[int | None, typer.Option(help="early-stopping patience in epochs")]
+ClassWeightsOption = Annotated[str | None, typer.Option(help="none | auto (inverse frequency)")]
+CacheDirOption = Annotated[
+    Path | None, typer.Option(help="where disk caches live (default: $IMGCLF_CACHE_DIR or ~/.cache/imgclf)")
+]
+PrecisionOption = Annotated[
+    str | None, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: bf16/fp16 where the hardware has it)")
+]
+CompileOption = Annotated[
+    bool | None, typer.Option("--compile", help="torch.compile the model (faster on GPUs, not on CPUs)")
+]
+DeterministicOption = Annotated[
+    bool | None, typer.Option("--deterministic", help="deterministic kernels (repeatable GPU runs, slower)")
+]
+
+
 FLAG_KEYS = {
     "model": "model.name",
     "pretrained": "model.pretrained",
@@ -330,48 +364,35 @@ def train(
     pretrained: PretrainedOption = None,
     weights: WeightsOption = None,
     epochs: Annotated[int | None, typer.Option(help="maximum epochs")] = None,
-    time: Annotated[
-        str | None,
-        typer.Option(help="train for this long (90s, 10m, 2h), the LR schedule fitted to it; --epochs: a cap"),
-    ] = None,
-    ema: Annotated[
-        bool | None, typer.Option("--ema", help="also average the weights (EMA); ship whichever validates better")
-    ] = None,
+    time: TimeOption = None,
+    ema: EmaOption = None,
     batch_size: BatchOption = None,
-    lr: Annotated[str | None, typer.Option(help="peak learning rate, or auto (LR finder)")] = None,
+    lr: LrOption = None,
     freeze_epochs: FreezeOption = None,
-    unfreeze: Annotated[str | None, typer.Option(help="after freezing: all, or the last K stages")] = None,
-    finetune_lr: Annotated[float | None, typer.Option(help="LR after unfreezing (default lr/10)")] = None,
-    layer_decay: Annotated[float | None, typer.Option(help="per-layer LR factor below the head, e.g. 0.75")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="adamw | adam | sgd")] = None,
-    scheduler: Annotated[str | None, typer.Option(help="cosine | step | plateau | none")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="weight decay")] = None,
-    label_smoothing: Annotated[float | None, typer.Option(help="label smoothing")] = None,
-    augment: Annotated[str | None, typer.Option(help="none | light | standard | strong")] = None,
-    hflip: Annotated[bool | None, typer.Option("--hflip/--no-hflip", help="random horizontal flips")] = None,
+    unfreeze: UnfreezeOption = None,
+    finetune_lr: FinetuneLrOption = None,
+    layer_decay: LayerDecayOption = None,
+    optimizer: OptimizerOption = None,
+    scheduler: SchedulerOption = None,
+    weight_decay: WeightDecayOption = None,
+    label_smoothing: LabelSmoothingOption = None,
+    augment: AugmentOption = None,
+    hflip: HflipOption = None,
     img_size: ImgSizeOption = None,
     subset: SubsetOption = None,
-    color: Annotated[str | None, typer.Option(help="auto | rgb | gray")] = None,
-    patience: Annotated[int | None, typer.Option(help="early-stopping patience in epochs")] = None,
-    class_weights: Annotated[str | None, typer.Option(help="none | auto (inverse frequency)")] = None,
+    color: ColorOption = None,
+    patience: PatienceOption = None,
+    class_weights: ClassWeightsOption = None,
     seed: Annotated[int | None, typer.Option(help="training seed")] = None,
     device: DeviceOption = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: auto)")] = None,
     cache: Annotated[
         str | None, typer.Option(help="decoded-image cache: auto | memory | disk | off (default: auto)")
     ] = None,
-    cache_dir: Annotated[
-        Path | None, typer.Option(help="where disk caches live (default: $IMGCLF_CACHE_DIR or ~/.cache/imgclf)")
-    ] = None,
-    precision: Annotated[
-        str | None, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: bf16/fp16 where the hardware has it)")
-    ] = None,
-    compile_: Annotated[
-        bool | None, typer.Option("--compile", help="torch.compile the model (faster on GPUs, not on CPUs)")
-    ] = None,
-    deterministic: Annotated[
-        bool | None, typer.Option("--deterministic", help="deterministic kernels (repeatable GPU runs, slower)")
-    ] = None,
+    cache_dir: CacheDirOption = None,
+    precision: PrecisionOption = None,
+    compile_: CompileOption = None,
+    deterministic: DeterministicOption = None,
     config: ConfigOption = None,
     set_: SetOption = None,
     out: Annotated[Path, typer.Option(help="folder that receives the run folder")] = Path("runs"),
@@ -549,6 +570,25 @@ def tune(
     img_size: ImgSizeOption = None,
     subset: SubsetOption = None,
     freeze_epochs: FreezeOption = None,
+    time: TimeOption = None,
+    ema: EmaOption = None,
+    lr: LrOption = None,
+    unfreeze: UnfreezeOption = None,
+    finetune_lr: FinetuneLrOption = None,
+    layer_decay: LayerDecayOption = None,
+    optimizer: OptimizerOption = None,
+    scheduler: SchedulerOption = None,
+    weight_decay: WeightDecayOption = None,
+    label_smoothing: LabelSmoothingOption = None,
+    augment: AugmentOption = None,
+    hflip: HflipOption = None,
+    color: ColorOption = None,
+    patience: PatienceOption = None,
+    class_weights: ClassWeightsOption = None,
+    cache_dir: CacheDirOption = None,
+    precision: PrecisionOption = None,
+    compile_: CompileOption = None,
+    deterministic: DeterministicOption = None,
     seed: Annotated[int | None, typer.Option(help="training seed of every trial")] = None,
     device: DeviceOption = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: auto)")] = None,

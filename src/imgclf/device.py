@@ -148,11 +148,25 @@ def _auto_precision(device: torch.device) -> str:
 def native_cpu_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware: AVX512-BF16 or AMX on x86 (oneDNN's own check,
     `_is_mkldnn_bf16_supported`, also says yes for plain AVX-512, where bf16 is emulated and slower than fp32),
-    or oneDNN's bf16 kernels on Arm."""
+    or oneDNN's bf16 kernels on Arm. No when the ISA was capped below AVX-512 (ATEN_CPU_CAPABILITY=avx2 or
+    ONEDNN_MAX_CPU_ISA=AVX2, e.g. to reproduce an older CPU): bf16 then runs emulated, ~10x slower than fp32."""
     if platform.machine().lower() in ("x86_64", "amd64"):
+        if isa_capped_below_avx512():
+            return False
         checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
         return any(check is not None and check() for check in checks)
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def isa_capped_below_avx512() -> bool:
+    """Whether ATen's or oneDNN's CPU kernels run below AVX-512 with bf16: the CPU lacks it, or ATEN_CPU_CAPABILITY /
+    ONEDNN_MAX_CPU_ISA capped them."""
+    aten = torch.backends.cpu.get_cpu_capability().upper()
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    onednn_bf16 = onednn == "ALL" or onednn.startswith(
+        ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10")
+    )
+    return not aten.startswith("AVX512") or not onednn_bf16
 
 
 def compile_in_place(model: nn.Module, device: torch.device) -> None:

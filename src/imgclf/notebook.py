@@ -100,6 +100,7 @@ class NotebookProgress(Progress):
         try:
             yield _BarTask(bar)
         finally:
+            bar.refresh()  # its last state drawn, however fast the task went (tqdm redraws every 0.1 s)
             bar.close()
 
 

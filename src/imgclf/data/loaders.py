@@ -204,14 +204,26 @@ class StreamingLoader:
         return self.iter_from(0)
 
     def iter_from(self, step: int):
+        """This epoch's batches from batch `step` on. Under torchrun every training process must take the same
+        number of steps (DDP pairs their gradient all-reduces), so a batch whose images all failed is made up for
+        by repeating the next good one (or, at the epoch's end, the last); a single process skips it."""
         self.sampler.start = step * self.loader.batch_size
+        equal_steps = isinstance(self.sampler, ShardedSampler) and self.sampler.shuffle
+        owed, last = 0, None
         try:
             for images, targets, bad in self.loader:
                 for sample in bad:
                     log.warning("skipped %s: %s", sample.path, sample.reason)
                 self.bad_images += bad
-                if images is not None:
-                    yield images, targets
+                if images is None:
+                    owed += equal_steps
+                    continue
+                last = images, targets
+                for _ in range(1 + owed):
+                    yield last
+                owed = 0
+            for _ in range(owed if last is not None else 0):
+                yield last
         finally:
             self.sampler.start = 0
 
