@@ -276,11 +276,14 @@ def model_rate(precision: str, seconds: float) -> dict:
 
 
 def default_model():
-    """imgclf's default small_cnn for 10 grayscale classes, as `imgclf train` builds it."""
+    """imgclf's default small_cnn for 10 grayscale classes, as `imgclf train` builds it on this machine (early
+    pooling is `auto`: on where training computes in fp32 on a CPU)."""
     from imgclf.config import ModelConfig
-    from imgclf.models.registry import build_model, model_spec
+    from imgclf.device import resolve_compute
+    from imgclf.models.registry import auto_early_pool, build_model, model_spec
 
-    return build_model(model_spec(ModelConfig(), num_classes=10, in_chans=1))
+    early_pool = auto_early_pool(resolve_compute("auto", "auto", True))
+    return build_model(model_spec(ModelConfig(early_pool=early_pool), num_classes=10, in_chans=1))
 
 
 def matmul_rates(device=None, n: int | None = None) -> dict:
@@ -600,6 +603,9 @@ def _machine() -> str:
     from imgclf.cpus import usable_cpus
 
     text = f"{name}, {usable_cpus()} usable cores{', ' + isa if isa else ''}"
+    caps = [f"{key}={os.environ[key]}" for key in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(key)]
+    if caps:  # e.g. an AVX2 CPU reproduced on a newer one
+        text += f" capped by {' '.join(caps)}"
     import torch
 
     if torch.cuda.is_available():

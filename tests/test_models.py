@@ -12,7 +12,9 @@ from imgclf.models.small_cnn import SmallCNN
 
 
 def small_cnn_spec(num_classes: int, in_chans: int, **options) -> ModelSpec:
-    return model_spec(ModelConfig(**{"width": 8, **options}), num_classes=num_classes, in_chans=in_chans)
+    return model_spec(
+        ModelConfig(**{"width": 8, "early_pool": False, **options}), num_classes=num_classes, in_chans=in_chans
+    )
 
 
 @pytest.mark.parametrize("early_pool", [False, True])
@@ -79,3 +81,17 @@ def test_small_cnn_pools_to_a_grid_for_its_head(pool):
     for size in (16, 28, 40):  # any input size: the pooling adapts
         assert model(torch.zeros(2, 1, size, size)).shape == (2, 4)
     assert build_model(ModelSpec.from_dict(spec.to_dict())).head.in_features == 32 * pool * pool
+
+
+def test_early_pool_auto_is_on_for_fp32_on_a_cpu_only_and_must_be_resolved_before_a_build():
+    from imgclf.device import Compute
+    from imgclf.models.registry import auto_early_pool
+
+    assert auto_early_pool(Compute(torch.device("cpu"), None)) is True  # AVX2: FLOP-bound, half the FLOPs pay
+    assert auto_early_pool(Compute(torch.device("cpu"), torch.bfloat16)) is False  # native bf16
+    assert auto_early_pool(Compute(torch.device("cuda"), torch.bfloat16)) is False
+    assert auto_early_pool(Compute(torch.device("cuda"), None)) is False
+    assert ModelConfig().early_pool == "auto"
+    with pytest.raises(ConfigError, match="early_pool must be resolved"):
+        model_spec(ModelConfig(), num_classes=3, in_chans=1)
+    assert model_spec(ModelConfig(name="resnet18"), num_classes=3, in_chans=1).options == {"dropout": 0.0}

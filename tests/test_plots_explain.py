@@ -298,7 +298,8 @@ def test_confusion_matrix_of_50_classes_is_capped_and_labelled(tmp_path):
 
 def small_cnn(in_chans: int = 3, classes: int = 3, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return build_model(model_spec(ModelConfig(width=8, dropout=0.1, pool=1), num_classes=classes, in_chans=in_chans))
+    config = ModelConfig(width=8, dropout=0.1, pool=1, early_pool=False)
+    return build_model(model_spec(config, num_classes=classes, in_chans=in_chans))
 
 
 def timm_cnn(name: str, classes: int = 3) -> nn.Module:
@@ -353,8 +354,10 @@ def test_target_layer_is_the_last_spatial_conv_stage(name, expected):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
-def test_default_small_cnn_at_28_px_weighs_a_7x7_map_not_its_3x3_last_one():
-    model = build_model(model_spec(ModelConfig(), num_classes=10, in_chans=1))  # the defaults: 3 blocks, width 32
+@pytest.mark.parametrize("early_pool", [False, True])  # model.early_pool: auto picks either by the machine
+def test_default_small_cnn_at_28_px_weighs_a_7x7_map_not_its_3x3_last_one(early_pool):
+    # the defaults: 3 blocks, width 32
+    model = build_model(model_spec(ModelConfig(early_pool=early_pool), num_classes=10, in_chans=1))
     _, batch = digit_images(28)
     layer = cam_layer(model, 28)
     assert (layer.name, layer.map_size, layer.input_size) == ("features.1", (7, 7), (28, 28))

@@ -106,3 +106,22 @@ def test_describe_device_names_cpu_and_the_gpu_model():
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
         assert describe_device(torch.device("cuda")) == describe_device(torch.device("cuda:0")) == f"cuda:0 ({name})"
+
+
+def test_config_yaml_and_the_bundle_record_the_early_pooling_auto_chose(tmp_path, digits_source):
+    """`model.early_pool: auto` (the default) resolves by the compute used, once, and the run keeps the choice:
+    config.yaml (so --resume and --reproduce build the same network anywhere) and the bundle's spec."""
+    import yaml
+
+    from imgclf.device import resolve_compute
+    from imgclf.models.registry import auto_early_pool
+
+    for precision in ("auto", "fp32"):
+        config = {**FAST, "train": {**FAST["train"], "epochs": 1, "device": "cpu", "precision": precision}}
+        run = imgclf.train(digits_source, config, out=tmp_path, name=precision, report=False).run_dir
+        recorded = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+        expected = auto_early_pool(resolve_compute("cpu", recorded["train"]["precision"]))
+        assert recorded["model"]["early_pool"] is expected
+        spec = json.loads((run / "model" / "model.json").read_text(encoding="utf-8"))["arch"]
+        assert spec["options"]["early_pool"] is expected
+    assert expected is True  # fp32 on a CPU: half the FLOPs

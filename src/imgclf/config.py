@@ -151,11 +151,12 @@ class ModelConfig(_Section):
         description="small_cnn: average-pool the last feature map to pool x pool cells for the head (1 = global; "
         "2 keeps coarse position, for centred images)",
     )
-    early_pool: bool = Field(
-        False,
+    early_pool: bool | Literal["auto"] = Field(
+        "auto",
         description="small_cnn: max-pool right after each block's first conv, so its second conv runs at half the "
-        "resolution: half the FLOPs, ~1.8x the training speed on a CPU, for ~0.3 points of accuracy (Fashion-MNIST, "
-        "12 epochs: 0.932-0.934 against 0.936)",
+        "resolution: half the FLOPs, ~1.8x the training speed, for ~0.3 points of accuracy at the same epochs "
+        "(Fashion-MNIST, 12 epochs: 0.932-0.934 against 0.936) but more in the same time; auto = on where training "
+        "computes in fp32 on a CPU (no native bf16), off on GPUs and bf16 CPUs; config.yaml records the choice",
     )
     pretrained: bool = Field(
         False,

@@ -378,6 +378,7 @@ def lr_find(
     prepared = _prepare(Path(data), build_config(config), progress=progress)
     config, manifest = prepared.config, prepared.manifest
     compute = resolve_compute(config.train.device, config.train.precision, config.train.channels_last)
+    config = _resolve_for_compute(config, compute)
     pre = preprocessing_of(config)
     loaders = builders.make_loaders(config, manifest, pre, compute, progress=progress)
     return builders.find_learning_rate(
@@ -762,8 +763,9 @@ def _fit_run(
         train_cfg.deterministic,
         processes_per_node=group.local_world_size,
     )
-    if train_cfg.precision == "auto":  # config.yaml records what was used
-        config = build_config(config, {"train.precision": compute.precision})
+    resolved = _resolve_for_compute(config, compute)
+    if resolved != config:  # config.yaml records what was used
+        config = resolved
         distributed.on_main(group, partial(save_config, config, paths.config))
     pre = preprocessing_of(config)
     # 1. data (this process's slice of it); an LR from the LR finder (run by rank 0) when asked for
@@ -1106,6 +1108,26 @@ def _prepare(
     index, manifest = scanned.index, scanned.manifest
     resolved = resolve_data_settings(config, index, manifest, weights=weights, processes=group.world_size)
     return _Prepared(resolved, index, manifest, weights)
+
+
+def _resolve_for_compute(config: RunConfig, compute) -> RunConfig:
+    """The settings whose `auto` depends on the hardware: the precision used, and small_cnn's early pooling (on
+    where the run computes in fp32 on a CPU, `registry.auto_early_pool`)."""
+    from imgclf.models.registry import SMALL_CNN, auto_early_pool
+
+    choices: dict[str, Any] = {}
+    if config.train.precision == "auto":
+        choices["train.precision"] = compute.precision
+    if config.model.early_pool == "auto" and config.model.name == SMALL_CNN:
+        choices["model.early_pool"] = auto_early_pool(compute)
+        log.info(
+            "early pooling: %s (auto: %s)",
+            "on" if choices["model.early_pool"] else "off",
+            "fp32 on a CPU, half the FLOPs"
+            if choices["model.early_pool"]
+            else f"{compute.precision} on {compute.device.type}",
+        )
+    return build_config(config, choices) if choices else config
 
 
 def _write_data_records(paths: RunPaths, problems: Sequence[Problem], manifest: SplitManifest) -> None:

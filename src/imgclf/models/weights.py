@@ -185,6 +185,12 @@ def load_pretrained(model: nn.Module, weights: PretrainedWeights, *, name: str) 
         if key in expected and source[key].shape != expected[key].shape
     ]
     if missing or unexpected or mismatched:
+        hint = (
+            "; small_cnn weights from a run with the other pooling layout: set model.early_pool to that run's value "
+            "(its config.yaml), e.g. --set model.early_pool=false"
+            if name == "small_cnn"
+            else ""
+        )
         raise CheckpointError(
             f"the weights from {weights.source} do not fit {name}: "
             + "; ".join(
@@ -192,6 +198,7 @@ def load_pretrained(model: nn.Module, weights: PretrainedWeights, *, name: str) 
                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", mismatched))
                 if keys
             )
+            + hint
         )
     model.load_state_dict(source, strict=False)
     # A zero head starts at uniform predictions (loss ln C). timm's own initialisation is scaled for 1000
