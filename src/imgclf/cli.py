@@ -242,9 +242,7 @@ TTAOption = Annotated[
 ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML config; flags override it")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="any config key, e.g. --set train.warmup_epochs=2")]
 
-
-# The config key behind each command-line flag (by the command function's parameter name); written once for every
-# command that takes them (train, lr-find).
+# Options that train and tune share (tune takes every config flag of train but --calibrate).
 TimeOption = Annotated[
     str | None,
     typer.Option(help="train for this long (90s, 10m, 2h), the LR schedule fitted to it; --epochs: a cap"),
@@ -279,6 +277,8 @@ DeterministicOption = Annotated[
 ]
 
 
+# The config key behind each command-line flag (by the command function's parameter name); written once for every
+# command that takes them (train, tune, lr-find).
 FLAG_KEYS = {
     "model": "model.name",
     "pretrained": "model.pretrained",

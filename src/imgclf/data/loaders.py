@@ -216,7 +216,8 @@ class StreamingLoader:
                     log.warning("skipped %s: %s", sample.path, sample.reason)
                 self.bad_images += bad
                 if images is None:
-                    owed += equal_steps
+                    if equal_steps:
+                        owed += 1
                     continue
                 last = images, targets
                 for _ in range(1 + owed):

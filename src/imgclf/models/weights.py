@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from imgclf.errors import CheckpointError, ConfigError, ImgclfError
+from imgclf.models.registry import SMALL_CNN
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def load_pretrained(model: nn.Module, weights: PretrainedWeights, *, name: str) 
         hint = (
             "; small_cnn weights from a run with the other pooling layout: set model.early_pool to that run's value "
             "(its config.yaml), e.g. --set model.early_pool=false"
-            if name == "small_cnn"
+            if name == SMALL_CNN
             else ""
         )
         raise CheckpointError(
