@@ -176,3 +176,40 @@ def run_cli(*args):
     from imgclf.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "rocket", "coins", "clock", "immunohistochemistry", "retina")
+
+
+def photo_tiles(count: int, side: int = 128) -> list[Image.Image]:
+    """`count` distinct real photographs: non-overlapping side x side tiles of scikit-image's sample photos, skipping
+    flat ones (a sky, a black border), in a fixed order."""
+    import skimage.data
+
+    tiles: list[Image.Image] = []
+    for name in PHOTOS:
+        photo = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        width, height = photo.size
+        for top in range(0, height - side + 1, side):
+            for left in range(0, width - side + 1, side):
+                tile = photo.crop((left, top, left + side, top + side))
+                if np.asarray(tile.convert("L"), dtype=np.float32).std() > 20:
+                    tiles.append(tile)
+                if len(tiles) == count:
+                    return tiles
+    raise AssertionError(f"the sample photos hold only {len(tiles)} tiles of {side} px; asked for {count}")
+
+
+def copies_of(image: Image.Image) -> dict[str, Image.Image]:
+    """The acceptance test's copies of a picture: resized to 90 %, re-encoded as JPEG at quality 70, 4 px cropped
+    off every side."""
+    import io
+
+    width, height = image.size
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", quality=70)
+    return {
+        "resized": image.resize((round(width * 0.9), round(height * 0.9)), Image.BICUBIC),
+        "jpeg": Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"),
+        "cropped": image.crop((4, 4, width - 4, height - 4)),
+    }

@@ -174,7 +174,8 @@ def test_train_resume_from_the_command_line(tmp_path, digits_flat):
         "train", digits_flat, *FAST_FLAGS, "--out", tmp_path, "--name", "r", "--cache", "disk", "--cache-dir", cache
     )
     assert first.exit_code == 0, first.output
-    assert len([p for p in cache.iterdir() if (p / "meta.json").is_file()]) == 2, "train and val cached in --cache-dir"
+    assert len([p for p in cache.iterdir() if (p / "images.npy").is_file()]) == 2, "train and val cached in --cache-dir"
+    assert any((p / "arrays.npz").is_file() for p in cache.iterdir()), "the near-duplicate features too"
     finished = run("train", "--resume", tmp_path / "r")
     assert finished.exit_code == 1 and "already finished" in finished.output
     extended = run("train", "--resume", tmp_path / "r", "--epochs", "2")

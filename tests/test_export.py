@@ -21,7 +21,7 @@ import torch
 import imgclf
 from conftest import run_cli, write_digits
 from imgclf.data.split import SplitManifest
-from imgclf.deploy.bundle import ModelBundle, load_bundle, read_model_json, save_temperature
+from imgclf.deploy.bundle import ModelBundle, load_bundle, read_model_json, rewrite_description
 from imgclf.deploy.export import check_images
 from imgclf.deploy.predict import Predictor
 from imgclf.deploy.runtimes import LiteRtRuntime, OnnxRuntime, TorchScriptRuntime
@@ -109,7 +109,7 @@ def test_exports_agree_with_eager_pytorch_at_batch_1_and_7(tmp_path, request, fm
 def test_onnx_metadata_round_trips_classes_preprocessing_and_temperature(fresh_default_run):
     run = fresh_default_run
     bundle, _ = load_bundle(run)
-    save_temperature(run / "model", replace(bundle, temperature=1.7))
+    rewrite_description(run / "model", replace(bundle, temperature=1.7))
     (onnx_result,) = imgclf.export(run)
     predictor = Predictor.load(onnx_result.path)
     assert predictor.runtime.name == "onnxruntime"
@@ -131,7 +131,7 @@ def test_onnx_metadata_round_trips_classes_preprocessing_and_temperature(fresh_d
 def test_torchscript_file_carries_classes_preprocessing_and_temperature(fresh_default_run):
     run = fresh_default_run
     bundle, _ = load_bundle(run)
-    save_temperature(run / "model", replace(bundle, temperature=0.8))
+    rewrite_description(run / "model", replace(bundle, temperature=0.8))
     (result,) = imgclf.export(run, format="torchscript")
     extra = {"imgclf.json": ""}
     torch.jit.load(str(result.path), map_location="cpu", _extra_files=extra)

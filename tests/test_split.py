@@ -12,16 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imgclf.data.duplicates import find_duplicates, save_duplicates, warn_about_duplicates
 from imgclf.data.scan import ImageRecord, scan_folder
 from imgclf.data.split import (
     ManifestRow,
     SplitManifest,
-    find_duplicates,
     make_manifest,
     materialize_split,
-    save_duplicates,
     stratified_split,
-    warn_about_duplicates,
 )
 from imgclf.errors import DataError
 from imgclf.files import read_csv
@@ -261,7 +259,7 @@ def test_leak_across_hand_made_splits_is_reported(tmp_path):
     duplicates = find_duplicates(manifest)
     assert len(duplicates) == 1
     duplicate = duplicates[0]
-    assert duplicate.kind == "leak across splits"
+    assert (duplicate.kind, duplicate.issue) == ("exact", "leak across splits")
     assert duplicate.sha256 == hashlib.sha256(leaked).hexdigest()
     assert {duplicate.first.path, duplicate.second.path} == {in_train, in_test}
     assert duplicate.first.split != duplicate.second.split
@@ -273,7 +271,7 @@ def test_same_content_under_two_labels_is_a_label_conflict(tmp_path):
     as_cat = write(root / "train" / "cat" / "ambiguous.png", same)
     as_dog = write(root / "train" / "dog" / "ambiguous.png", same)
     duplicates = find_duplicates(make_manifest(scan_folder(root), ratios=RATIOS, seed=0))
-    assert [(d.kind, {d.first.path, d.second.path}) for d in duplicates] == [("label conflict", {as_cat, as_dog})]
+    assert [(d.issue, {d.first.path, d.second.path}) for d in duplicates] == [("label conflict", {as_cat, as_dog})]
 
 
 def test_find_duplicates_reports_each_group_as_a_star_of_pairs():
@@ -289,7 +287,7 @@ def test_find_duplicates_reports_each_group_as_a_star_of_pairs():
             row("/d/train/b/5.png", "b", "train", "w"),
         )
     )
-    found = [(d.sha256, d.first.path.as_posix(), d.second.path.as_posix(), d.kind) for d in find_duplicates(manifest)]
+    found = [(d.sha256, d.first.path.as_posix(), d.second.path.as_posix(), d.issue) for d in find_duplicates(manifest)]
     assert found == [
         ("x", "/d/train/a/1.png", "/d/val/a/1.png", "leak across splits"),
         ("x", "/d/train/a/1.png", "/d/test/a/1.png", "leak across splits"),
@@ -304,8 +302,10 @@ def test_duplicates_are_saved_and_warned_about(tmp_path, caplog):
     save_duplicates(duplicates, path)
     assert read_csv(path) == [
         {
-            "kind": "leak across splits",
-            "sha256": "x",
+            "kind": "exact",
+            "issue": "leak across splits",
+            "distance": "0.0000",
+            "method": "sha256",
             "path_a": "/d/train/a/1.png",
             "split_a": "train",
             "label_a": "a",
@@ -314,11 +314,11 @@ def test_duplicates_are_saved_and_warned_about(tmp_path, caplog):
             "label_b": "a",
         }
     ]
-    with caplog.at_level(logging.WARNING, logger="imgclf.data.split"):
+    with caplog.at_level(logging.WARNING, logger="imgclf.data.duplicates"):
         warn_about_duplicates(duplicates)
         warn_about_duplicates([])
     assert len(caplog.records) == 1
-    assert "1 identical image pair(s)" in caplog.text
+    assert "1 duplicate image pair(s) across splits or labels (1 identical, 0 near-duplicates" in caplog.text
     assert "/d/train/a/1.png (train/a) = /d/test/a/2.png (test/a)" in caplog.text
 
 

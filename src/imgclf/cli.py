@@ -275,6 +275,23 @@ CompileOption = Annotated[
 DeterministicOption = Annotated[
     bool | None, typer.Option("--deterministic", help="deterministic kernels (repeatable GPU runs, slower)")
 ]
+GroupsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--groups",
+        help="regex over each image's relative path naming its group, e.g. '(?P<group>patient\\d+)': a group never "
+        "spans two splits",
+    ),
+]
+GroupsCsvOption = Annotated[
+    Path | None, typer.Option("--groups-csv", help="CSV of path, group: groups listed (see --groups)")
+]
+ExcludeOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="images to leave out: a CSV with a path column (an edited label_issues.csv) or one path per line"
+    ),
+]
 
 
 # The config key behind each command-line flag (by the command function's parameter name); written once for every
@@ -314,6 +331,9 @@ FLAG_KEYS = {
     "tensorboard": "tracking.tensorboard",
     "time": "train.time_budget",
     "ema": "train.ema",
+    "groups": "data.groups",
+    "groups_csv": "data.groups_csv",
+    "exclude": "data.exclude",
 }
 
 
@@ -381,6 +401,9 @@ def train(
     img_size: ImgSizeOption = None,
     subset: SubsetOption = None,
     color: ColorOption = None,
+    groups: GroupsOption = None,
+    groups_csv: GroupsCsvOption = None,
+    exclude: ExcludeOption = None,
     patience: PatienceOption = None,
     class_weights: ClassWeightsOption = None,
     seed: Annotated[int | None, typer.Option(help="training seed")] = None,
@@ -583,6 +606,9 @@ def tune(
     augment: AugmentOption = None,
     hflip: HflipOption = None,
     color: ColorOption = None,
+    groups: GroupsOption = None,
+    groups_csv: GroupsCsvOption = None,
+    exclude: ExcludeOption = None,
     patience: PatienceOption = None,
     class_weights: ClassWeightsOption = None,
     cache_dir: CacheDirOption = None,
@@ -663,9 +689,14 @@ def evaluate(
             "--force-calibration", help="keep the temperature even if fitted on < 100 val images or raising val ECE"
         ),
     ] = False,
+    ood: Annotated[
+        bool,
+        typer.Option("--ood", help="first choose the out-of-distribution threshold on the val split (saved in model/)"),
+    ] = False,
 ) -> None:
     """Metrics of the run's best model on its test split (or another folder): accuracy, top-k, per-class
-    precision/recall/F1, balanced accuracy, confusion matrix, predictions.csv."""
+    precision/recall/F1, balanced accuracy, confusion matrix, predictions.csv (with each image's ood_score), and the
+    share of images the model would answer 'unknown' for."""
     from imgclf import workflow
 
     result = workflow.evaluate(
@@ -678,6 +709,7 @@ def evaluate(
         tta=tta,
         calibrate=calibrate,
         force_calibration=force_calibration,
+        ood=ood,
         progress=RichProgress(),
     )
     print_metrics(result.metrics)
@@ -690,6 +722,7 @@ def evaluate(
         "imgclf predict runs/<name>/model/model.onnx photos/ --out preds.csv   # ONNX Runtime, no torch",
         "imgclf predict runs/<name> 'inbox/**/*.jpg' --out preds.jsonl --format jsonl",
         "imgclf predict runs/<name> photos/ --tta",
+        "imgclf predict runs/<name> photos/ --abstain --out preds.csv   # 'unknown' for images unlike training's",
         "torchrun --nproc_per_node 4 -m imgclf predict runs/<name> big/folder --out preds.csv   # sharded",
     )
 )
@@ -705,9 +738,17 @@ def predict(
     batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 64,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps (PyTorch models)")] = "auto",
     tta: TTAOption = False,
+    abstain: Annotated[
+        bool,
+        typer.Option(
+            "--abstain", help="label images unlike the training data 'unknown' (the model's stored OOD threshold)"
+        ),
+    ] = False,
 ) -> None:
-    """Predict images; unreadable files get a row with the error instead of stopping the run. Exits 1 when no
-    input could be read at all."""
+    """Predict images; unreadable files get a row with the error instead of stopping the run. Every row carries its
+    ood_score (how unlike the training data the image is: the energy of the logits, higher = more unusual); with
+    --abstain, images above the threshold chosen on validation are labelled 'unknown'. Exits 1 when no input could
+    be read at all."""
 
     from imgclf import workflow
 
@@ -719,6 +760,7 @@ def predict(
         batch_size=batch_size,
         device=device,
         tta=tta,
+        abstain=abstain,
         out=None if to_stdout else out,
         out_format=format_,
         progress=RichProgress(),
@@ -745,13 +787,14 @@ def _show_predictions(predictions: list, *, out: Path | None, to_stdout: bool, f
         console.print(f"{len(predictions)} predictions written to [bold]{escape(str(out))}[/]")
     else:
         columns = [header for rank in range(1, top_k + 1) for header in (f"class {rank}", f"p {rank}")]
-        table = Table("path", *columns, "error")
+        table = Table("path", "label", *columns, "ood score", "error")
         for p in predictions:
             cells = []
             for rank in range(top_k):
                 has = rank < len(p.classes)
                 cells += [escape(p.classes[rank]) if has else "", f"{p.probabilities[rank]:.3f}" if has else ""]
-            table.add_row(escape(p.source), *cells, escape(p.error or ""))
+            ood = "" if p.ood_score is None else f"{p.ood_score:.2f}"
+            table.add_row(escape(p.source), escape(p.label or ""), *cells, ood, escape(p.error or ""))
         out_console.print(table)
 
 
@@ -860,6 +903,7 @@ def serve(
 @app.command(
     epilog=examples(
         "imgclf split photos/ data/ --ratios 0.8 0.1 0.1 --seed 0",
+        "imgclf split scans/ data/ --groups '(?P<group>patient\\d+)'   # each patient's images in one split",
     )
 )
 @handles_errors
@@ -874,16 +918,37 @@ def split(
     seed: Annotated[int, typer.Option(help="same seed, same split")] = 0,
     copy: Annotated[bool, typer.Option("--copy", help="copy files instead of hard-linking")] = False,
     symlink: Annotated[bool, typer.Option("--symlink", help="symlink files instead of hard-linking")] = False,
+    groups: GroupsOption = None,
+    groups_csv: GroupsCsvOption = None,
+    near_duplicates: Annotated[
+        bool,
+        typer.Option(
+            "--near-duplicates/--no-near-duplicates", help="keep near-duplicates together (not just identical files)"
+        ),
+    ] = True,
 ) -> None:
-    """Write a seeded, stratified train/val/test split of a class-folder dataset (source files untouched)."""
+    """Write a seeded, stratified train/val/test split of a class-folder dataset (source files untouched): identical
+    files, near-duplicates and groups each stay in one split."""
     from imgclf import workflow
 
     if copy and symlink:
         raise typer.BadParameter("choose one of --copy and --symlink")
     mode = "copy" if copy else "symlink" if symlink else "hardlink"
-    result = workflow.split(source, target, ratios=ratios, seed=seed, mode=mode, progress=RichProgress())
+    result = workflow.split(
+        source,
+        target,
+        ratios=ratios,
+        seed=seed,
+        mode=mode,
+        near_duplicates=near_duplicates,
+        groups=groups,
+        groups_csv=groups_csv,
+        progress=RichProgress(),
+    )
     summary = ", ".join(f"{name} {count}" for name, count in result.counts.items())
     out_console.print(f"wrote {summary} images to [bold]{escape(str(result.target))}[/] ({mode})")
+    if result.near_duplicates:
+        out_console.print(f"{result.near_duplicates} near-duplicate pair(s) kept in one split each")
     if result.problems:
         console.print(f"[yellow]{len(result.problems)} file(s) skipped:[/]")
         for problem in result.problems:
@@ -907,16 +972,27 @@ def init(
     seed: Annotated[int, typer.Option(help="same seed, same split")] = 0,
     copy: Annotated[bool, typer.Option("--copy", help="copy images instead of hard-linking")] = False,
     symlink: Annotated[bool, typer.Option("--symlink", help="symlink images instead of hard-linking")] = False,
+    groups: GroupsOption = None,
+    groups_csv: GroupsCsvOption = None,
 ) -> None:
     """Create a lab project: data/{train,val,test}/<class>/ (split from --from: seeded, stratified, identical
-    images kept together), notebooks/Lab10_image_classification.ipynb pointed at it, models/ for the runs, and a
-    README with the next commands."""
+    images, near-duplicates and --groups kept together), notebooks/Lab10_image_classification.ipynb pointed at it,
+    models/ for the runs, and a README with the next commands."""
     from imgclf.scaffold import init_project
 
     if copy and symlink:
         raise typer.BadParameter("choose one of --copy and --symlink")
     mode = "copy" if copy else "symlink" if symlink else "hardlink"
-    project = init_project(target, source=from_, ratios=ratios, seed=seed, mode=mode, progress=RichProgress())
+    project = init_project(
+        target,
+        source=from_,
+        ratios=ratios,
+        seed=seed,
+        mode=mode,
+        groups=groups,
+        groups_csv=groups_csv,
+        progress=RichProgress(),
+    )
     made = ", ".join(f"{split} {count}" for split, count in project.counts.items()) or "no images yet"
     console.print(f"project [bold]{escape(str(project.root))}[/]: data/ ({made}), notebooks/, models/, README.md")
     out_console.print(f"next: cd {escape(str(project.root))} && imgclf train data --fast-dev-run --out models")
@@ -945,6 +1021,8 @@ def report(
         "imgclf inspect photos/ --out checks/ --ratios 0.7 0.15 0.15 --seed 1",
         "imgclf inspect data/ --config recipe.yaml   # the split and pixel limit train --config recipe.yaml uses",
         "imgclf inspect data/ --strict && imgclf train data/",
+        "imgclf inspect data/ --labels              # likely mislabelled images: label_issues.csv",
+        "imgclf inspect scans/ --groups '(?P<group>patient\\d+)'   # groups that span the splits",
     )
 )
 @handles_errors
@@ -961,6 +1039,18 @@ def inspect(
     ] = None,
     strict: Annotated[bool, typer.Option("--strict", help="exit 1 when train would refuse the data")] = False,
     subset: SubsetOption = None,
+    labels: Annotated[
+        bool,
+        typer.Option(
+            "--labels", help="also look for likely mislabelled images (confident learning): label_issues.csv/.png"
+        ),
+    ] = False,
+    groups: GroupsOption = None,
+    groups_csv: GroupsCsvOption = None,
+    exclude: ExcludeOption = None,
+    near_duplicates: Annotated[
+        bool, typer.Option("--near-duplicates/--no-near-duplicates", help="look for near-duplicates too")
+    ] = True,
 ) -> None:
     """Dataset statistics, every problem train would stop or warn at, skipped files, duplicates and leaks, and a
     sample grid per class, for the split train would make; changes nothing. Exits 0 whatever it finds in the
@@ -968,7 +1058,15 @@ def inspect(
     written, 2 for an invalid --config or --ratios."""
     from imgclf.explore import inspect_data
 
-    flags = {"data.split_ratios": list(ratios) if ratios else None, "data.split_seed": seed, "data.subset": subset}
+    flags = {
+        "data.split_ratios": list(ratios) if ratios else None,
+        "data.split_seed": seed,
+        "data.subset": subset,
+        "data.groups": groups,
+        "data.groups_csv": groups_csv,
+        "data.exclude": exclude,
+        "data.near_duplicates": None if near_duplicates else False,
+    }
     data_config = run_config_from(config, flags, None).data
     result = inspect_data(
         data,
@@ -977,6 +1075,12 @@ def inspect(
         seed=data_config.split_seed,
         max_pixels=data_config.max_pixels,
         subset=data_config.subset,
+        near_duplicates=data_config.near_duplicates,
+        groups=data_config.groups,
+        groups_csv=data_config.groups_csv,
+        exclude=data_config.exclude,
+        labels=labels,
+        cache_dir=data_config.cache_dir,
         progress=RichProgress(),
     )
     summary = result.summary
@@ -996,8 +1100,23 @@ def inspect(
         if width
         else "no images",
         f"skipped files: {summary['skipped_files']}; leaks across splits: "
-        f"{summary['duplicates']['leaks_across_splits']}; label conflicts: {summary['duplicates']['label_conflicts']}",
+        f"{summary['duplicates']['leaks_across_splits']} identical, "
+        f"{summary['duplicates']['near_leaks_across_splits']} near-duplicates; label conflicts: "
+        f"{summary['duplicates']['label_conflicts']}",
     ]
+    if summary["groups"]["rule"]:
+        lines.append(
+            f"groups: {summary['groups']['groups']} ({summary['groups']['images_in_groups']} images); spanning "
+            f"splits: {len(summary['groups']['spanning_splits'])}"
+        )
+    if "label_issues" in summary:
+        found = summary["label_issues"]
+        lines.append(
+            f"label issues: {found['skipped']}"
+            if found["skipped"]
+            else f"likely mislabelled: {found['flagged']} of {found['images']} images (label_issues.csv, "
+            f"label_issues.png; out-of-fold accuracy {found['out_of_fold_accuracy']})"
+        )
     for line in lines:
         out_console.print(escape(line))
     for message in summary["errors"]:
@@ -1345,6 +1464,11 @@ def print_metrics(metrics: dict[str, Any]) -> None:
     ):
         if key in metrics:
             headline.add_row(key, f"{metrics[key]:.4f}")
+    ood = metrics.get("ood")
+    if ood:
+        headline.add_row("answered (ood score <= threshold)", f"{ood['accepted']:.4f}")
+        if ood.get("accuracy_accepted") is not None:
+            headline.add_row("accuracy of the answered", f"{ood['accuracy_accepted']:.4f}")
     out_console.print(headline)
     per_class = Table("class", "precision", "recall", "f1", "support")
     for name, row in metrics.get("per_class", {}).items():

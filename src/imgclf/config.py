@@ -77,6 +77,30 @@ class DataConfig(_Section):
     cache_budget: float = Field(
         0.25, gt=0, le=1, description="auto caches when the decoded images take at most this fraction of RAM"
     )
+    near_duplicates: bool = Field(
+        True,
+        description="find near-duplicates (the same picture re-encoded, resized, slightly cropped or brightened: "
+        "perceptual hash + aligned thumbnails), keep each cluster in one split and report those across splits "
+        "(duplicates.csv); false = identical files only",
+    )
+    groups: str | None = Field(
+        None,
+        description="regular expression over each image's path relative to the data folder naming its group (one "
+        "video, one patient), e.g. '(?P<group>patient\\d+)': a group never spans two splits; null = no groups",
+    )
+    groups_csv: Path | None = Field(
+        None, description="a CSV of path, group (paths relative to the data folder): groups listed, as groups"
+    )
+    exclude: Path | None = Field(
+        None,
+        description="images to leave out: a CSV with a path column (an edited label_issues.csv) or one path per line; "
+        "each is listed in problems.csv",
+    )
+    label_issues: bool | Literal["auto"] = Field(
+        "auto",
+        description="look for likely mislabelled images (confident learning on out-of-fold predictions from frozen "
+        "pretrained features): label_issues.csv and a report gallery; auto = on for 500 to 10,000 images",
+    )
     max_bad_images: int = Field(
         10,
         ge=0,
@@ -90,6 +114,18 @@ class DataConfig(_Section):
     @classmethod
     def _off_is_a_word(cls, value: Any) -> Any:
         return "off" if value is False else value  # `cache: off` in YAML arrives as False
+
+    @field_validator("groups")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            from imgclf.data.groups import compile_pattern
+
+            try:
+                compile_pattern(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc).removeprefix("data.groups ")) from None
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -275,6 +311,14 @@ class TrainConfig(_Section):
         False,
         description="after training, fit a temperature on the validation split so that predicted probabilities "
         "match accuracy (temperature scaling; never changes the predicted class); stored in the model bundle",
+    )
+    ood_coverage: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="after training, the out-of-distribution threshold is set so that this share of validation images "
+        "scores below it (the rest: a false-alarm rate on data like the training data); predict --abstain answers "
+        "'unknown' above it",
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",

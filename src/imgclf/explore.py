@@ -18,6 +18,8 @@ from imgclf.files import write_atomic, write_csv_atomic, write_json_atomic
 from imgclf.progress import NO_PROGRESS, Progress
 
 if TYPE_CHECKING:
+    from imgclf.data.duplicates import Duplicate
+    from imgclf.data.groups import GroupSpan
     from imgclf.data.scan import ImageIndex, Problem
     from imgclf.data.split import SplitManifest
 
@@ -46,6 +48,12 @@ def inspect_data(
     seed: int = 0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     subset: int | None = None,
+    near_duplicates: bool = True,
+    groups: str | None = None,
+    groups_csv: Path | str | None = None,
+    exclude: Path | str | None = None,
+    labels: bool = False,
+    cache_dir: Path | str | None = None,
     progress: Progress = NO_PROGRESS,
 ) -> InspectResult:
     """Scan a dataset the way `train` would and write what a person should know before training on it.
@@ -53,9 +61,11 @@ def inspect_data(
     Everything `train` would stop at (an empty class folder, a val class that train lacks, no class folders, no
     validation split...) is listed, with `train`'s own message, instead of stopping at the first; so is what it
     would only warn about. Writes into `out`: `dataset.json` (counts per split and class, imbalance, image
-    sizes, duplicates, `errors` and `warnings`), `problems.csv` (one row per error, warning and skipped file:
-    path, reason, severity), `duplicates.csv` (identical images across the splits `train` would use, or
-    across labels) and `samples.png` (a grid of training images per class).
+    sizes, duplicates, groups, `errors` and `warnings`), `problems.csv` (one row per error, warning and skipped
+    file: path, reason, severity), `duplicates.csv` (identical and near-duplicate images across the splits `train`
+    would use, or across labels: both paths, the distance, the method that found them), `samples.png` (a grid of
+    training images per class) and, with `labels`, `label_issues.csv` and `label_issues.png`
+    (`evaluation.label_issues`).
 
     Args:
         data: `root/{train,val,test}/<class>/` or `root/<class>/`.
@@ -65,6 +75,13 @@ def inspect_data(
         seed: split seed (as `data.split_seed`).
         max_pixels: larger images are reported as problems (as `data.max_pixels`).
         subset: look at N images per class and split only (as `data.subset`; the others are not decoded).
+        near_duplicates: look for near-duplicates too (as `data.near_duplicates`).
+        groups: a regular expression naming each image's group from its path (as `data.groups`); groups that
+            span splits made by hand are listed.
+        groups_csv: a CSV of path, group (as `data.groups_csv`).
+        exclude: images to leave out (as `data.exclude`).
+        labels: also look for likely mislabelled images (confident learning, `evaluation.label_issues`).
+        cache_dir: where per-image features are cached (as `data.cache_dir`).
         progress: progress reporter.
 
     Returns:
@@ -78,8 +95,9 @@ def inspect_data(
         >>> inspect_data("data/").summary["imbalance_ratio"]
         1.25
     """
+    from imgclf.data.duplicates import save_duplicates
     from imgclf.data.scan import Problem
-    from imgclf.data.split import find_duplicates, save_duplicates, scan_and_split
+    from imgclf.data.split import scan_and_split
     from imgclf.evaluation.plots import sample_grid_figure
     from imgclf.tracking.runs import check_writable
 
@@ -88,12 +106,23 @@ def inspect_data(
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root} (expected a folder of class folders)")
     check_writable(out_dir)
-    index, manifest = scan_and_split(
-        root, ratios=ratios, seed=seed, max_pixels=max_pixels, subset=subset, collect_errors=True, progress=progress
+    scanned = scan_and_split(
+        root,
+        ratios=ratios,
+        seed=seed,
+        max_pixels=max_pixels,
+        subset=subset,
+        collect_errors=True,
+        near_duplicates=near_duplicates,
+        groups=groups,
+        groups_csv=Path(groups_csv) if groups_csv else None,
+        exclude=Path(exclude) if exclude else None,
+        cache_dir=Path(cache_dir) if cache_dir else None,
+        progress=progress,
     )
-    duplicates = find_duplicates(manifest)
+    index, manifest, duplicates = scanned.index, scanned.manifest, scanned.duplicates
     errors, warnings = list(index.errors), [Problem(root, message) for message in index.warnings]
-    errors_after_split, warnings_after_split = _split_findings(root, index, manifest, len(duplicates))
+    errors_after_split, warnings_after_split = _split_findings(root, index, manifest, duplicates, scanned.spans)
     errors += errors_after_split
     warnings += [w for w in warnings_after_split if w.reason not in index.warnings]
     counts = manifest.counts()
@@ -115,8 +144,16 @@ def inspect_data(
         "hidden_files": index.hidden_files,
         "ignored_files": index.ignored_files,
         "duplicates": {
-            "leaks_across_splits": sum(d.kind == "leak across splits" for d in duplicates),
-            "label_conflicts": sum(d.kind == "label conflict" for d in duplicates),
+            "leaks_across_splits": sum(d.issue == "leak across splits" and d.kind == "exact" for d in duplicates),
+            "near_leaks_across_splits": sum(d.issue == "leak across splits" and d.kind == "near" for d in duplicates),
+            "label_conflicts": sum(d.issue == "label conflict" for d in duplicates),
+            "near_duplicate_pairs": len(scanned.near) if near_duplicates else None,
+        },
+        "groups": {
+            "rule": groups or (str(groups_csv) if groups_csv else None),
+            "images_in_groups": len(scanned.groups),
+            "groups": len(set(scanned.groups.values())),
+            "spanning_splits": [{"group": span.group, "splits": span.splits} for span in scanned.spans],
         },
         "split_ratios": list(ratios),
         "split_seed": seed,
@@ -133,6 +170,9 @@ def inspect_data(
     ]
     write_csv_atomic(out_dir / "problems.csv", PROBLEM_COLUMNS, rows)
     save_duplicates(duplicates, out_dir / "duplicates.csv")
+    if labels:
+        summary["label_issues"] = _label_issues(manifest, out_dir, max_pixels, cache_dir, progress)
+        write_json_atomic(out_dir / "dataset.json", summary)
     rng = np.random.default_rng(seed)
     samples: dict[str, list[np.ndarray]] = {}
     for name in index.classes:
@@ -217,7 +257,7 @@ def preview_augmentation(
 
 
 def _split_findings(
-    root: Path, index: ImageIndex, manifest: SplitManifest, duplicates: int
+    root: Path, index: ImageIndex, manifest: SplitManifest, duplicates: Sequence[Duplicate], spans: Sequence[GroupSpan]
 ) -> tuple[list[Problem], list[Problem]]:
     """Errors and warnings that only the split shows: what `train` says about the manifest it would use."""
     from imgclf.data.scan import Problem
@@ -247,15 +287,49 @@ def _split_findings(
         missing = [name for name in index.classes if counts[split] and not counts[split][name]]
         if missing:
             warnings.append(Problem(root, f"{split} split has no images of class(es): {', '.join(missing)}"))
-    if duplicates:
+    exact = sum(d.kind == "exact" for d in duplicates)
+    if exact:
         warnings.append(
             Problem(
                 root,
-                f"{duplicates} identical image pair(s) across splits or labels (leaks inflate test accuracy); "
+                f"{exact} identical image pair(s) across splits or labels (leaks inflate test accuracy); "
                 "the pairs are in duplicates.csv",
             )
         )
+    near = [d for d in duplicates if d.kind == "near"]
+    if near:
+        warnings.append(
+            Problem(
+                root,
+                f"{len(near)} near-duplicate pair(s) across splits or labels (the same picture saved again: leaks "
+                "inflate test accuracy); the pairs, with their distance, are in duplicates.csv",
+            )
+        )
+    if spans:
+        shown = "; ".join(span.describe() for span in spans[:5])
+        more = f" and {len(spans) - 5} more" if len(spans) > 5 else ""
+        warnings.append(
+            Problem(
+                root,
+                f"{len(spans)} group(s) span the splits made by hand: {shown}{more}; a model tested on a group it "
+                "trained on is partly tested on memory: move each group into one split",
+            )
+        )
     return errors, warnings
+
+
+def _label_issues(manifest: SplitManifest, out_dir: Path, max_pixels: int, cache_dir, progress: Progress):
+    """label_issues.csv and label_issues.png for every image of the manifest; the summary's `label_issues`."""
+    from imgclf.evaluation.label_issues import find_label_issues, label_issues_figure, save_label_issues
+
+    found = find_label_issues(
+        manifest.rows, max_pixels=max_pixels, cache_dir=Path(cache_dir) if cache_dir else None, progress=progress
+    )
+    save_label_issues(found, out_dir / "label_issues.csv")
+    figure = label_issues_figure(found.issues)
+    if figure is not None:
+        write_atomic(out_dir / "label_issues.png", lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    return found.summary()
 
 
 def _to_display(image) -> np.ndarray:

@@ -43,6 +43,8 @@ def init_project(
     ratios: Sequence[float] = (0.8, 0.1, 0.1),
     seed: int = 0,
     mode: LinkMode = "hardlink",
+    groups: str | None = None,
+    groups_csv: Path | str | None = None,
     progress: Progress = NO_PROGRESS,
 ) -> Project:
     """Create the lab's project layout in `target` (new or empty), splitting `source` into its data/ if given.
@@ -53,6 +55,9 @@ def init_project(
         ratios: train/val/test fractions of the split.
         seed: the split's seed.
         mode: hardlink (default), copy or symlink the images.
+        groups: a regular expression naming each image's group (one patient, one video): a group never spans two
+            splits (as `data.groups`); identical files and near-duplicates are kept together in any case.
+        groups_csv: a CSV of path, group (as `data.groups_csv`).
         progress: progress reporter.
 
     Raises:
@@ -69,7 +74,16 @@ def init_project(
         raise DataError(f"{root} exists and is not empty; imgclf init makes a new project in a new or empty folder")
     counts: dict[str, int] = {}
     if source is not None:
-        counts = workflow.split(source, root / "data", ratios=ratios, seed=seed, mode=mode, progress=progress).counts
+        counts = workflow.split(
+            source,
+            root / "data",
+            ratios=ratios,
+            seed=seed,
+            mode=mode,
+            groups=groups,
+            groups_csv=groups_csv,
+            progress=progress,
+        ).counts
     else:
         for split in ("train", "val", "test"):
             (root / "data" / split).mkdir(parents=True, exist_ok=True)

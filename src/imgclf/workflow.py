@@ -11,20 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from imgclf.config import RunConfig, TrainConfig, build_config, load_config, save_config
+from imgclf.data.duplicates import find_duplicates, save_duplicates, warn_about_duplicates
 from imgclf.data.images import DEFAULT_MAX_PIXELS
 from imgclf.data.preprocessing import Preprocessing
-from imgclf.data.scan import ImageIndex, Problem, check_training_folder, scan_folder
+from imgclf.data.scan import ImageIndex, Problem, check_training_folder
 from imgclf.data.settings import preprocessing_of, resolve_data_settings
 from imgclf.data.split import (
     LinkMode,
+    SplitData,
     SplitManifest,
     compare_manifests,
-    find_duplicates,
-    make_manifest,
     materialize_split,
-    save_duplicates,
     scan_and_split,
-    warn_about_duplicates,
 )
 from imgclf.errors import ConfigError, DataError, ImgclfError, TrainingInterrupted
 from imgclf.evaluation import evaluate as evaluation
@@ -76,7 +74,8 @@ class SplitResult:
     target: Path
     counts: dict[str, int]
     problems: tuple[Problem, ...]
-    duplicates: int
+    duplicates: int  # identical or near-duplicate pairs across splits (a folder split by hand) or labels
+    near_duplicates: int = 0  # near-duplicate pairs found (each kept in one split)
 
 
 def train(
@@ -163,9 +162,10 @@ def train(
         env["distributed"] = _distributed_record(group, config)
 
     def write_records() -> None:
-        _write_data_records(paths, prepared.index.problems, prepared.manifest)
+        _write_data_records(paths, prepared.index.problems, prepared.manifest, prepared.split)
         save_config(config, paths.config)
         write_env(paths, env)
+        _look_for_label_issues(paths, config, prepared.manifest, progress=progress)
 
     distributed.on_main(group, write_records)
     result = _train_run(
@@ -313,9 +313,10 @@ class ScannedData:
     """A folder scanned and split once (`scan_data`), for several runs on it (tuning trials)."""
 
     root: Path  # resolved
-    settings: tuple  # (split_ratios, split_seed, max_pixels, subset) it was split with
+    settings: tuple  # the data settings it was split with (`_split_settings`)
     index: ImageIndex
     manifest: SplitManifest
+    split: SplitData | None = None  # with the duplicates across splits and the groups
 
 
 def scan_data(
@@ -334,22 +335,37 @@ def scan_data(
     check_training_folder(root)
 
     def scan() -> ScannedData:
-        index, manifest = scan_and_split(
+        split = scan_and_split(
             root.resolve(),
             ratios=settings.split_ratios,
             seed=settings.split_seed,
             max_pixels=settings.max_pixels,
             subset=settings.subset,
+            near_duplicates=settings.near_duplicates,
+            groups=settings.groups,
+            groups_csv=settings.groups_csv,
+            exclude=settings.exclude,
+            cache_dir=settings.cache_dir,
             progress=progress,
         )
-        return ScannedData(root.resolve(), _split_settings(settings), index, manifest)
+        return ScannedData(root.resolve(), _split_settings(settings), split.index, split.manifest, split)
 
     # under torchrun rank 0 scans (hashing every file once) and hands the split to the others
     return distributed.on_main(distributed.current(), scan)
 
 
 def _split_settings(settings) -> tuple:
-    return (tuple(settings.split_ratios), settings.split_seed, settings.max_pixels, settings.subset)
+    """The data settings a scan and split depend on: a `ScannedData` made with others is not reused."""
+    return (
+        tuple(settings.split_ratios),
+        settings.split_seed,
+        settings.max_pixels,
+        settings.subset,
+        settings.near_duplicates,
+        settings.groups,
+        settings.groups_csv,
+        settings.exclude,
+    )
 
 
 def lr_find(
@@ -406,6 +422,7 @@ def evaluate(
     tta: bool = False,
     calibrate: bool = False,
     force_calibration: bool = False,
+    ood: bool = False,
     progress: Progress = NO_PROGRESS,
 ) -> EvalResult:
     """Evaluate a run's best model on its test split, or on another labelled folder.
@@ -425,6 +442,8 @@ def evaluate(
             by evaluate and predict; the fit and ECE before/after go to calibration.json). A temperature fitted on
             fewer than 100 val images, or one that raises val ECE, is refused (T stays 1, warned).
         force_calibration: keep the fitted temperature even then.
+        ood: first choose the out-of-distribution threshold on the validation split again (`train.ood_coverage` of
+            the run's config; stored in `model/`), e.g. for a run trained before imgclf stored one.
         progress: progress reporter.
 
     Returns:
@@ -438,7 +457,16 @@ def evaluate(
     predictor.max_pixels = evaluation.run_max_pixels(Path(run))
     if tta:
         predictor.check_tta()  # before any work
-    paths = find_run(Path(run)) if data is None or calibrate else None
+    paths = find_run(Path(run)) if data is None or calibrate or ood else None
+    if ood:
+        predictor = evaluation.fit_ood_threshold(
+            predictor,
+            paths,
+            SplitManifest.load(paths.manifest),
+            coverage=load_config(paths.config).train.ood_coverage,
+            batch_size=batch_size,
+            progress=progress,
+        )
     if calibrate:
         manifest = SplitManifest.load(paths.manifest)
         predictor = evaluation.calibrate(
@@ -506,6 +534,7 @@ def predict(
     batch_size: int = 64,
     device: str = "auto",
     tta: bool = False,
+    abstain: bool = False,
     out: Path | str | None = None,
     out_format: str = "csv",
     progress: Progress = NO_PROGRESS,
@@ -520,6 +549,8 @@ def predict(
         batch_size: images per forward pass.
         device: used when `model` is a run or bundle folder.
         tta: average each image's probabilities with its mirror's (only for models trained with flips).
+        abstain: label an input `unknown` when its OOD score (how unlike the training data it is) is above the
+            threshold stored with the model; every prediction carries its `ood_score` either way.
         out: also write the predictions to this file (atomically), one row per input.
         out_format: csv | jsonl.
         progress: progress reporter.
@@ -549,12 +580,14 @@ def predict(
         predictor = model
     if tta:
         predictor.check_tta()
+    if abstain:
+        predictor.check_abstain()
     files = collect_inputs(inputs)
     if not files:
         raise DataError(f"no image files found in {', '.join(str(i) for i in inputs)}")
     mine = files[group.rank :: group.world_size]
     shown = progress if group.is_main else Progress()
-    predictions = predictor.predict(mine, top_k=top_k, batch_size=batch_size, tta=tta, progress=shown)
+    predictions = predictor.predict(mine, top_k=top_k, batch_size=batch_size, tta=tta, abstain=abstain, progress=shown)
     if group.enabled:
         slices = distributed.gather(group, predictions)
         predictions = [None] * len(files)
@@ -634,9 +667,13 @@ def split(
     seed: int = 0,
     mode: LinkMode = "hardlink",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    near_duplicates: bool = True,
+    groups: str | None = None,
+    groups_csv: Path | str | None = None,
     progress: Progress = NO_PROGRESS,
 ) -> SplitResult:
-    """Write a seeded, stratified train/val/test copy (hard links by default) of a flat class-folder dataset.
+    """Write a seeded, stratified train/val/test copy (hard links by default) of a flat class-folder dataset, with
+    identical files, near-duplicates and groups each kept in one split.
 
     Args:
         source: `source/<class>/...` (a folder that is already split keeps its split).
@@ -645,18 +682,43 @@ def split(
         seed: the same seed gives the same split.
         mode: hardlink | copy | symlink.
         max_pixels: images above this are skipped as problems.
+        near_duplicates: find near-duplicates and keep them together (as `data.near_duplicates`).
+        groups: a regular expression naming each image's group from its relative path (as `data.groups`).
+        groups_csv: a CSV of path, group (as `data.groups_csv`).
         progress: progress reporter.
+
+    Example:
+        >>> imgclf.split("photos/", "data/", groups=r"(?P<group>patient\\d+)").counts
+        {'train': 80, 'val': 10, 'test': 10}
     """
-    ratios = build_config(None, {"data.split_ratios": list(ratios)}).data.split_ratios
+    data = build_config(
+        None,
+        {"data.split_ratios": list(ratios), "data.groups": groups, "data.groups_csv": groups_csv},
+    ).data
     target = Path(target)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise DataError(f"target {target} exists and is not empty; choose a new folder (nothing was written)")
-    index = scan_folder(Path(source), max_pixels=max_pixels, progress=progress)
-    manifest = make_manifest(index, ratios=ratios, seed=seed)
-    duplicates = find_duplicates(manifest)
-    warn_about_duplicates(duplicates)
-    counts = materialize_split(manifest, target, mode=mode)
-    return SplitResult(target=target, counts=counts, problems=index.problems, duplicates=len(duplicates))
+    if not Path(source).is_dir():
+        raise DataError(f"dataset folder not found: {source} (expected a folder of class folders)")
+    scanned = scan_and_split(
+        Path(source),
+        ratios=data.split_ratios,
+        seed=seed,
+        max_pixels=max_pixels,
+        near_duplicates=near_duplicates,
+        groups=data.groups,
+        groups_csv=data.groups_csv,
+        progress=progress,
+    )
+    warn_about_duplicates(scanned.duplicates)
+    counts = materialize_split(scanned.manifest, target, mode=mode)
+    return SplitResult(
+        target=target,
+        counts=counts,
+        problems=scanned.index.problems,
+        duplicates=len(scanned.duplicates),
+        near_duplicates=len(scanned.near),
+    )
 
 
 # --- training internals --------------------------------------------------------------------------------------
@@ -890,6 +952,9 @@ def _fit_run(
     save_bundle(paths.model, state.model, bundle)
     predictor = Predictor(bundle, TorchRuntime(state.model, compute.device), max_pixels=config.data.max_pixels)
     batch_size = 2 * config.train.batch_size
+    predictor = evaluation.fit_ood_threshold(
+        predictor, paths, manifest, coverage=config.train.ood_coverage, batch_size=batch_size, progress=progress
+    )
     if config.train.calibrate:
         predictor = evaluation.calibrate(predictor, paths, manifest, batch_size=batch_size, progress=progress)
     metrics = None
@@ -1080,6 +1145,7 @@ class _Prepared:
     index: ImageIndex
     manifest: SplitManifest
     weights: Any  # PretrainedWeights or None
+    split: SplitData | None = None  # the duplicates across splits and the groups
 
 
 def _prepare(
@@ -1107,7 +1173,7 @@ def _prepare(
         scanned = scan_data(data, config, progress=progress)
     index, manifest = scanned.index, scanned.manifest
     resolved = resolve_data_settings(config, index, manifest, weights=weights, processes=group.world_size)
-    return _Prepared(resolved, index, manifest, weights)
+    return _Prepared(resolved, index, manifest, weights, scanned.split)
 
 
 def _resolve_for_compute(config: RunConfig, compute) -> RunConfig:
@@ -1130,10 +1196,39 @@ def _resolve_for_compute(config: RunConfig, compute) -> RunConfig:
     return build_config(config, choices) if choices else config
 
 
-def _write_data_records(paths: RunPaths, problems: Sequence[Problem], manifest: SplitManifest) -> None:
+def _look_for_label_issues(paths: RunPaths, config: RunConfig, manifest: SplitManifest, *, progress: Progress) -> None:
+    """label_issues.csv and label_issues.json when `data.label_issues` asks (auto: by the number of images). Under
+    auto a failure (no pretrained weights offline) is a warning; asked for explicitly, it stops the run."""
+    from imgclf.device import select_device
+    from imgclf.evaluation.label_issues import find_label_issues, label_issues_wanted, save_label_issues
+    from imgclf.files import write_json_atomic
+
+    setting = config.data.label_issues
+    if not label_issues_wanted(setting, len(manifest.rows)):
+        return
+    try:
+        found = find_label_issues(
+            manifest.rows,
+            max_pixels=config.data.max_pixels,
+            cache_dir=config.data.cache_dir,
+            device=str(select_device(config.train.device)),
+            progress=progress,
+        )
+    except ImgclfError as exc:
+        if setting is True:
+            raise
+        log.warning("label issues not looked for (data.label_issues: auto): %s", exc)
+        return
+    save_label_issues(found, paths.label_issues)
+    write_json_atomic(paths.label_issues_summary, found.summary())
+
+
+def _write_data_records(
+    paths: RunPaths, problems: Sequence[Problem], manifest: SplitManifest, split: SplitData | None
+) -> None:
     write_csv_atomic(paths.problems, PROBLEM_COLUMNS, ((str(p.path), p.reason) for p in problems))
     manifest.save(paths.manifest)
-    duplicates = find_duplicates(manifest)
+    duplicates = list(split.duplicates) if split is not None else find_duplicates(manifest)
     warn_about_duplicates(duplicates)
     save_duplicates(duplicates, paths.duplicates)
     for split_name, counter in manifest.counts().items():

@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -43,6 +43,8 @@ if TYPE_CHECKING:  # torch is imported where a tensor is made: `imgclf cache lis
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+IMAGES = "images.npy"  # a decoded-image cache
+ARRAYS = "arrays.npz"  # per-image features (`cached_arrays`)
 CacheMode = Literal["auto", "memory", "disk", "off"]
 
 
@@ -163,7 +165,7 @@ def decoded_images(
             log.info("using the decoded-image cache %s", target)
             _touch(target / "meta.json")  # its mtime is the cache's "last used" (`imgclf cache list`)
         meta = json.loads((target / "meta.json").read_text(encoding="utf-8"))
-        array = np.load(target / "images.npy", mmap_mode="r")  # under the lock: `imgclf cache clear` waits
+        array = np.load(target / IMAGES, mmap_mode="r")  # under the lock: `imgclf cache clear` waits
     if array.shape != (len(paths), pre.in_chans, side, side):
         raise DataError(f"decoded-image cache {target} has shape {array.shape}; delete the folder to rebuild it")
     failed = [(int(index), reason) for index, reason in meta.get("failed", [])]
@@ -172,8 +174,15 @@ def decoded_images(
 
 def fingerprint(paths: Sequence[Path], sha256: Sequence[str], pre: Preprocessing) -> str:
     """Changes when any file's path, size, mtime or content changes, or when the stored preprocessing does."""
+    return content_key(paths, sha256, [FORMAT_VERSION, cache_side(pre), pre.color, pre.interpolation])
+
+
+def content_key(paths: Sequence[Path], sha256: Sequence[str], settings: object) -> str:
+    """The cache key of anything computed from these files with these (JSON-able) settings: it changes when any
+    file's path, size, mtime or content changes, or the settings do. The decoded-image cache and the per-image
+    features of `data.duplicates` and `evaluation.label_issues` are keyed by it."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([FORMAT_VERSION, cache_side(pre), pre.color, pre.interpolation]).encode())
+    digest.update(json.dumps(settings).encode())
     for path, content in zip(paths, sha256, strict=True):
         try:
             stat = os.stat(path)
@@ -185,7 +194,56 @@ def fingerprint(paths: Sequence[Path], sha256: Sequence[str], pre: Preprocessing
 
 
 def _complete(target: Path) -> bool:
-    return (target / "meta.json").is_file() and (target / "images.npy").is_file()
+    return (target / "meta.json").is_file() and any((target / name).is_file() for name in (IMAGES, ARRAYS))
+
+
+def cached_arrays(
+    kind: str,
+    key: str,
+    build: Callable[[], dict[str, np.ndarray]],
+    *,
+    cache_dir: Path | None = None,
+    source: str | None = None,
+) -> tuple[dict[str, np.ndarray], bool]:
+    """Arrays computed once from a set of files and kept beside the decoded-image caches, under the same lock and
+    publish-by-rename rules: `build()` runs only when no complete entry for `key` (a `content_key`) exists.
+
+    Args:
+        kind: what the arrays are, as `imgclf cache list` shows it ("near-duplicate features", ...).
+        key: the entry's name, a `content_key` of the files and the settings the arrays depend on.
+        build: computes the arrays (called under the entry's lock).
+        cache_dir: the cache folder; default `default_cache_dir()`.
+        source: the folder the files came from (shown by `imgclf cache list`).
+
+    Returns:
+        The arrays (loaded into memory) and whether this call built them.
+
+    Example:
+        >>> arrays, built = cached_arrays("features", key, lambda: {"x": np.zeros(3)})
+    """
+    folder = Path(cache_dir or default_cache_dir())
+    target = folder / key
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / f"{key}.lock")):
+        built = not _complete(target)
+        if built:
+            arrays = build()
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
+            try:
+                np.savez(staging / ARRAYS, **arrays)
+                count = len(next(iter(arrays.values()))) if arrays else 0
+                meta = {"version": FORMAT_VERSION, "kind": kind, "count": count, "source": source}
+                (staging / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+                if target.exists():  # an incomplete folder left by a killed builder
+                    shutil.rmtree(target)
+                os.replace(staging, target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        else:
+            _touch(target / "meta.json")
+            with np.load(target / ARRAYS) as stored:
+                arrays = {name: stored[name] for name in stored.files}
+    return arrays, built
 
 
 def _build(target: Path, paths, pre, max_pixels, progress, threads) -> None:
@@ -193,7 +251,7 @@ def _build(target: Path, paths, pre, max_pixels, progress, threads) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         array = np.lib.format.open_memmap(
-            staging / "images.npy", mode="w+", dtype=np.uint8, shape=(len(paths), pre.in_chans, side, side)
+            staging / IMAGES, mode="w+", dtype=np.uint8, shape=(len(paths), pre.in_chans, side, side)
         )
         failed = _decode_into(array, paths, pre, max_pixels, progress, threads)
         array.flush()
@@ -253,9 +311,9 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
 
 # --- housekeeping: `imgclf cache list` and `imgclf cache clear` ---------------------------------------------------
 
-# What a cache folder holds: `<key>/` (images.npy + meta.json), `<key>.lock`, and `.<key>.<random>/` while a build
-# runs (left behind when one is killed). Nothing else in the folder is ever touched, so a cache folder set by
-# mistake to a folder of other files loses none of them.
+# What a cache folder holds: `<key>/` (images.npy or arrays.npz, + meta.json), `<key>.lock`, and `.<key>.<random>/`
+# while a build runs (left behind when one is killed). Nothing else in the folder is ever touched, so a cache folder
+# set by mistake to a folder of other files loses none of them.
 _ENTRY = re.compile(r"(?P<key>[0-9a-f]{32})")
 _STAGING = re.compile(r"\.(?P<key>[0-9a-f]{32})\.[A-Za-z0-9_]+")
 
@@ -273,6 +331,7 @@ class CacheEntry:
     side: int | None = None  # stored squares are side x side pixels
     color: str | None = None
     source: str | None = None  # the folder the images came from (None for caches built before imgclf recorded it)
+    kind: str = "decoded images"  # or what `cached_arrays` entries hold: "near-duplicate features", ...
 
 
 def list_cache(cache_dir: Path | None = None) -> list[CacheEntry]:
@@ -307,6 +366,7 @@ def list_cache(cache_dir: Path | None = None) -> list[CacheEntry]:
                 side=meta.get("side"),
                 color=(meta.get("preprocessing") or {}).get("color"),
                 source=meta.get("source"),
+                kind=meta.get("kind", "decoded images"),
             )
         )
     return sorted(entries, key=lambda entry: entry.last_used, reverse=True)

@@ -122,6 +122,7 @@ def scan_folder(
     subset: int | None = None,
     subset_seed: int = 0,
     flat_splits: int = 3,
+    exclude: Exclusions | None = None,
     progress: Progress = NO_PROGRESS,
 ) -> ImageIndex:
     """Scan an image folder in the split or flat layout.
@@ -139,6 +140,8 @@ def scan_folder(
             class, for the split to share out), drawn with `subset_seed`; the others are not decoded at all.
         subset_seed: the seed of that draw.
         flat_splits: how many splits a flat folder's subset will be split into.
+        exclude: images to leave out (`read_exclude_list`, `data.exclude`): not decoded, listed as problems with
+            the list that excluded them.
         progress: reporter for the decode pass.
 
     Returns:
@@ -169,6 +172,20 @@ def scan_folder(
     problems += [problem for found in walked for problem in found.problems]
 
     jobs = [(split, label, path) for (split, label, _), found in zip(class_dirs, walked) for path in found.files]
+    if exclude is not None:
+        left_out = [os.path.realpath(job[2]) in exclude.paths for job in jobs]
+        problems += [
+            Problem(job[2], f"excluded: listed in {exclude.source}") for job, out in zip(jobs, left_out) if out
+        ]
+        if sum(left_out) < len(exclude.paths):
+            log.warning(
+                "%d of the %d image(s) listed in %s are not in %s (already removed, or another folder)",
+                len(exclude.paths) - sum(left_out),
+                len(exclude.paths),
+                exclude.source,
+                root,
+            )
+        jobs = [job for job, out in zip(jobs, left_out) if not out]
     if subset is not None:
         per_group = subset if layout == "split" else subset * flat_splits
         kept = _draw_subset(jobs, per_group, subset_seed)
@@ -215,6 +232,43 @@ def scan_folder(
         warnings=(*found_layout.notes, *warnings),
         errors=tuple(blockers.found),
     )
+
+
+@dataclass(frozen=True)
+class Exclusions:
+    """Images to leave out of a run (`data.exclude`): real paths, and the file that listed them."""
+
+    paths: frozenset[str]
+    source: Path
+
+
+def read_exclude_list(path: Path, root: Path) -> Exclusions:
+    """The images a `data.exclude` file lists: a CSV with a `path` column (such as `label_issues.csv`, trimmed to
+    the rows to drop) or plain text, one path per line (`#` starts a comment); paths absolute or relative to `root`.
+
+    Raises:
+        DataError: the file is missing or a CSV without a `path` column.
+    """
+    import csv
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(
+            f"exclude list not found: {path} (data.exclude: a CSV with a path column, or one path per line)"
+        ) from None
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    header = lines[0].split(",") if lines else []
+    if path.suffix.lower() == ".csv" or "path" in (column.strip() for column in header):
+        rows = list(csv.DictReader(text.splitlines()))
+        if rows and "path" not in rows[0]:
+            raise DataError(f"{path}: expected a 'path' column; received columns {', '.join(rows[0])}")
+        names = [row["path"].strip() for row in rows if (row.get("path") or "").strip()]
+    else:
+        names = lines
+    resolved = frozenset(os.path.realpath(name if Path(name).is_absolute() else Path(root) / name) for name in names)
+    return Exclusions(resolved, path)
 
 
 class _Blockers:

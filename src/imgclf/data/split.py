@@ -3,9 +3,11 @@
 A folder that is already split keeps its split (val is carved out of train when it has no val folder). A flat
 folder is split per class: each split's count is the class size times its ratio, rounded (so within one image),
 except that every class with at least 3 images gets at least one image in every split, which takes precedence
-for very small classes (4 images at 0.8/0.1/0.1 give 2/1/1). Images with identical content (same sha256)
-inside a class stay together in one split, so a split made here never leaks a duplicate; duplicates across
-splits of a folder split by hand are reported with their pairs.
+for very small classes (4 images at 0.8/0.1/0.1 give 2/1/1). What must not be split stays together: identical files
+(same sha256), near-duplicates (`data.duplicates`) and images of one group (`data.groups`) form one unit, and units
+are what is shared out (counted as units, as scikit-learn's GroupShuffleSplit counts groups), each in the stratum of
+its most common class. A split made here never leaks a duplicate or a group; duplicates and groups across the splits
+of a folder split by hand are reported with their pairs.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ import os
 import shutil
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from imgclf.data.scan import SPLITS, ImageIndex, ImageRecord, scan_folder
+from imgclf.data.duplicates import Duplicate, find_duplicates, find_near_duplicates, units
+from imgclf.data.groups import GroupSpan, find_groups, group_spans
+from imgclf.data.scan import SPLITS, ImageIndex, ImageRecord, read_exclude_list, scan_folder
 from imgclf.errors import DataError
 from imgclf.files import read_csv, write_csv_atomic
 from imgclf.progress import NO_PROGRESS, Progress
@@ -139,16 +143,16 @@ def _relative(path: Path, root: Path) -> str:
 
 
 @dataclass(frozen=True)
-class Duplicate:
-    """Two files with identical content in different splits (a leak) or with different labels (a conflict)."""
+class SplitData:
+    """A folder scanned and split, with what keeps the split honest: the duplicates that cross splits or labels (for
+    duplicates.csv), the groups found, and the groups a folder split by hand spreads over several splits."""
 
-    sha256: str
-    first: ManifestRow
-    second: ManifestRow
-
-    @property
-    def kind(self) -> str:
-        return "label conflict" if self.first.label != self.second.label else "leak across splits"
+    index: ImageIndex
+    manifest: SplitManifest
+    duplicates: tuple[Duplicate, ...] = ()
+    groups: dict[Path, str] = field(default_factory=dict)
+    spans: tuple[GroupSpan, ...] = ()
+    near: tuple[tuple[Path, Path, float, str], ...] = ()  # every near-duplicate pair, whichever splits
 
 
 def scan_and_split(
@@ -159,12 +163,27 @@ def scan_and_split(
     max_pixels: int,
     subset: int | None = None,
     collect_errors: bool = False,
+    near_duplicates: bool = True,
+    groups: str | None = None,
+    groups_csv: Path | None = None,
+    exclude: Path | None = None,
+    cache_dir: Path | None = None,
     progress: Progress = NO_PROGRESS,
-) -> tuple[ImageIndex, SplitManifest]:
+) -> SplitData:
     """Scan a dataset folder and split it, as `train` does (and `inspect`, to show what train would see).
 
     With `subset`, only `subset` images per class and split are drawn (with `seed`) and decoded; a flat folder's
     subset is shared out `subset` per split (every split with a share in `ratios` gets the same count).
+
+    Args:
+        root: the dataset folder.
+        ratios, seed, max_pixels, subset: as `data.split_ratios`, `data.split_seed`, `data.max_pixels`, `data.subset`.
+        collect_errors: list what would stop training instead of raising it (`scan_folder`).
+        near_duplicates: also find near-duplicates (`data.duplicates`), keep them together and report them.
+        groups, groups_csv: `data.groups` / `data.groups_csv` (`data.groups`): a group never spans two splits.
+        exclude: `data.exclude`, a list of images to leave out (`read_exclude_list`).
+        cache_dir: where the near-duplicate features are cached (as `data.cache_dir`).
+        progress: reporter for the decode checks and the near-duplicate features.
     """
     shares = [ratio > 0 for ratio in ratios]
     index = scan_folder(
@@ -174,14 +193,40 @@ def scan_and_split(
         subset_seed=seed,
         flat_splits=sum(shares),
         collect_errors=collect_errors,
+        exclude=read_exclude_list(exclude, root) if exclude is not None else None,
         progress=progress,
     )
     if subset is not None and index.layout == "flat":
         ratios = tuple(share / sum(shares) for share in shares)
-    return index, make_manifest(index, ratios=ratios, seed=seed)
+    paths = [record.path for record in index.records]
+    near = (
+        find_near_duplicates(
+            paths,
+            [record.sha256 for record in index.records],
+            [min(record.width, record.height) for record in index.records],
+            max_pixels=max_pixels,
+            cache_dir=cache_dir,
+            progress=progress,
+        ).pairs
+        if near_duplicates
+        else ()
+    )
+    found_groups = find_groups(root, paths, pattern=groups, csv_file=groups_csv) if groups or groups_csv else {}
+    manifest = make_manifest(
+        index,
+        ratios=ratios,
+        seed=seed,
+        units=dict(zip(paths, units(paths, [r.sha256 for r in index.records], near, found_groups).tolist())),
+    )
+    spans = group_spans(((row.path, row.split) for row in manifest.rows), found_groups) if found_groups else []
+    for span in spans[:5]:
+        log.warning("group %s spans splits made by hand: its images are in %s", span.group, span.describe())
+    return SplitData(index, manifest, tuple(find_duplicates(manifest, near)), found_groups, tuple(spans), tuple(near))
 
 
-def make_manifest(index: ImageIndex, *, ratios: Sequence[float], seed: int) -> SplitManifest:
+def make_manifest(
+    index: ImageIndex, *, ratios: Sequence[float], seed: int, units: Mapping[Path, int] | None = None
+) -> SplitManifest:
     """Assign every scanned image to train, val or test.
 
     Args:
@@ -189,38 +234,69 @@ def make_manifest(index: ImageIndex, *, ratios: Sequence[float], seed: int) -> S
         ratios: train/val/test fractions for a flat folder; a split folder without val gets
             val = ratios[1] / (ratios[0] + ratios[1]) of its train images.
         seed: seed of the shuffle; the same seed always gives the same split.
+        units: path -> unit (`data.duplicates.units`: identical files, near-duplicates, groups) kept in one split;
+            default identical files of one class.
 
     Returns:
         The manifest, rows sorted by split, class and path.
+
+    Raises:
+        DataError: keeping the units together leaves a class without training images.
 
     Example:
         >>> make_manifest(scan_folder(Path("photos")), ratios=(0.8, 0.1, 0.1), seed=0).counts()["val"]
         Counter({'cat': 12, 'dog': 11})
     """
     if index.layout == "flat":
-        assigned = stratified_split(index.records, ratios, seed)
+        assigned = stratified_split(index.records, ratios, seed, units=units)
     else:
         assigned = {record.path: record.split or "train" for record in index.records}
         if not any(record.split == "val" for record in index.records):
             val_share = ratios[1] / (ratios[0] + ratios[1])
             train = [record for record in index.records if record.split == "train"]
-            assigned.update(stratified_split(train, (1 - val_share, val_share, 0.0), seed))
+            assigned.update(stratified_split(train, (1 - val_share, val_share, 0.0), seed, units=units))
             log.info("no val folder: %.0f%% of each training class is held out for validation", 100 * val_share)
     rows = [ManifestRow(r.path, r.label, assigned[r.path], r.sha256) for r in index.records]
     order = {name: i for i, name in enumerate(SPLITS)}
     rows.sort(key=lambda r: (order[r.split], r.label, str(r.path)))
-    return SplitManifest(tuple(rows))
+    manifest = SplitManifest(tuple(rows))
+    if units is not None:
+        _check_training_classes(index, manifest)
+    return manifest
 
 
-def stratified_split(records: Sequence[ImageRecord], ratios: Sequence[float], seed: int) -> dict[Path, str]:
-    """Per-class seeded split of `records` into train/val/test by `ratios`; returns path -> split."""
+def _check_training_classes(index: ImageIndex, manifest: SplitManifest) -> None:
+    """Units spanning classes can take every image of a small class out of training: say so, by name."""
+    trained = set(manifest.classes)
+    lost = [name for name in index.classes if name not in trained]
+    if lost:
+        raise DataError(
+            f"class(es) {', '.join(lost)} have no training images once duplicates and groups are kept together: "
+            "their images share groups (data.groups) or near-duplicates with images of other classes that went to "
+            "val/test; check the groups, or pass a folder split by hand"
+        )
+
+
+def stratified_split(
+    records: Sequence[ImageRecord], ratios: Sequence[float], seed: int, units: Mapping[Path, int] | None = None
+) -> dict[Path, str]:
+    """Per-class seeded split of `records` into train/val/test by `ratios`; returns path -> split.
+
+    The units shared out are `units` (path -> unit; images of a unit go to one split), by default the identical files
+    of each class. A unit belongs to the stratum of its most common class and counts as one in it.
+    """
     rng = np.random.default_rng(seed)
-    by_class: dict[str, dict[str, list[ImageRecord]]] = defaultdict(lambda: defaultdict(list))
+    unit_of = units if units is not None else {record.path: (record.label, record.sha256) for record in records}
+    members: dict[object, list[ImageRecord]] = defaultdict(list)
     for record in records:
-        by_class[record.label][record.sha256].append(record)
+        members[unit_of[record.path]].append(record)
+    by_class: dict[str, list[list[ImageRecord]]] = defaultdict(list)
+    for group in members.values():
+        labels = Counter(record.label for record in group)
+        by_class[min(labels, key=lambda label: (-labels[label], label))].append(group)
     assigned: dict[Path, str] = {}
     for label in sorted(by_class):
-        groups = [by_class[label][sha] for sha in sorted(by_class[label])]
+        groups = sorted(by_class[label], key=lambda group: min(record.sha256 for record in group))
         order = rng.permutation(len(groups))
         n_val, n_test = _split_sizes(len(groups), ratios)
         for rank, group_index in enumerate(order):
@@ -247,59 +323,6 @@ def _split_sizes(n: int, ratios: Sequence[float]) -> tuple[int, int]:
         else:
             n_test -= 1
     return n_val, n_test
-
-
-def find_duplicates(manifest: SplitManifest) -> list[Duplicate]:
-    """Identical files in different splits, or with different labels. Each group is reported as a star of pairs
-    around its first file (linear in the group size)."""
-    groups: dict[str, list[ManifestRow]] = defaultdict(list)
-    for row in manifest.rows:
-        groups[row.sha256].append(row)
-    found = []
-    for sha, rows in groups.items():
-        if len(rows) < 2 or (len({r.split for r in rows}) == 1 and len({r.label for r in rows}) == 1):
-            continue
-        first = rows[0]
-        found += [
-            Duplicate(sha, first, other)
-            for other in rows[1:]
-            if other.split != first.split or other.label != first.label
-        ]
-    return found
-
-
-def save_duplicates(duplicates: Sequence[Duplicate], path: Path) -> None:
-    header = ("kind", "sha256", "path_a", "split_a", "label_a", "path_b", "split_b", "label_b")
-    rows = (
-        (
-            d.kind,
-            d.sha256,
-            d.first.path,
-            d.first.split,
-            d.first.label,
-            d.second.path,
-            d.second.split,
-            d.second.label,
-        )
-        for d in duplicates
-    )
-    write_csv_atomic(path, header, rows)
-
-
-def warn_about_duplicates(duplicates: Sequence[Duplicate], limit: int = 5) -> None:
-    if not duplicates:
-        return
-    shown = "; ".join(
-        f"{d.first.path} ({d.first.split}/{d.first.label}) = {d.second.path} ({d.second.split}/{d.second.label})"
-        for d in duplicates[:limit]
-    )
-    more = f" and {len(duplicates) - limit} more" if len(duplicates) > limit else ""
-    log.warning(
-        "%d identical image pair(s) across splits or labels (leaks inflate test accuracy): %s%s",
-        len(duplicates),
-        shown,
-        more,
-    )
 
 
 def materialize_split(manifest: SplitManifest, target: Path, *, mode: LinkMode = "hardlink") -> dict[str, int]:

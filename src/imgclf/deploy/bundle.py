@@ -41,6 +41,8 @@ class ModelBundle:
     temperature: float = 1.0
     # whether a horizontally flipped image shows the same class (training used flips): gates `--tta`
     hflip_valid: bool | None = None
+    # the out-of-distribution threshold chosen on validation (`evaluation.ood.OodThreshold.to_dict()`), or None
+    ood: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The description `model.json` and an export's metadata share."""
@@ -53,6 +55,7 @@ class ModelBundle:
             "training": self.training,
             "calibration": {"temperature": self.temperature},
             "tta": {"hflip": self.hflip_valid},
+            "ood": self.ood,
         }
 
     @classmethod
@@ -68,6 +71,7 @@ class ModelBundle:
                 training=info.get("training", {}),
                 temperature=float(info.get("calibration", {}).get("temperature", 1.0)),
                 hflip_valid=info.get("tta", {}).get("hflip"),
+                ood=info.get("ood"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{where} lacks or garbles a field of the model description ({exc!r})") from None
@@ -112,10 +116,11 @@ def save_bundle(folder: Path, model: nn.Module, bundle: ModelBundle) -> Path:
     return folder
 
 
-def save_temperature(folder: Path, bundle: ModelBundle) -> None:
-    """Rewrite `model.json` with `bundle`'s temperature; the weights and the export records stay.
+def rewrite_description(folder: Path, bundle: ModelBundle) -> None:
+    """Rewrite `model.json` with `bundle`'s description (a fitted temperature, an OOD threshold); the weights and
+    the export records stay.
 
-    Exports made before keep the temperature they were made with in their own metadata: re-export to ship the
+    Exports made before keep the description they were made with in their own metadata: re-export to ship the
     new one (the caller warns).
     """
     exports = read_model_json(folder).get("exports", {})

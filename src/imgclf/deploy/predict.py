@@ -25,6 +25,7 @@ from imgclf.data.preprocessing import Preprocessing, eval_array
 from imgclf.deploy.bundle import ModelBundle
 from imgclf.deploy.runtimes import Runtime
 from imgclf.errors import CheckpointError, ConfigError, ImageError
+from imgclf.evaluation.ood import OodThreshold, energy
 from imgclf.files import write_text_atomic
 from imgclf.progress import NO_PROGRESS, Progress
 
@@ -35,17 +36,29 @@ ONNX_METADATA_KEY = "imgclf"
 OUTPUT_FORMATS = ("csv", "jsonl")
 
 
+UNKNOWN = "unknown"  # the label of an input the model abstains on (`predict --abstain`)
+
+
 @dataclass(frozen=True)
 class Prediction:
-    """Top-k classes of one input, or the error that prevented a prediction."""
+    """Top-k classes of one input, or the error that prevented a prediction.
+
+    `ood_score` is how unlike the training data the input is (`evaluation.ood`: the energy of the logits, higher =
+    more unusual); `unknown` is set when the caller asked to abstain and the score is above the model's threshold.
+    """
 
     source: str
     classes: tuple[str, ...]
     probabilities: tuple[float, ...]
     error: str | None = None
+    ood_score: float | None = None
+    unknown: bool = False
 
     @property
     def label(self) -> str | None:
+        """The answer: the most probable class, or `unknown` when the model abstained."""
+        if self.unknown:
+            return UNKNOWN
         return self.classes[0] if self.classes else None
 
 
@@ -117,13 +130,25 @@ class Predictor:
         """Decode and preprocess one input into the model's float32 [C, H, W] input, or the error message."""
         return prepare(source, self.bundle.preprocessing, max_pixels=self.max_pixels)
 
-    def predict_batch(self, batch: np.ndarray, *, tta: bool = False) -> np.ndarray:
-        """Probabilities [N, classes] for a preprocessed float32 batch [N, C, H, W] (`prepare`'s arrays stacked):
-        the one forward path of the CLI, the Python API and the server."""
-        probs = self._softmax(self.runtime.logits(batch))
+    @property
+    def ood_threshold(self) -> OodThreshold | None:
+        """The out-of-distribution threshold stored with the model (chosen on validation), or None for models
+        trained before imgclf stored one."""
+        return OodThreshold.from_dict(self.bundle.ood)
+
+    def infer(self, batch: np.ndarray, *, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities [N, classes], OOD scores [N]) for a preprocessed float32 batch [N, C, H, W] (`prepare`'s
+        arrays stacked): the one forward path of the CLI, the Python API and the server. The OOD score is the
+        energy of the image's own logits (with `tta` too: the threshold was chosen without flips)."""
+        logits = self.runtime.logits(batch)
+        probs = self._softmax(logits)
         if tta:
             probs = (probs + self._softmax(self.runtime.logits(np.ascontiguousarray(batch[..., ::-1])))) / 2
-        return probs
+        return probs, energy(logits).astype(np.float32)
+
+    def predict_batch(self, batch: np.ndarray, *, tta: bool = False) -> np.ndarray:
+        """Probabilities [N, classes] of `infer`."""
+        return self.infer(batch, tta=tta)[0]
 
     def probabilities(
         self,
@@ -146,9 +171,22 @@ class Predictor:
         Returns:
             (probabilities of shape [len(sources), num_classes], error message or None per source).
         """
+        probs, _, errors = self.scores(sources, batch_size=batch_size, tta=tta, progress=progress)
+        return probs, errors
+
+    def scores(
+        self,
+        sources: Sequence[ImageSource | Image.Image],
+        *,
+        batch_size: int = 64,
+        tta: bool = False,
+        progress: Progress = NO_PROGRESS,
+    ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+        """`probabilities`, with each source's OOD score [len(sources)] (NaN for unreadable sources) in the middle."""
         if tta:
             self.check_tta()
         probs = np.full((len(sources), len(self.classes)), np.nan, dtype=np.float32)
+        ood = np.full(len(sources), np.nan, dtype=np.float32)
         errors: list[str | None] = [None] * len(sources)
         # decoded on every core while the model runs (arrays cross the process boundary)
         prepared = map_indices(lambda index: self.prepare(sources[index]), len(sources))
@@ -164,9 +202,9 @@ class Predictor:
                         arrays.append(outcome)
                         rows.append(start + offset)
                 if arrays:
-                    probs[rows] = self.predict_batch(np.stack(arrays), tta=tta)
+                    probs[rows], ood[rows] = self.infer(np.stack(arrays), tta=tta)
                 task.advance(len(chunk))
-        return probs, errors
+        return probs, ood, errors
 
     def predict(
         self,
@@ -175,19 +213,49 @@ class Predictor:
         top_k: int = 1,
         batch_size: int = 64,
         tta: bool = False,
+        abstain: bool = False,
         progress: Progress = NO_PROGRESS,
     ) -> list[Prediction]:
-        """Top-k predictions per source, in input order; unreadable sources get a `Prediction` with `error` set."""
-        probs, errors = self.probabilities(sources, batch_size=batch_size, tta=tta, progress=progress)
+        """Top-k predictions per source, in input order; unreadable sources get a `Prediction` with `error` set.
+        With `abstain`, an input whose OOD score is above the model's threshold is labelled `unknown`."""
+        if abstain:
+            self.check_abstain()
+        probs, ood, errors = self.scores(sources, batch_size=batch_size, tta=tta, progress=progress)
         return [
-            Prediction(_describe(source), (), (), error) if error else self.top_k(_describe(source), row, top_k)
-            for source, row, error in zip(sources, probs, errors)
+            Prediction(_describe(source), (), (), error)
+            if error
+            else self.top_k(_describe(source), row, top_k, ood_score=float(score), abstain=abstain)
+            for source, row, score, error in zip(sources, probs, ood, errors)
         ]
 
-    def top_k(self, source: str, probabilities: np.ndarray, k: int) -> Prediction:
-        """The `k` most probable classes of one row of probabilities."""
+    def top_k(
+        self, source: str, probabilities: np.ndarray, k: int, *, ood_score: float | None = None, abstain: bool = False
+    ) -> Prediction:
+        """The `k` most probable classes of one row of probabilities, with its OOD score; `abstain`: `unknown`
+        above the model's threshold."""
         order = np.argsort(-probabilities, kind="stable")[: max(1, min(k, len(self.classes)))]
-        return Prediction(source, tuple(self.classes[i] for i in order), tuple(float(probabilities[i]) for i in order))
+        threshold = self.ood_threshold
+        unknown = bool(abstain and threshold is not None and ood_score is not None and ood_score > threshold.threshold)
+        return Prediction(
+            source,
+            tuple(self.classes[i] for i in order),
+            tuple(float(probabilities[i]) for i in order),
+            ood_score=ood_score,
+            unknown=unknown,
+        )
+
+    def check_abstain(self) -> None:
+        """`--abstain` needs the threshold training stores (models trained before imgclf stored one have none).
+
+        Raises:
+            ConfigError: the model has no OOD threshold.
+        """
+        if self.ood_threshold is None:
+            raise ConfigError(
+                "--abstain answers 'unknown' above the out-of-distribution threshold stored with the model, and this "
+                "model has none (trained before imgclf stored it): choose one with `imgclf evaluate RUN --ood` or "
+                "drop --abstain; the ood_score column is written either way"
+            )
 
     def check_tta(self) -> None:
         """Flip TTA is only honest when a mirrored image shows the same class, i.e. training used flips.
@@ -224,8 +292,9 @@ def prepare(source: ImageSource | Image.Image, pre: Preprocessing, *, max_pixels
 
 
 def predictions_text(predictions: Sequence[Prediction], *, top_k: int, format: str = "csv") -> str:
-    """Predictions as CSV (`path, class_1, probability_1, ..., class_k, probability_k, error`) or JSON Lines (one
-    `{"path", "classes", "probabilities", "error"}` object per input)."""
+    """Predictions as CSV (`path, label, class_1, probability_1, ..., class_k, probability_k, ood_score, error`) or
+    JSON Lines (one `{"path", "label", "classes", "probabilities", "ood_score", "error"}` object per input); `label`
+    is the answer (`unknown` where the model abstained)."""
     if format not in OUTPUT_FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}; received '{format}'")
     if format == "jsonl":
@@ -233,8 +302,10 @@ def predictions_text(predictions: Sequence[Prediction], *, top_k: int, format: s
             json.dumps(
                 {
                     "path": p.source,
+                    "label": p.label,
                     "classes": list(p.classes),
                     "probabilities": [round(v, 6) for v in p.probabilities],
+                    "ood_score": None if p.ood_score is None else round(p.ood_score, 4),
                     "error": p.error,
                 },
                 ensure_ascii=False,
@@ -242,21 +313,21 @@ def predictions_text(predictions: Sequence[Prediction], *, top_k: int, format: s
             for p in predictions
         )
         return "".join(line + "\n" for line in lines)
-    header = ["path"]
+    header = ["path", "label"]
     for rank in range(1, top_k + 1):
         header += [f"class_{rank}", f"probability_{rank}"]
-    header.append("error")
+    header += ["ood_score", "error"]
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for prediction in predictions:
-        row: list[object] = [prediction.source]
+        row: list[object] = [prediction.source, prediction.label or ""]
         for rank in range(top_k):
             if rank < len(prediction.classes):
                 row += [prediction.classes[rank], f"{prediction.probabilities[rank]:.6f}"]
             else:
                 row += ["", ""]
-        row.append(prediction.error or "")
+        row += ["" if prediction.ood_score is None else f"{prediction.ood_score:.4f}", prediction.error or ""]
         writer.writerow(row)
     return buffer.getvalue()
 

@@ -154,7 +154,7 @@ class BatchWorker:
         assert self.predictor is not None
         self.running = len(live)
         try:
-            probs = self.predictor.predict_batch(np.concatenate([job.images for job in live]))
+            probs, ood = self.predictor.infer(np.concatenate([job.images for job in live]))
         except Exception as exc:
             log.exception("inference failed")
             for job in live:
@@ -167,8 +167,9 @@ class BatchWorker:
         self.images += sum(len(job.images) for job in live)
         start = 0
         for job in live:
-            job.future.set_result(probs[start : start + len(job.images)])
-            start += len(job.images)
+            end = start + len(job.images)
+            job.future.set_result((probs[start:end], ood[start:end]))
+            start = end
 
 
 def create_app(model: Predictor | Callable[[], Predictor], settings: ServeSettings | None = None):
@@ -235,6 +236,7 @@ def create_app(model: Predictor | Callable[[], Predictor], settings: ServeSettin
             "preprocessing": bundle.preprocessing.to_dict(),
             "model": bundle.spec.to_dict(),
             "temperature": bundle.temperature,
+            "ood": bundle.ood,
             "backend": worker.predictor.runtime.name,
             "source_run": bundle.training.get("run"),
             "limits": asdict(settings),
@@ -265,12 +267,19 @@ def create_app(model: Predictor | Callable[[], Predictor], settings: ServeSettin
             },
         },
     )
-    async def predict(request: Request, top_k: int | None = Query(None, ge=1, description="classes per image")):
+    async def predict(
+        request: Request,
+        top_k: int | None = Query(None, ge=1, description="classes per image"),
+        abstain: bool = Query(False, description="label images unlike the training data 'unknown'"),
+    ):
         """Multipart form with one or several image files (any field name), or one image as the raw body.
 
-        Each image gets `{"filename", "classes", "probabilities", "error": null}`; a file that is not a usable
-        image gets its `error` and no classes, while the others are predicted. When every file fails, the answer
-        is 415 (not images), 413 (too many pixels) or 422 (corrupt)."""
+        Each image gets `{"filename", "label", "classes", "probabilities", "ood_score", "unknown", "error": null}`:
+        `ood_score` says how unlike the training data the image is (the energy of the logits, higher = more
+        unusual), `unknown` whether it is above the threshold stored with the model, and `label` is the top class,
+        or "unknown" for those with `?abstain=true`. A file that is not a usable image gets its `error` and no
+        classes, while the others are predicted. When every file fails, the answer is 415 (not images), 413 (too
+        many pixels) or 422 (corrupt)."""
         if not worker.ready.is_set():
             return problem(503, "the model is not ready yet", {"Retry-After": "1"})
         declared = request.headers.get("content-length")
@@ -286,13 +295,13 @@ def create_app(model: Predictor | Callable[[], Predictor], settings: ServeSettin
             return problem(400, "no file in the request: send multipart/form-data with image files")
         k = top_k or settings.top_k
         try:
-            return await asyncio.wait_for(_answer(files, k), timeout=settings.timeout_s)
+            return await asyncio.wait_for(_answer(files, k, abstain), timeout=settings.timeout_s)
         except asyncio.TimeoutError:
             return problem(504, f"the request took longer than {settings.timeout_s} s")
         except queue.Full:
             return problem(503, "the server is busy: too many requests wait for the model", {"Retry-After": "1"})
 
-    async def _answer(files: list[tuple[str, bytes]], k: int):
+    async def _answer(files: list[tuple[str, bytes]], k: int, abstain: bool):
         predictor = worker.predictor
         assert predictor is not None
         pre = predictor.bundle.preprocessing
@@ -303,22 +312,37 @@ def create_app(model: Predictor | Callable[[], Predictor], settings: ServeSettin
         if not good:
             first = next(error for error in decoded if isinstance(error, ImageError))
             return problem(STATUS_BY_KIND.get(first.kind, 422), str(first))
-        probs = await asyncio.wrap_future(worker.submit(np.stack(good)))
-        rows, results = iter(probs), []
+        probs, ood = await asyncio.wrap_future(worker.submit(np.stack(good)))
+        rows, scores, results = iter(probs), iter(ood), []
+        threshold = predictor.ood_threshold
         for (name, _), outcome in zip(files, decoded):
             if isinstance(outcome, ImageError):
-                results.append({"filename": name, "classes": [], "probabilities": [], "error": str(outcome)})
+                results.append(
+                    {
+                        "filename": name,
+                        "label": None,
+                        "classes": [],
+                        "probabilities": [],
+                        "ood_score": None,
+                        "unknown": None,
+                        "error": str(outcome),
+                    }
+                )
                 continue
-            prediction = predictor.top_k(name, next(rows), k)
+            score = float(next(scores))
+            prediction = predictor.top_k(name, next(rows), k, ood_score=score, abstain=abstain)
             results.append(
                 {
                     "filename": name,
+                    "label": prediction.label,
                     "classes": list(prediction.classes),
                     "probabilities": [round(p, 6) for p in prediction.probabilities],
+                    "ood_score": round(score, 4),
+                    "unknown": None if threshold is None else score > threshold.threshold,
                     "error": None,
                 }
             )
-        return {"predictions": results}
+        return {"predictions": results, "ood_threshold": None if threshold is None else threshold.threshold}
 
     return app
 

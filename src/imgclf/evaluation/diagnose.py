@@ -148,6 +148,7 @@ class RunFacts:
         train_counts: training images per class.
         per_class_recall: test (or val) recall per class; `per_class_support` the images behind each.
         leaks: identical images in different splits, as (path, split, path, split).
+        near_leaks: near-duplicates in different splits, as (path, split, path, split, distance).
         val_images, test_images: split sizes.
         val_accuracy, test_accuracy: the selected model's final accuracy on each.
         config: the run's resolved configuration (a `RunConfig`): next steps name its current values and never
@@ -160,6 +161,7 @@ class RunFacts:
     per_class_recall: Mapping[str, float] | None = None
     per_class_support: Mapping[str, int] | None = None
     leaks: Sequence[tuple[str, str, str, str]] = ()
+    near_leaks: Sequence[tuple[str, str, str, str, float]] = ()
     val_images: int | None = None
     test_images: int | None = None
     val_accuracy: float | None = None
@@ -217,26 +219,38 @@ def read_history(path: Path | str) -> list[dict[str, Any]]:
     return history
 
 
-def read_leaks(path: Path | str) -> list[tuple[str, str, str, str]]:
-    """Identical images in different splits from a run's `duplicates.csv`: (path, split, path, split) each."""
-    path = Path(path)
-    if not path.is_file():
-        return []
+def read_leaks(path: Path | str, kind: str = "exact") -> list[tuple[str, str, str, str]]:
+    """Images of one content in different splits from a run's `duplicates.csv`: (path, split, path, split) each;
+    `kind` exact (identical files) or near (near-duplicates)."""
+    from imgclf.data.duplicates import read_duplicates
+
     return [
         (row.get("path_a", ""), row.get("split_a", ""), row.get("path_b", ""), row.get("split_b", ""))
-        for row in read_csv(path)
-        if row.get("kind") == "leak across splits"
+        for row in read_duplicates(path)
+        if row.get("issue") == "leak across splits" and row.get("kind") == kind
+    ]
+
+
+def read_near_leaks(path: Path | str) -> list[tuple[str, str, str, str, float]]:
+    """Near-duplicates in different splits from a run's `duplicates.csv`: (path, split, path, split, distance)."""
+    from imgclf.data.duplicates import read_duplicates
+
+    return [
+        (row["path_a"], row["split_a"], row["path_b"], row["split_b"], float(row.get("distance") or 0))
+        for row in read_duplicates(path)
+        if row.get("issue") == "leak across splits" and row.get("kind") == "near"
     ]
 
 
 def count_leaks(path: Path | str) -> int:
-    """Pairs of identical images in different splits, from a run's `duplicates.csv` (0 when the file is absent).
+    """Pairs of identical or near-duplicate images in different splits, from a run's `duplicates.csv` (0 when the
+    file is absent).
 
     Example:
         >>> count_leaks("runs/small_cnn-20261128-120000/duplicates.csv")  # doctest: +SKIP
         0
     """
-    return len(read_leaks(path))
+    return len(read_leaks(path)) + len(read_near_leaks(path))
 
 
 # --- noise ------------------------------------------------------------------------------------------------------
@@ -1009,22 +1023,36 @@ def _imbalance(facts: RunFacts, advice: _Advice) -> Verdict | None:
 
 
 def _leakage(facts: RunFacts, c: _Curves, advice: _Advice) -> Verdict | None:
-    leaks = list(facts.leaks)
-    if leaks:
-        shown = "; ".join(f"{a} ({sa}) = {b} ({sb})" for a, sa, b, sb in leaks[:3])
-        more = f" and {len(leaks) - 3} more" if len(leaks) > 3 else ""
+    leaks, near = list(facts.leaks), list(facts.near_leaks)
+    if leaks or near:
+        counted = [f"{len(leaks)} identical image{'s' if len(leaks) != 1 else ''}"] if leaks else []
+        counted += [f"{len(near)} near-duplicate{'s' if len(near) != 1 else ''}"] if near else []
+        evidence = []
+        if leaks:
+            shown = "; ".join(f"{a} ({sa}) = {b} ({sb})" for a, sa, b, sb in leaks[:3])
+            more = f" and {len(leaks) - 3} more" if len(leaks) > 3 else ""
+            evidence.append(
+                f"identical files (same sha256) in different splits: {shown}{more} (all in duplicates.csv); val and "
+                "test scores partly measure memory"
+            )
+        if near:
+            shown = "; ".join(f"{a} ({sa}) ≈ {b} ({sb}), distance {d:.3f}" for a, sa, b, sb, d in near[:3])
+            more = f" and {len(near) - 3} more" if len(near) > 3 else ""
+            evidence.append(
+                f"near-duplicates (the same picture saved again: re-encoded, resized, cropped or brightened) in "
+                f"different splits: {shown}{more} (all in duplicates.csv, with the distance and the method that "
+                "found each)"
+            )
         return Verdict(
             "leakage",
-            f"Leakage: {len(leaks)} identical image{'s' if len(leaks) != 1 else ''} across splits",
+            f"Leakage: {' and '.join(counted)} across splits",
+            tuple(evidence),
             (
-                f"identical files (same sha256) in different splits: {shown}{more} (all in duplicates.csv); val and "
-                "test scores partly measure memory",
-            ),
-            (
-                "remove one file of each pair listed in duplicates.csv, or re-split with `imgclf split SRC DST`, "
-                "which keeps identical images in one split",
+                f"re-split with `imgclf split {advice.data} DST`, which keeps identical images and near-duplicates "
+                "in one split, or drop one image of each pair with `--exclude FILE` (a list of paths)",
                 "check how the data was collected: near-duplicates (bursts, video frames, the same object or "
-                "person) in different splits inflate the scores; split by source when there is one",
+                "person) in different splits inflate the scores; split by source with `--groups REGEX` when the "
+                "file names say it",
             ),
         )
     val, test = facts.val_accuracy, facts.test_accuracy
@@ -1040,15 +1068,15 @@ def _leakage(facts: RunFacts, c: _Curves, advice: _Advice) -> Verdict | None:
     )
     return Verdict(
         "leakage",
-        "Possible leakage: test accuracy well above validation (no identical files found)",
+        "Possible leakage: test accuracy well above validation (no duplicates found across splits)",
         (
             f"test accuracy {test:.1%} is {gap * 100:.1f} points above val accuracy {val:.1%}{noise_phrase}; no "
-            "two files in different splits are identical, so look for near-duplicates",
+            "two files in different splits are identical or near-duplicates, so look for groups",
         ),
         (
-            "look for near-duplicates across train and test: bursts, video frames, the same object, person or "
-            "scene photographed twice; split by source when there is one",
-            f"`imgclf inspect {advice.data}` lists identical files and shows samples per class",
+            "look for what ties train and test together: bursts, video frames, the same object, person or scene "
+            "photographed twice; split by source with `--groups REGEX` when the file names say it",
+            f"`imgclf inspect {advice.data}` lists identical files and near-duplicates and shows samples per class",
         ),
     )
 

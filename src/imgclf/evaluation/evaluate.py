@@ -23,7 +23,7 @@ from imgclf.tracking.runs import RunPaths, find_run
 log = logging.getLogger(__name__)
 
 # predictions.csv: these, then one `p_<class>` probability column per class
-PREDICTION_COLUMNS = ("path", "true", "predicted", "probability", "correct", "error")
+PREDICTION_COLUMNS = ("path", "true", "predicted", "probability", "correct", "error", "ood_score")
 
 
 def manifest_rows(manifest: SplitManifest, split: str) -> tuple[list[tuple[Path, str]], str]:
@@ -98,16 +98,48 @@ def run_max_pixels(model: Path) -> int:
 def predict_rows(predictor, rows, split: str, *, batch_size: int, tta: bool, progress: Progress):
     """(probabilities, error or None per row, class index per row) for `rows` [(path, label)]; unreadable rows
     are logged, and none readable at all is an error."""
+    probs, _, errors, y_true = score_rows(predictor, rows, split, batch_size=batch_size, tta=tta, progress=progress)
+    return probs, errors, y_true
+
+
+def score_rows(predictor, rows, split: str, *, batch_size: int, tta: bool, progress: Progress):
+    """`predict_rows` with each row's OOD score: (probabilities, OOD scores, errors, class indices)."""
     class_index = {label: i for i, label in enumerate(predictor.classes)}
-    probs, errors = predictor.probabilities(
-        [path for path, _ in rows], batch_size=batch_size, tta=tta, progress=progress
-    )
+    probs, ood, errors = predictor.scores([path for path, _ in rows], batch_size=batch_size, tta=tta, progress=progress)
     for error in errors:
         if error is not None:
             log.warning("skipped in evaluation: %s", error)
     if all(error is not None for error in errors):
         raise DataError(f"none of the {len(rows)} {split} images could be read")
-    return probs, errors, np.array([class_index[label] for _, label in rows])
+    return probs, ood, errors, np.array([class_index[label] for _, label in rows])
+
+
+def fit_ood_threshold(
+    predictor, paths: RunPaths, manifest: SplitManifest, *, coverage: float, batch_size: int, progress: Progress
+):
+    """Choose the out-of-distribution threshold on the validation split (`coverage` of its images below it), store it
+    in the bundle's model.json and return the predictor that carries it; without validation images, unchanged."""
+    from dataclasses import replace
+
+    from imgclf.deploy.bundle import rewrite_description
+    from imgclf.evaluation.ood import choose_threshold
+
+    rows = [(row.path, row.label) for row in manifest.split("val")]
+    if not rows:
+        log.warning("no validation split: no out-of-distribution threshold is stored (predict --abstain needs one)")
+        return predictor
+    _, ood, errors, _ = score_rows(predictor, rows, "val", batch_size=batch_size, tta=False, progress=progress)
+    threshold = choose_threshold(ood[[error is None for error in errors]], coverage)
+    bundle = replace(predictor.bundle, ood=threshold.to_dict())
+    rewrite_description(paths.model, bundle)
+    log.info(
+        "out-of-distribution threshold: energy %.3f (%.0f %% of %d validation images below it); predict --abstain "
+        "answers 'unknown' above it",
+        threshold.threshold,
+        100 * coverage,
+        threshold.images,
+    )
+    return type(predictor)(bundle, predictor.runtime, max_pixels=predictor.max_pixels)
 
 
 def evaluate_rows(
@@ -127,7 +159,7 @@ def evaluate_rows(
     from imgclf.evaluation.plots import confusion_matrix_figure
 
     classes = predictor.classes
-    probs, errors, y_true = predict_rows(predictor, rows, split, batch_size=batch_size, tta=tta, progress=progress)
+    probs, ood, errors, y_true = score_rows(predictor, rows, split, batch_size=batch_size, tta=tta, progress=progress)
     ok = np.array([error is None for error in errors], dtype=bool)
     metrics = classification_metrics(y_true[ok], probs[ok], classes)
     metrics = {
@@ -137,6 +169,17 @@ def evaluate_rows(
         "temperature": predictor.bundle.temperature,
         **metrics,
     }
+    threshold = predictor.ood_threshold
+    if threshold is not None:
+        accepted = ood[ok] <= threshold.threshold
+        correct = probs[ok].argmax(axis=1) == y_true[ok]
+        metrics["ood"] = {
+            "score": threshold.score,
+            "threshold": threshold.threshold,
+            "accepted": round(float(accepted.mean()), 6),  # the share of this split below the threshold
+            "accuracy_accepted": round(float(correct[accepted].mean()), 6) if accepted.any() else None,
+            "accuracy_abstained": round(float(correct[~accepted].mean()), 6) if (~accepted).any() else None,
+        }
     if overlap is not None:
         metrics["identical_to_training_images"] = overlap
     matrix = confusion_matrix(y_true[ok], probs[ok].argmax(1), len(classes))
@@ -151,13 +194,22 @@ def evaluate_rows(
     figure = confusion_matrix_figure(matrix, classes)
     write_atomic(out_dir / "confusion_matrix.png", lambda tmp: figure.savefig(tmp, format="png", dpi=110))
     prediction_rows = []
-    for (path, label), row, error in zip(rows, probs, errors):
+    for (path, label), row, score, error in zip(rows, probs, ood, errors):
         if error is not None:
-            prediction_rows.append([str(path), label, "", "", "", error, *[""] * len(classes)])
+            prediction_rows.append([str(path), label, "", "", "", error, "", *[""] * len(classes)])
             continue
         best = int(row.argmax())
         prediction_rows.append(
-            [str(path), label, classes[best], f"{row[best]:.6f}", int(classes[best] == label), "", *_probs(row)]
+            [
+                str(path),
+                label,
+                classes[best],
+                f"{row[best]:.6f}",
+                int(classes[best] == label),
+                "",
+                f"{score:.4f}",
+                *_probs(row),
+            ]
         )
     write_csv_atomic(
         out_dir / "predictions.csv",
@@ -179,7 +231,7 @@ def calibrate(
     predictor that applies it. Without validation images the model is returned unchanged (warned); a temperature
     fitted on too few images, or one that raises validation ECE, is refused (T stays 1, warned, recorded) unless
     `force`."""
-    from imgclf.deploy.bundle import read_model_json, save_temperature
+    from imgclf.deploy.bundle import read_model_json, rewrite_description
     from imgclf.evaluation.calibration import (
         apply_temperature,
         calibration_decision,
@@ -230,7 +282,7 @@ def calibrate(
     else:
         log.info("calibration: %s", figures)
     calibrated = predictor.with_temperature(temperature)
-    save_temperature(paths.model, calibrated.bundle)
+    rewrite_description(paths.model, calibrated.bundle)
     exports = sorted(read_model_json(paths.model).get("exports", {}))
     if exports and temperature != predictor.bundle.temperature:
         log.warning(

@@ -299,6 +299,48 @@ def reliability_figure(curves: Mapping[str, Mapping[str, Any]]) -> Figure:
     return figure
 
 
+def selective_figure(
+    curve: Mapping[str, Sequence[float]], *, threshold_coverage: float | None = None, full_accuracy: float | None = None
+) -> Figure:
+    """Selective classification: accuracy on the images the model answers, against the share it answers (most
+    ordinary first, by the OOD score), with the stored threshold's point marked.
+
+    Args:
+        curve: {"coverage": [...], "accuracy": [...]} (`evaluation.ood.selective_accuracy`).
+        threshold_coverage: the share of these images at or below the stored threshold; None: not marked.
+        full_accuracy: the accuracy when every image is answered (drawn as a line).
+
+    Returns:
+        The figure; one saying "no predictions" when the curve is empty.
+    """
+    coverage = np.asarray(curve.get("coverage", []), dtype=float)
+    accuracy = np.asarray(curve.get("accuracy", []), dtype=float)
+    if not len(coverage):
+        return _empty_figure("no predictions", "Accuracy against coverage")
+    figure = Figure(figsize=(6.5, 4.2), layout="constrained")
+    axes = figure.subplots()
+    axes.plot(coverage, accuracy, color="C0", marker=".", label="accuracy of the answered images")
+    if full_accuracy is not None:
+        axes.axhline(full_accuracy, color="0.5", linestyle="--", linewidth=1, label="answering every image")
+    if threshold_coverage is not None:
+        at = float(np.interp(threshold_coverage, coverage, accuracy))
+        axes.axvline(threshold_coverage, color="C3", linewidth=1)
+        axes.plot(
+            [threshold_coverage],
+            [at],
+            marker="o",
+            color="C3",
+            label=f"stored threshold ({threshold_coverage:.0%} answered)",
+        )
+    axes.set_xlim(0, 1.02)
+    axes.set_xlabel("coverage: share of images answered (lowest OOD score first)")
+    axes.set_ylabel("accuracy")
+    axes.set_title("Accuracy against coverage (selective classification)")
+    axes.grid(True, alpha=0.3)
+    axes.legend(loc="lower left", fontsize=9)
+    return figure
+
+
 def image_grid_figure(
     images: Sequence[np.ndarray], captions: Sequence[str], *, ncols: int = 8, title: str | None = None
 ) -> Figure:

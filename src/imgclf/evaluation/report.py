@@ -24,10 +24,20 @@ from typing import Any
 
 import numpy as np
 
+from imgclf.data.duplicates import read_duplicates
 from imgclf.data.split import SplitManifest
 from imgclf.errors import DataError
 from imgclf.evaluation import plots
-from imgclf.evaluation.diagnose import PRETRAINED_CANDIDATES, RunFacts, Verdict, diagnose, read_history, read_leaks
+from imgclf.evaluation.diagnose import (
+    PRETRAINED_CANDIDATES,
+    RunFacts,
+    Verdict,
+    diagnose,
+    read_history,
+    read_leaks,
+    read_near_leaks,
+)
+from imgclf.evaluation.label_issues import read_label_issues
 from imgclf.files import read_csv, write_bytes_atomic, write_text_atomic
 from imgclf.progress import NO_PROGRESS, Progress
 from imgclf.tracking.runs import RunPaths, find_run
@@ -40,6 +50,7 @@ MAX_SAMPLE_CLASSES = 40
 MAX_MISTAKES = 24
 MAX_GRADCAM = 8
 MAX_ROWS = 20  # problems / duplicates listed in the report; the CSVs hold all
+MAX_PAIRS = 9  # near-duplicate pairs drawn
 DPI = 100
 
 
@@ -69,6 +80,8 @@ class RunRecord:
     manifest: SplitManifest
     problems: list[dict[str, str]]
     duplicates: list[dict[str, str]]
+    label_issues: list[dict[str, str]]
+    label_summary: dict[str, Any] | None
     history: list[dict[str, Any]]
     metrics: dict[str, Any]
     predictions: list[dict[str, str]]
@@ -173,7 +186,9 @@ def read_run(paths: RunPaths) -> RunRecord:
         model=model,
         manifest=SplitManifest.load(paths.manifest),
         problems=read_csv(paths.problems) if paths.problems.exists() else [],
-        duplicates=read_csv(paths.duplicates) if paths.duplicates.exists() else [],
+        duplicates=read_duplicates(paths.duplicates),
+        label_issues=read_label_issues(paths.label_issues),
+        label_summary=_read_json(paths.label_issues_summary),
         history=read_history(paths.history),
         metrics=_read_json(paths.metrics) or {},
         predictions=predictions,
@@ -200,6 +215,7 @@ def diagnose_run(record: RunRecord) -> list[Verdict]:
         per_class_recall={name: values["recall"] for name, values in per_class.items() if values["support"]},
         per_class_support={name: int(values["support"]) for name, values in per_class.items()},
         leaks=read_leaks(record.paths.duplicates),
+        near_leaks=read_near_leaks(record.paths.duplicates),
         val_images=len(record.manifest.split("val")) or None,
         test_images=record.metrics.get("n") if on_test else None,
         val_accuracy=val_accuracy,
@@ -254,6 +270,33 @@ def draw_figures(record: RunRecord, *, device: Any = "cpu", progress: Progress =
     if samples:
         shown = "" if len(classes) <= MAX_SAMPLE_CLASSES else f" (the first {MAX_SAMPLE_CLASSES} classes)"
         add("samples", "Training images", f"A few training images per class{shown}.", plots.sample_grid_figure(samples))
+    near = [row for row in record.duplicates if row.get("kind") == "near"][:MAX_PAIRS]
+    if near:
+        images, captions = [], []
+        for row in near:
+            for side in ("a", "b"):
+                images.append(_thumbnail(Path(row[f"path_{side}"]), record))
+                captions.append(f"{row[f'split_{side}']} / {row[f'label_{side}']}\n{Path(row[f'path_{side}']).name}")
+            captions[-1] += f"\ndistance {float(row['distance']):.3f} ({row['method']})"
+        add(
+            "near_duplicates",
+            "Near-duplicates across splits or labels",
+            "Each pair: the same picture saved twice (re-encoded, resized, cropped or brightened), found by its "
+            "perceptual hash or thumbnail and checked on aligned thumbnails; distance = 1 - their correlation. "
+            "duplicates.csv lists every pair.",
+            plots.image_grid_figure(images, captions, ncols=6),
+        )
+    if record.label_issues:
+        from imgclf.evaluation.label_issues import label_issues_figure
+
+        color = record.model["preprocessing"].get("color", "rgb")
+        add(
+            "label_issues",
+            "Likely label errors",
+            "The images whose given label a model that never saw it finds least likely (out-of-fold probability of "
+            "the given label, p(given)), with the class it suggests; label_issues.csv lists them all, ranked.",
+            label_issues_figure(record.label_issues, color=color),
+        )
     best_epoch = record.model.get("training", {}).get("best_epoch")
     add(
         "learning_curves",
@@ -292,6 +335,9 @@ def draw_figures(record: RunRecord, *, device: Any = "cpu", progress: Progress =
             "Accuracy against confidence: a calibrated model's bars follow the diagonal.",
             plots.reliability_figure(_reliability_curves(record, reliability_bins)),
         )
+    selective = _selective(record)
+    if selective is not None:
+        add(*selective)
     mistakes = _mistakes(record)
     if mistakes:
         images = [_thumbnail(Path(row["path"]), record) for row in mistakes]
@@ -330,6 +376,37 @@ def _reliability_curves(record: RunRecord, reliability_bins) -> dict[str, dict[s
         f"{split}, before calibration": reliability_bins(record.y_true, record.uncalibrated_probs),
         f"{split}, after (T={record.temperature:.2f})": reliability_bins(record.y_true, record.probs),
     }
+
+
+def _selective(record: RunRecord):
+    """(name, title, caption, figure) of the accuracy-against-coverage curve, from predictions.csv's ood_score;
+    None for runs written before imgclf scored them."""
+    from imgclf.evaluation.ood import selective_accuracy
+
+    scores = [row.get("ood_score") for row in record.readable]
+    if not scores or any(not score for score in scores):
+        return None
+    scores = np.array([float(score) for score in scores])
+    correct = (record.probs.argmax(axis=1) == record.y_true).astype(float)
+    ood = record.metrics.get("ood") or {}
+    split = record.metrics.get("split", "test")
+    threshold = ood.get("threshold")
+    caption = (
+        f"Sorting the {split} images from most to least like the training data (the energy of the logits) and "
+        "answering only the first ones: accuracy on those answered, as their share grows. "
+    )
+    if threshold is not None:
+        caption += (
+            f"The threshold stored with the model (chosen on validation) answers {ood['accepted']:.1%} of them "
+            f"at accuracy {ood.get('accuracy_accepted') or 0:.4f}; `imgclf predict --abstain` says 'unknown' for "
+            "the rest."
+        )
+    figure = plots.selective_figure(
+        selective_accuracy(correct, scores),
+        threshold_coverage=ood.get("accepted") if threshold is not None else None,
+        full_accuracy=float(correct.mean()),
+    )
+    return "selective", "Accuracy against coverage", caption, figure
 
 
 def _mistakes(record: RunRecord) -> list[dict[str, str]]:
@@ -450,6 +527,8 @@ def _context(record: RunRecord, verdicts: Sequence[Verdict], figures: Mapping[st
         "problem_count": len(record.problems),
         "duplicates": record.duplicates[:MAX_ROWS],
         "duplicate_count": len(record.duplicates),
+        "near_duplicate_count": sum(row.get("kind") == "near" for row in record.duplicates),
+        "label_issues": _label_issue_lines(record),
         "epochs_run": len(history),
         "epochs_planned": config_train.get("epochs", len(history)),
         "best_epoch": training.get("best_epoch"),
@@ -465,6 +544,24 @@ def _context(record: RunRecord, verdicts: Sequence[Verdict], figures: Mapping[st
         "figures": figures,
         "config_text": record.config_text,
         "environment": _environment(record.env),
+    }
+
+
+def _label_issue_lines(record: RunRecord) -> dict[str, Any] | None:
+    """What the report says about label issues: None when the run did not look (data.label_issues)."""
+    summary = record.label_summary
+    if summary is None:
+        return None
+    data = shlex.quote(typed_path(record.env["data"])) if record.env.get("data") else "DATA"
+    return {
+        "flagged": summary.get("flagged", len(record.label_issues)),
+        "images": summary.get("images"),
+        "estimated": summary.get("estimated_by_confident_learning"),
+        "accuracy": summary.get("out_of_fold_accuracy"),
+        "method": summary.get("method", ""),
+        "skipped": summary.get("skipped"),
+        "exclude": f"imgclf train {data} --exclude {shlex.quote(typed_path(record.paths.label_issues))}",
+        "top": record.label_issues[:MAX_ROWS],
     }
 
 

@@ -47,6 +47,14 @@ class RunPaths:
         return self.root / "duplicates.csv"
 
     @property
+    def label_issues(self) -> Path:
+        return self.root / "label_issues.csv"
+
+    @property
+    def label_issues_summary(self) -> Path:
+        return self.root / "label_issues.json"
+
+    @property
     def env(self) -> Path:
         return self.root / "env.json"
 
