@@ -155,14 +155,17 @@ def test_train_evaluate_predict_end_to_end(tmp_path, digits_flat):
     assert predicted.exit_code == 0, predicted.output
     rows = read_csv(out_csv)
     assert len(rows) == 30
-    assert list(rows[0]) == ["path", "class_1", "probability_1", "class_2", "probability_2", "error"]
+    columns = ["path", "label", "class_1", "probability_1", "class_2", "probability_2", "ood_score", "error"]
+    assert list(rows[0]) == columns
     assert all(row["class_1"] in {"digit0", "digit1", "digit2"} and not row["error"] for row in rows)
+    assert all(row["label"] == row["class_1"] for row in rows)  # no --abstain: the top class, whatever the score
 
     # The Python API gives the same predictions as the CLI for the same images.
     api = imgclf.predict(run_dir, [digits_flat / "digit1"], top_k=2, device="cpu")
     assert [(p.source, p.classes[0], f"{p.probabilities[0]:.6f}") for p in api] == [
         (row["path"], row["class_1"], row["probability_1"]) for row in rows
     ]
+    assert [round(p.ood_score, 4) for p in api] == [round(float(row["ood_score"]), 4) for row in rows]
 
     table = run("predict", run_dir, str(digits_flat / "digit2" / "*.png"))
     assert table.exit_code == 0 and "digit" in table.output

@@ -263,7 +263,8 @@ def test_predicting_with_onnx_imports_no_torch(fresh_default_run, messy_folder, 
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 26
-    assert {"path", "classes", "probabilities", "error"} == set(rows[0])
+    assert {"path", "label", "classes", "probabilities", "ood_score", "error"} == set(rows[0])
+    assert all(isinstance(r["ood_score"], float) for r in rows if not r["error"])  # the bundle's OOD score, no torch
     assert sum(1 for r in rows if r["error"]) == 2
 
 

@@ -187,7 +187,7 @@ def test_clear_deletes_only_cache_entries_older_than_asked(tmp_path, digits_sour
     assert sorted(p.name for p in cache.iterdir()) == ["b" * 32, "keep", "notes.txt"]
     assert (outside / "keep.txt").read_text(encoding="utf-8") == "mine"
     assert list_cache(cache) == []
-    assert "no decoded-image caches" in run("cache", "list", "--cache-dir", cache).output
+    assert "no caches in" in run("cache", "list", "--cache-dir", cache).output
 
 
 def test_clear_keeps_a_cache_another_process_holds(tmp_path, digits_source):

@@ -28,6 +28,7 @@ FIGURES = (
     "confusion_normalized",
     "per_class",
     "reliability",
+    "selective",
     "mistakes",
     "gradcam",
 )

@@ -80,7 +80,7 @@ def test_predict_shows_the_top_k_and_writes_to_standard_output(run_and_data, tmp
     piped = run_cli("predict", run, image, "--top-k", "2", "--out", "-")
     assert piped.exit_code == 0
     lines = [line for line in piped.stdout.splitlines() if line.startswith(("path,", str(image)))]
-    assert lines[0] == "path,class_1,probability_1,class_2,probability_2,error"
+    assert lines[0] == "path,label,class_1,probability_1,class_2,probability_2,ood_score,error"
     assert lines[1].startswith(f"{image},digit")
     assert not (tmp_path / "-").exists()
 

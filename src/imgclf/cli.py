@@ -1383,7 +1383,8 @@ CacheDirOption = Annotated[
 @cache_app.command("list", epilog=examples("imgclf cache list", "imgclf cache list --cache-dir /scratch/cache"))
 @handles_errors
 def cache_list(cache_dir: CacheDirOption = None) -> None:
-    """Every decoded-image cache: its images, size, when a run last used it, and the folder it was made from."""
+    """Every cache entry (decoded images, near-duplicate features, label-issue embeddings): what it holds, its size,
+    when a run last used it, and the folder it was made from."""
     import time
 
     from imgclf.data.cache import default_cache_dir, list_cache
@@ -1391,14 +1392,20 @@ def cache_list(cache_dir: CacheDirOption = None) -> None:
     folder = cache_dir or default_cache_dir()
     entries = list_cache(folder)
     if not entries:
-        out_console.print(f"no decoded-image caches in {escape(str(folder))}")
+        out_console.print(f"no caches in {escape(str(folder))}")
         return
-    table = Table("cache", "images", "size", "last used")
+    table = Table("cache", "holds", "images", "size", "last used")
     table.add_column("made from", overflow="fold")  # a path: folded in a terminal, whole elsewhere
     for entry in entries:
-        images = f"{entry.images} x {entry.side}px {entry.color}" if entry.complete else "(unfinished build)"
+        if not entry.complete:
+            images = "(unfinished build)"
+        elif entry.side is None:
+            images = str(entry.images)
+        else:
+            images = f"{entry.images} x {entry.side}px {entry.color}"
         table.add_row(
             escape(entry.key[:12]),
+            escape(entry.kind),
             escape(images),
             _size(entry.size_bytes),
             time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used)),

@@ -11,7 +11,8 @@ Near-duplicates, in four steps:
    contrast changes drop out); for images of `ALIGN_MIN_SIDE` px and more, also after aligning one thumbnail onto the
    other over `CROP_BOXES` (crops of up to 8 % of a side, from either end or both), the better of the two.
 4. Decision: a pair is a near-duplicate when its similarity reaches `SAME`, or reaches `FLOOR` and the pair is at
-   least 1 / `DENSITY_RATIO` times closer than either image is to its `DENSITY_RANK`-th nearest candidate. The
+   least 1 / `DENSITY_RATIO` times closer than either image is to its `DENSITY_RANK`-th nearest candidate (for
+   images with some detail: `DENSITY_MIN_SIDE` px and `DETAIL_MIN` DCT coefficients, see `structure`). The
    second rule adapts to the data: in Fashion-MNIST, where most T-shirts correlate 0.97+ with some other T-shirt,
    only a pair far closer than its neighbours counts; among photos, whose neighbours correlate ~0.5, an aligned
    crop at 0.92 does.
@@ -47,19 +48,21 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FEATURES_VERSION = 1  # part of the cache key: a change of the features or the rules below builds a new entry
+FEATURES_VERSION = 2  # part of the cache key: a change of the features or the rules below builds a new entry
 THUMB = 32  # px, the thumbnail side that similarities are measured on
 COARSE = 8  # px, the candidate thumbnails (block means of the 32 px ones)
 NEIGHBOURS = 8  # candidates per image by coarse correlation
 PHASH_DISTANCE = 10  # pHash candidates differ in at most this many of 64 bits
 ALIGN_MIN_SIDE = 48  # px: smaller images are compared as they are (a few pixels of crop is most of them)
-ALIGN_CANDIDATES = 2  # an image's nearest coarse candidates that are also compared aligned...
+ALIGN_CANDIDATES = 4  # an image's nearest coarse candidates (its other copies may come first) compared aligned...
 ALIGN_COARSE = 0.5  # ... when their coarse correlation reaches this (a 3 % crop of a texture falls to ~0.83)
 SAME = 0.995  # a correlation that makes two thumbnails copies whatever else is near
 FLOOR = 0.90  # the least similarity of a near-duplicate
-DENSITY_RATIO = 0.2  # its distance (1 - similarity) at most this fraction of ...
+DENSITY_RATIO = 0.1  # its distance (1 - similarity) at most this fraction of ...
 DENSITY_RANK = 5  # ... either image's distance to its 5th nearest candidate below SAME (4 copies still pass)
 DENSITY_MIN_SIDE = 16  # px: two 8x8 digits correlating 0.98 are two writers' 1s, not a copy (SAME alone decides)
+DETAIL_MIN = 5  # DCT coefficients: a thumbnail with 90 % of its energy in fewer (one edge, a gradient) is like every
+# other such patch, and only SAME decides (lfw_subset's non-face patches: two step edges correlate 0.98; faces hold 29+)
 # Crop boxes per axis as (start, end) fractions: none, 3 % and 6 % off both ends, 3 % and 6 % off either end.
 AXIS_BOXES = ((0.0, 1.0), (0.03, 0.97), (0.06, 0.94), (0.03, 1.0), (0.0, 0.97), (0.06, 1.0), (0.0, 0.94))
 CROP_BOXES = len(AXIS_BOXES) ** 2  # every x box with every y box, each way round
@@ -232,13 +235,27 @@ def near_pairs(features: ImageFeatures, sides: np.ndarray) -> list[NearPair]:
     # 4. decision: near-certain copies, or pairs far closer than their neighbours
     scale = _neighbour_distance(n, pairs, similarity)
     local = np.minimum(scale[pairs[:, 0]], scale[pairs[:, 1]])
-    detailed = np.minimum(sides[pairs[:, 0]], sides[pairs[:, 1]]) >= DENSITY_MIN_SIDE
+    detail = structure(thumbs)
+    detailed = (np.minimum(sides[pairs[:, 0]], sides[pairs[:, 1]]) >= DENSITY_MIN_SIDE) & (
+        np.minimum(detail[pairs[:, 0]], detail[pairs[:, 1]]) >= DETAIL_MIN
+    )
     close = (similarity >= FLOOR) & (1.0 - similarity <= DENSITY_RATIO * local) & detailed
     keep = (similarity >= SAME) | close
     return [
         NearPair(int(readable[a]), int(readable[b]), round(float(s), 6), METHODS[m])
         for (a, b), s, m in zip(pairs[keep].tolist(), similarity[keep], method[keep])
     ]
+
+
+def structure(thumbs: np.ndarray, energy: float = 0.9) -> np.ndarray:
+    """How many 2-D DCT coefficients of each zero-mean thumbnail [N, 32, 32] hold `energy` of its variance: ~2-4
+    for a single edge or a gradient, 30+ for a face or a textured photo."""
+    from scipy.fft import dctn
+
+    power = dctn(thumbs - thumbs.mean(axis=(1, 2), keepdims=True), axes=(1, 2), norm="ortho") ** 2
+    power = -np.sort(-power.reshape(len(thumbs), -1), axis=1)
+    share = np.cumsum(power, axis=1) / np.maximum(power.sum(axis=1, keepdims=True), 1e-9)
+    return (share < energy).sum(axis=1) + 1
 
 
 def _unique_pairs(first: np.ndarray, second: np.ndarray, method: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
