@@ -99,7 +99,9 @@ def fashion(root: Path, sizes: list[int], montage: Path | None) -> list[dict]:
     return rows
 
 
-def photo_tiles(side: int) -> list:
+def photo_tiles(side: int, min_std: float | None = 20.0) -> list:
+    """Non-overlapping `side` px RGB tiles of scikit-image's sample photos; with `min_std`, only those whose gray
+    levels vary at least that much (not a sky, not a border)."""
     import skimage.data
     from PIL import Image
 
@@ -110,7 +112,7 @@ def photo_tiles(side: int) -> list:
         for top in range(0, height - side + 1, side):
             for left in range(0, width - side + 1, side):
                 tile = photo.crop((left, top, left + side, top + side))
-                if np.asarray(tile.convert("L"), dtype=np.float32).std() > 20:  # not a sky, not a border
+                if min_std is None or np.asarray(tile.convert("L"), dtype=np.float32).std() > min_std:
                     tiles.append(tile)
     return tiles
 

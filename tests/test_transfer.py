@@ -158,7 +158,7 @@ def test_unfreeze_k_trains_exactly_the_head_and_the_last_k_stages(k):
 def test_fine_tuning_a_pretrained_model_beats_training_from_scratch(tmp_path):
     data = write_fashion_mnist(tmp_path / "fashion", train=40, val=10, test=30)
     base = {
-        "data": {"img_size": 48},
+        "data": {"img_size": 48, "label_issues": False},  # tests/test_label_issues.py looks for label issues
         "augment": {"preset": "light"},
         "train": {"batch_size": 32, "epochs": 4, "seed": 0, "early_stopping": {"patience": None}},
     }

@@ -186,13 +186,14 @@ def pretrained_features(
     """The frozen features [N, D] of every image and which could be read, computed once per set of files (cached by
     their fingerprint, `data.cache.content_key`)."""
     from imgclf.data.cache import _common_folder, cached_arrays, content_key
-    from imgclf.models.embeddings import EMBEDDING_MODEL, GRIDS, RESOLUTION, embed_images
+    from imgclf.models.embeddings import EMBEDDING_MODEL, GRIDS, embed_images, resolution_for
 
-    key = content_key(paths, sha256, ["pretrained features", FEATURES_VERSION, EMBEDDING_MODEL, RESOLUTION, GRIDS])
+    resolution = resolution_for(paths)
+    key = content_key(paths, sha256, ["pretrained features", FEATURES_VERSION, EMBEDDING_MODEL, resolution, GRIDS])
 
     def build() -> dict[str, np.ndarray]:
         features, readable = embed_images(
-            paths, resolution=RESOLUTION, max_pixels=max_pixels, device=device, progress=progress
+            paths, resolution=resolution, max_pixels=max_pixels, device=device, progress=progress
         )
         return {"features": features, "readable": readable}
 
