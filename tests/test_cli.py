@@ -212,7 +212,8 @@ def test_tune_takes_every_config_flag_of_train(tmp_path, digits_flat, monkeypatc
         return {name for name in inspect.signature(command).parameters if name in cli.FLAG_KEYS}
 
     # train-only by nature: calibration happens after the study (best trial), and --subset, --mlflow... are shared
-    assert config_params(cli.train) - config_params(cli.tune) == {"calibrate"}
+    assert config_params(cli.train_command) - config_params(cli.tune_command) == {"calibrate"}
+    assert len(config_params(cli.tune_command)) == len(cli.FLAG_KEYS) - 1  # every flag of the one table
     seen = {}
 
     def tune(data, config, **kwargs):
@@ -318,3 +319,71 @@ def test_console_script_demo_reaches_the_readme_accuracy(tmp_path):
     epochs = len(read_csv(run_dir / "history.csv"))
     assert metrics["n"] == 179 and epochs == DEMO_CONFIG["train"]["epochs"]  # the demo as shipped, not shortened
     assert metrics["accuracy"] >= 0.98, metrics["accuracy"]
+
+
+def test_train_and_tune_document_their_own_cache_dir_and_cache_list_its_own():
+    """Each command's --cache-dir help is its own (a second module-level CacheDirOption once replaced train's)."""
+    for command in ("train", "tune"):
+        text = " ".join(run(command, "--help").output.split())
+        assert "where disk caches live" in text, command
+        assert "the cache folder (default" not in text, command
+    assert "the cache folder (default" in " ".join(run("cache", "list", "--help").output.split())
+
+
+def test_train_and_tune_take_every_flag_of_the_table_in_panels():
+    from imgclf.flags import FLAGS, PANELS
+
+    train_help = " ".join(run("train", "--help").output.split())
+    tune_help = " ".join(run("tune", "--help").output.split())
+    for flag in FLAGS:
+        assert flag.spelling in train_help, flag
+        assert (flag.spelling in tune_help) == (flag.key != "train.calibrate"), flag
+    assert all(f"─ {panel} ─" in train_help for panel in PANELS)
+
+
+def test_explicit_out_runs_is_taken_by_reproduce_and_runs_takes_a_folder(tmp_path, digits_flat, monkeypatch):
+    """`--out runs` equal to the default is still an answer (before, train --reproduce R --out runs put the copy
+    beside R); `imgclf runs DIR` lists DIR (before: "No such command"), and a study folder lists its trials."""
+    first = run("train", digits_flat, *FAST_FLAGS, "--out", tmp_path / "elsewhere", "--name", "r", "--no-report")
+    assert first.exit_code == 0, first.output
+    monkeypatch.chdir(tmp_path)
+    again = run("train", "--reproduce", tmp_path / "elsewhere" / "r", "--out", "runs", "--name", "copy", "--no-report")
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "runs" / "copy" / "model" / "model.json").is_file()
+    assert not (tmp_path / "elsewhere" / "copy").exists()
+
+    listed = run("runs", str(tmp_path / "elsewhere"))
+    assert listed.exit_code == 0, listed.output
+    assert "r" in listed.output.split() or " r " in listed.output
+    study = tmp_path / "runs" / "tune-digits"
+    (study / "trials").mkdir(parents=True)
+    (tmp_path / "runs" / "copy").rename(study / "trials" / "trial-0000")
+    trials = run("runs", str(study))
+    assert trials.exit_code == 0, trials.output
+    assert "is a study folder: listing its trials" in " ".join(trials.output.split()) and "trial-0000" in trials.output
+    typo = run("runs", "compar")
+    assert typo.exit_code == 2 and "No such command" in typo.output
+
+
+def test_devices_relaunches_the_arguments_it_was_given_not_the_callers_argv(tmp_path, digits_flat, monkeypatch):
+    """`app(["train", ..., "--devices", "2"])` from Python (here, typer's runner inside pytest, whose sys.argv is
+    pytest's) starts torchrun with those arguments, --devices dropped."""
+    import subprocess
+
+    started = []
+    monkeypatch.setattr(subprocess, "call", lambda command, env=None: started.append(command) or 0)
+    monkeypatch.setattr("sys.argv", ["pytest", "-k", "something else"])
+    result = run("train", digits_flat, "--devices", "2", "--epochs", "1", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    (command,) = started
+    assert command[command.index("-m", 3) :] == [
+        "-m",
+        "imgclf",
+        "train",
+        str(digits_flat),
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
+    assert "--nproc_per_node=2" in command and "pytest" not in command

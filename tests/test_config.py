@@ -77,3 +77,19 @@ def test_yaml_words_stay_words():
         "augment.preset": "none",
     }
     assert build_config({"data": {"cache": False}}).data.cache == "off"  # `cache: off` in a YAML file
+
+
+def test_a_time_budget_without_epochs_is_capped_far_out_the_same_everywhere(tmp_path):
+    """train --time, tune --time, the Python API and a YAML train.time_budget all let the budget decide the length
+    (before, only train --time lifted the 12-epoch default)."""
+    from imgclf.config import BUDGET_EPOCHS
+
+    assert build_config(None, {"train.time_budget": "2m"}).train.epochs == BUDGET_EPOCHS == 1000
+    assert build_config({"train": {"time_budget": "2m"}}).train.epochs == BUDGET_EPOCHS
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("train:\n  time_budget: 90s\n", encoding="utf-8")
+    assert load_config(recipe).train.epochs == BUDGET_EPOCHS
+    assert build_config(None, {"train.time_budget": "2m", "train.epochs": 5}).train.epochs == 5  # an explicit cap
+    assert build_config(None, {}).train.epochs == 12  # no budget: the default
+    again = yaml.safe_load(dump_config(build_config(None, {"train.time_budget": "2m"})))
+    assert again["train"]["epochs"] == BUDGET_EPOCHS  # config.yaml records the cap

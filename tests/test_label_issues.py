@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FASHION_CLASSES, FASHION_MNIST, read_idx, run_cli
+from conftest import FASHION_CLASSES, FASHION_MNIST, read_idx, require_fashion_mnist, run_cli
 from imgclf.data.split import ManifestRow, SplitManifest
 from imgclf.evaluation.label_issues import (
     LABEL_ISSUE_COLUMNS,
@@ -29,8 +29,7 @@ FLIPS = 30  # 5 % of 600
 def flipped(tmp_path_factory) -> tuple[Path, set[str]]:
     """600 Fashion-MNIST training images (60 per class) in a flat folder, 30 of them under a wrong class (seeded);
     returns the folder and the flipped paths."""
-    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist); .ci/run installs it")
+    require_fashion_mnist()
     images = read_idx(FASHION_MNIST / "train-images-idx3-ubyte.gz")
     labels = read_idx(FASHION_MNIST / "train-labels-idx1-ubyte.gz")
     rng = np.random.default_rng(3)

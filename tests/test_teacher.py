@@ -16,21 +16,13 @@ import yaml
 from PIL import Image
 
 import imgclf
-from conftest import FASHION_CLASSES, FASHION_MNIST, read_idx, run_cli
+from conftest import FASHION_CLASSES, FASHION_MNIST, read_idx, require_fashion_mnist, run_cli
 from imgclf.evaluation.diagnose import gap_noise, loss_noise, read_history
 from imgclf.evaluation.plots import learning_curves_figure
 from imgclf.files import read_csv
+from imgclf.flags import FLAGS
 
-CONFIG_KEYS = {
-    "--augment": ("augment", "preset"),
-    "--weight-decay": ("train", "weight_decay"),
-    "--label-smoothing": ("train", "label_smoothing"),
-    "--lr": ("train", "lr"),
-    "--epochs": ("train", "epochs"),
-    "--batch-size": ("train", "batch_size"),
-    "--patience": ("train", "early_stopping", "patience"),
-    "--class-weights": ("train", "class_weights"),
-}
+CONFIG_KEYS = {flag.spelling: tuple(flag.key.split(".")) for flag in FLAGS}  # the one flag table
 
 
 def write_lfw(folder: Path) -> Path:
@@ -45,8 +37,7 @@ def write_lfw(folder: Path) -> Path:
 
 
 def write_fashion_400(folder: Path) -> Path:
-    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist); .ci/run installs it")
+    require_fashion_mnist()
     images = read_idx(FASHION_MNIST / "train-images-idx3-ubyte.gz")
     labels = read_idx(FASHION_MNIST / "train-labels-idx1-ubyte.gz")
     for label, name in enumerate(FASHION_CLASSES):

@@ -238,6 +238,9 @@ def auto_batch_size(train_images: int, largest: int = 64, smallest: int = 8) -> 
     return batch
 
 
+BUDGET_EPOCHS = 1000  # train.epochs under a time budget when epochs is not given: a cap the budget reaches first
+
+
 class TrainConfig(_Section):
     """Optimisation recipe. The defaults (12 epochs of AdamW at 2e-3, 1 warmup epoch then cosine, weight decay
     0.01, label smoothing 0.1, batch 64 (`auto`: smaller on small sets); with small_cnn's 2x2-pooled head, no
@@ -245,7 +248,10 @@ class TrainConfig(_Section):
     minutes on 2 AVX2 cores; with `model.early_pool` 0.932-0.934 in about 9 minutes (README, Speed)."""
 
     epochs: int = Field(
-        12, ge=1, description="maximum number of epochs (with time_budget an upper bound: the budget decides)"
+        12,
+        ge=1,
+        description=f"maximum number of epochs (with time_budget an upper bound: the budget decides; not given, "
+        f"{BUDGET_EPOCHS:,}, which the budget reaches first)",
     )
     time_budget: str | None = Field(
         None,
@@ -341,6 +347,15 @@ class TrainConfig(_Section):
     )
     seed: int = Field(0, description="seed for weights init, data order and augmentation")
     device: str = Field("auto", description="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _budget_decides_the_length(cls, data: Any) -> Any:
+        """With a time budget and no epochs given, the budget decides: epochs becomes a cap it reaches first (the
+        same for train --time, tune --time, the Python API and a YAML train.time_budget)."""
+        if isinstance(data, Mapping) and data.get("time_budget") is not None and data.get("epochs") is None:
+            return {**data, "epochs": BUDGET_EPOCHS}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
