@@ -1,5 +1,6 @@
 """The documentation agrees with the code: docs/cli.md and docs/config.md are what scripts/generate_docs.py makes
-of the typer app and the config models today, on any machine; every `imgclf ...` command in docs/guide.md parses."""
+of the typer app and the config models today, on any machine; every `imgclf ...` command in the README, the guide and
+the other hand-written pages parses, options, values and arguments alike."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 
 from conftest import REPOSITORY, run_cli
 
@@ -121,11 +123,13 @@ SHELL_BLOCKS = ("bash", "sh", "shell", "console")  # a block without a language 
 
 
 SHELL_WORDS = ("do", "then", "else", "time", "!")
+LAUNCHERS = ("torchrun", "srun", "python", "python3")
 
 
 def _imgclf_commands(line: str) -> list[tuple[str, ...]]:
-    """The `imgclf ...` command lines in one line of shell (`a && imgclf x > f | less` -> [("imgclf", "x")]);
-    comments, redirections, `VAR=value` prefixes and loop keywords are left out."""
+    """The `imgclf ...` command lines in one line of shell (`a && imgclf x > f | less` -> [("imgclf", "x")]), also
+    as launched by `torchrun ... -m imgclf x`; comments, redirections, `VAR=value` prefixes and loop keywords are
+    left out."""
     lexer = shlex.shlex(line, posix=True, punctuation_chars="|&;")
     lexer.whitespace_split = True
     commands, current = [], []
@@ -135,6 +139,9 @@ def _imgclf_commands(line: str) -> list[tuple[str, ...]]:
                 current.pop(0)
             redirect = next((i for i, word in enumerate(current) if re.fullmatch(r"\d?(>>?|<).*", word)), None)
             current = current[:redirect]
+            launched = next((i + 1 for i in range(len(current) - 1) if current[i : i + 2] == ["-m", "imgclf"]), None)
+            if launched is not None and current[0] in LAUNCHERS:  # torchrun ... -m imgclf train ...
+                current = current[launched:]
             if current and current[0] == "imgclf":
                 commands.append(tuple(current))
             current = []
@@ -146,9 +153,16 @@ def _imgclf_commands(line: str) -> list[tuple[str, ...]]:
 def guide_commands(document: Path = GUIDE) -> list[tuple[str, ...]]:
     """Every `imgclf ...` command of docs/guide.md (or another document): in shell code blocks, and in inline code
     outside them."""
+    return list(document_commands(document))
+
+
+def document_commands(document: Path) -> dict[tuple[str, ...], bool]:
+    """Each `imgclf ...` command of a document, once, in its order -> whether it is a whole command line (in a shell
+    block) rather than a mention in prose (`imgclf export --int8`, whose run folder the sentence names)."""
     if not document.is_file():
-        return []
-    commands, fence, pending = [], None, ""
+        return {}
+    commands: dict[tuple[str, ...], bool] = {}
+    fence, pending = None, ""
     for line in document.read_text(encoding="utf-8").splitlines():
         opening = re.match(r"^\s*(```+|~~~+)\s*(\S*)", line)
         if fence is None and opening:
@@ -162,13 +176,15 @@ def guide_commands(document: Path = GUIDE) -> list[tuple[str, ...]]:
                 if pending.endswith("\\"):
                     pending = pending[:-1] + " "
                     continue
-                commands += _imgclf_commands(pending)
+                for command in _imgclf_commands(pending):
+                    commands[command] = True
                 pending = ""
             continue
         for span in re.findall(r"(?<!`)`([^`\n]+)`(?!`)", line):
             if span.startswith("imgclf "):
-                commands += _imgclf_commands(span)
-    return list(dict.fromkeys(commands))  # each command once, in the guide's order
+                for command in _imgclf_commands(span):
+                    commands.setdefault(command, False)
+    return commands
 
 
 def test_the_guide_has_commands_to_check():
@@ -178,22 +194,126 @@ def test_the_guide_has_commands_to_check():
     assert {"init", "inspect", "split", "train", "report", "evaluate", "export", "predict", "serve"} <= named
 
 
-@pytest.mark.parametrize("command", guide_commands(), ids=" ".join)
-def test_guide_command_parses(command):
-    result = run_cli(*command[1:], "--help")
-    assert result.exit_code == 0, (
-        f"docs/guide.md: `{shlex.join(command)}` is not a real command (with --help appended: exit "
-        f"{result.exit_code}):\n{result.output}"
-    )
+def parse_command(words: tuple[str, ...], *, mention: bool = False) -> None:
+    """Parse `imgclf WORDS...` as the CLI would, down to the last subcommand, without running it: every option must
+    exist, every value must convert to its type, no extra argument may be left. Raises click's UsageError (or
+    BadParameter, NoSuchOption) when the line is not a real command. Eager options (`--version`) exit with 0.
+    A `mention` (inline code in prose) may leave out required arguments: each is given a placeholder, and the rest
+    is checked all the same.
+
+    Appending `--help` checks nothing: click answers it before it converts or counts the other arguments
+    (`imgclf train data --epochs lots --help` exits 0)."""
+    import typer.main
+
+    from imgclf.cli import app
+
+    command = typer.main.get_command(app)
+    name, args, parent = "imgclf", list(words[1:]), None
+    try:
+        while True:
+            try:
+                ctx = command.make_context(name, list(args), parent=parent)  # click consumes the list it parses
+            except UsageError as error:
+                param = getattr(error, "param", None)
+                if not (mention and type(error).__name__ == "MissingParameter" and param.param_type_name == "argument"):
+                    raise
+                args = [*args, "placeholder"]
+                continue
+            if not hasattr(command, "resolve_command"):  # a command, not a group of them
+                return
+            protected = ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args  # click < 8.2
+            rest = [*protected, *ctx.args]
+            if not rest:
+                return
+            name, command, args = command.resolve_command(ctx, rest)
+            parent = ctx
+    except typer.Exit as stop:
+        if stop.exit_code != 0:
+            raise
 
 
-@pytest.mark.parametrize("command", guide_commands(REPOSITORY / "README.md"), ids=" ".join)
-def test_readme_command_parses(command):
-    result = run_cli(*command[1:], "--help")
-    assert result.exit_code == 0, (
-        f"README.md: `{shlex.join(command)}` is not a real command (with --help appended: exit "
-        f"{result.exit_code}):\n{result.output}"
-    )
+# click's UsageError (BadParameter, NoSuchOption, MissingParameter are ones), typer's own copy of click since 0.25
+UsageError = typer.BadParameter.__bases__[0]
+PLACEHOLDER = re.compile(r"[^-*$=:\s][^*$=:\s]*")  # a word that may be a path: not an option, glob, variable or URL
+
+
+def make_placeholders(words: tuple[str, ...], root: Path) -> None:
+    """Every word of a command that could be a path, made under `root` (a folder for `x/` or a name without a
+    suffix, an empty file for `x.yaml`), so that a path argument that must exist does."""
+    for word in words[1:]:
+        if not PLACEHOLDER.fullmatch(word) or word.startswith("/") or ".." in Path(word).parts:
+            continue
+        path = root / word
+        if word.endswith("/") or not path.suffix:
+            path.mkdir(parents=True, exist_ok=True)
+        elif not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+
+
+DOCUMENTS = (
+    "README.md",
+    "docs/guide.md",
+    "docs/deploy.md",
+    "docs/experiments.md",
+    "docs/scale-out.md",
+    "docs/benchmarks.md",
+    "CONTRIBUTING.md",
+)
+DOCUMENTED_COMMANDS = [
+    (name, command, whole) for name in DOCUMENTS for command, whole in document_commands(REPOSITORY / name).items()
+]
+
+
+def test_every_document_has_commands_to_check():
+    for name in DOCUMENTS:
+        assert (REPOSITORY / name).is_file(), f"{name} is gone: the README links to it"
+    assert len(DOCUMENTED_COMMANDS) >= 80, f"found only {len(DOCUMENTED_COMMANDS)} imgclf commands in {DOCUMENTS}"
+
+
+@pytest.mark.parametrize(
+    ("document", "command", "whole"),
+    DOCUMENTED_COMMANDS,
+    ids=[f"{name}: {shlex.join(command)}" for name, command, _ in DOCUMENTED_COMMANDS],
+)
+def test_documented_command_parses(document, command, whole, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_placeholders(command, tmp_path)
+    try:
+        parse_command(command, mention=not whole)
+    except UsageError as error:
+        pytest.fail(f"{document}: `{shlex.join(command)}` is not a real command: {error.format_message()}")
+
+
+@pytest.mark.parametrize(
+    ("line", "help_exit"),
+    [
+        ("imgclf train data --epochs lots", 0),  # a bad value: `--help` passed it
+        ("imgclf evaluate runs/x extra words", 0),  # extra arguments: `--help` passed them
+        ("imgclf train [--batch-size 64]", 0),  # a placeholder written as an argument
+        ("imgclf train data --img-size big", 0),
+        ("imgclf train data --epoch 3", 2),  # an unknown option
+        ("imgclf runs compare --sort nope runs/a", 2),  # an unknown option of a group's subcommand
+        ("imgclf predict runs/x in/ --top-k", 2),  # an option without its value
+        ("imgclf trian data", 2),  # an unknown command
+    ],
+)
+def test_a_broken_command_line_does_not_parse(line, help_exit, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    words = tuple(shlex.split(line))
+    make_placeholders(words, tmp_path)
+    assert run_cli(*words[1:], "--help").exit_code == help_exit  # why appending `--help` checked too little
+    with pytest.raises(UsageError):
+        parse_command(words)
+
+
+def test_real_command_lines_parse(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lines = ("imgclf --version", "imgclf", "imgclf runs compare runs/a runs/b", "imgclf cache clear --older-than 30")
+    for line in lines:
+        words = tuple(shlex.split(line))
+        make_placeholders(words, tmp_path)
+        parse_command(words)
 
 
 def test_the_readme_links_the_notebook_the_guide_the_scaffold_and_the_references():
@@ -210,6 +330,9 @@ def test_the_shell_parsing_of_guide_lines():
     line = "cd lab && X=1 imgclf train data --out models --lr $lr  # a comment"
     assert _imgclf_commands(line) == [("imgclf", "train", "data", "--out", "models", "--lr", "$lr")]
     assert _imgclf_commands("imgclf config > recipe.yaml") == [("imgclf", "config")]
+    assert _imgclf_commands("torchrun --nproc_per_node 4 -m imgclf predict runs/x in/") == [
+        ("imgclf", "predict", "runs/x", "in/")
+    ]
     assert _imgclf_commands("for x in a b; do imgclf predict runs/<name> 'in/**/*.jpg' --out - | less; done") == [
         ("imgclf", "predict", "runs/<name>", "in/**/*.jpg", "--out", "-")
     ]
@@ -224,3 +347,22 @@ def test_the_guide_states_the_defaults_and_flags_the_code_has():
     for key, default, flag in rows:
         assert key in documented, f"docs/guide.md names a config key that does not exist: {key}"
         assert (default, flag.strip("`")) == documented[key], f"docs/guide.md: {key} is {documented[key]} in the code"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_pages_reach_a_file_and_a_heading_that_exist():
+    """The README is the front door: each moved section must stay reachable, anchors included."""
+    for name in DOCUMENTS:
+        page = REPOSITORY / name
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)", page.read_text(encoding="utf-8")):
+            if "://" in target:
+                continue
+            linked = (page.parent / target).resolve() if target else page
+            assert linked.exists(), f"{name} links to {target}, which does not exist"
+            if anchor and linked.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", linked.read_text(encoding="utf-8"), re.M)
+                assert anchor in {_anchor(h) for h in headings}, f"{name}: {target} has no heading #{anchor}"

@@ -77,8 +77,8 @@ def test_train_writes_the_run_folder_contract(trained_run: Path, digits_source: 
     assert metrics["split"] == "test"
     assert metrics["n"] == sum(1 for row in read_csv(trained_run / "manifest.csv") if row["split"] == "test")
     assert set(metrics["per_class"]) == {"digit0", "digit1", "digit2"}
-    # README's run-folder table: predictions.csv has path, true, predicted, probability, correct, error, ood_score
-    # and p_<class> for every class; a row is consistent with its probabilities
+    # the run-folder table of docs/guide.md: predictions.csv has path, true, predicted, probability, correct, error,
+    # ood_score and p_<class> for every class; a row is consistent with its probabilities
     predictions = read_csv(trained_run / "predictions.csv")
     assert list(predictions[0]) == [
         "path",
