@@ -101,6 +101,23 @@ def test_no_repository_entry_and_no_failure_without_git(project, monkeypatch, tm
     assert repository_info() is None
 
 
+def test_the_version_env_json_records_is_imgclfs_and_tracking_reads_it_without_the_package_api():
+    """env.json takes imgclf's version from `imgclf._version` (tracking sits below the package's API and does not
+    import it); that version is the package's and pyproject.toml's."""
+    import ast
+    import re
+
+    from imgclf import _version
+
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    assert _version.__version__ == imgclf.__version__ == re.search(r'^version = "(.+)"', pyproject, re.M)[1]
+    for module in (Path(imgclf.__file__).parent / "tracking").glob("*.py"):
+        tree = ast.parse(module.read_text(encoding="utf-8"))
+        bare = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Import) and any(
+            alias.name == "imgclf" for alias in node.names)]  # fmt: skip
+        assert not bare, f"{module.name}:{bare} imports the package imgclf itself"
+
+
 def test_describe_device_names_cpu_and_the_gpu_model():
     assert describe_device(torch.device("cpu")) == "cpu"
     if torch.cuda.is_available():

@@ -20,7 +20,14 @@ from imgclf.errors import ConfigError, TrainingInterrupted
 from imgclf.files import read_csv
 from imgclf.training.state import Callback
 
-optuna = pytest.importorskip("optuna", reason="the tune extra: pip install 'imgclf[tune]'")
+REQUIRE_POSTGRES = "IMGCLF_REQUIRE_POSTGRES"  # set by .ci/run: the PostgreSQL test must run, never skip
+
+try:
+    import optuna
+except ImportError:
+    if os.environ.get(REQUIRE_POSTGRES):  # the PostgreSQL test lives here: skipping the module would skip it
+        pytest.fail(f"{REQUIRE_POSTGRES} is set but Optuna is not installed: pip install 'imgclf[tune]'", pytrace=False)
+    pytest.skip("the tune extra: pip install 'imgclf[tune]'", allow_module_level=True)
 
 # lr 0.02 learns the 3 digit classes within an epoch, 1e-5 does not: with successive halving, a 1e-5 trial after a
 # 0.02 one is pruned at its first epoch. --tune-seed 3 draws 0.02, 1e-5, 0.02, 0.02 (Optuna's seeded TPE startup).
@@ -117,15 +124,30 @@ def test_an_interrupted_study_resumes_without_repeating_finished_trials(tmp_path
 # --- shared storage: a real PostgreSQL -------------------------------------------------------------------------
 
 
+def postgres_admin() -> tuple[str, object]:
+    """The admin URL of the PostgreSQL that .ci/run starts (IMGCLF_TEST_POSTGRES) and the psycopg module; the test
+    is skipped without either, unless IMGCLF_REQUIRE_POSTGRES is set: then it fails, so that CI cannot pass
+    without having run it."""
+    required = bool(os.environ.get(REQUIRE_POSTGRES))
+    admin = os.environ.get("IMGCLF_TEST_POSTGRES")
+    if not admin:
+        if required:
+            pytest.fail(f"{REQUIRE_POSTGRES} is set but IMGCLF_TEST_POSTGRES is not", pytrace=False)
+        pytest.skip("no PostgreSQL (set IMGCLF_TEST_POSTGRES=postgresql://user:pw@127.0.0.1:5432/postgres)")
+    try:
+        import psycopg
+    except ImportError:
+        if required:
+            message = f"{REQUIRE_POSTGRES} is set but psycopg is not installed: pip install 'psycopg[binary]'"
+            pytest.fail(message, pytrace=False)
+        pytest.skip("the PostgreSQL driver: pip install 'psycopg[binary]'")
+    return admin, psycopg
+
+
 @pytest.fixture
 def postgres_url():
     """A fresh database on the PostgreSQL that .ci/run starts (IMGCLF_TEST_POSTGRES: an admin URL), dropped after."""
-    admin = os.environ.get("IMGCLF_TEST_POSTGRES")
-    if not admin:
-        if os.environ.get("IMGCLF_REQUIRE_POSTGRES"):
-            pytest.fail("IMGCLF_REQUIRE_POSTGRES is set but IMGCLF_TEST_POSTGRES is not")
-        pytest.skip("no PostgreSQL (set IMGCLF_TEST_POSTGRES=postgresql://user:pw@127.0.0.1:5432/postgres)")
-    psycopg = pytest.importorskip("psycopg", reason="the PostgreSQL driver: pip install 'psycopg[binary]'")
+    admin, psycopg = postgres_admin()
     name = f"imgclf_tune_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(admin, autocommit=True) as connection:
         connection.execute(f"CREATE DATABASE {name}")
@@ -133,6 +155,24 @@ def postgres_url():
             yield admin.rsplit("/", 1)[0] + "/" + name
         finally:
             connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.mark.parametrize("required", [False, True])
+@pytest.mark.parametrize("missing", ["server", "driver"])
+def test_the_postgres_test_skips_without_postgres_unless_it_is_required(monkeypatch, required, missing):
+    """Without a server (IMGCLF_TEST_POSTGRES) or without the driver (psycopg), the PostgreSQL test skips; with
+    IMGCLF_REQUIRE_POSTGRES set (CI) it fails instead, in both cases."""
+    monkeypatch.delenv(REQUIRE_POSTGRES, raising=False)
+    if required:
+        monkeypatch.setenv(REQUIRE_POSTGRES, "1")
+    if missing == "server":
+        monkeypatch.delenv("IMGCLF_TEST_POSTGRES", raising=False)
+    else:
+        monkeypatch.setenv("IMGCLF_TEST_POSTGRES", "postgresql://user:pw@127.0.0.1:5432/postgres")
+        monkeypatch.setitem(sys.modules, "psycopg", None)  # as if the driver were not installed
+    outcome = pytest.fail.Exception if required else pytest.skip.Exception
+    with pytest.raises(outcome, match="IMGCLF_TEST_POSTGRES" if missing == "server" else "psycopg"):
+        postgres_admin()
 
 
 @pytest.mark.slow
@@ -216,26 +256,67 @@ def test_a_study_whose_trials_keep_diverging_stops_after_five_and_says_why(tmp_p
     assert "the last 5 trials failed" in " ".join(result.output.split())
 
 
-def test_the_median_pruner_waits_for_two_trials_and_one_epoch_then_prunes_below_the_median():
-    """`--pruner median` (the default): trials report validation accuracy per epoch on a maximizing study; from the
-    third trial on, one below the median of the earlier trials at the same epoch is pruned, never at epoch 0."""
+def test_the_median_pruner_waits_for_two_trials_and_the_first_epoch_then_prunes_below_the_median():
+    """`--pruner median` (the default): trials report validation accuracy per epoch, numbered from 1 as in
+    history.csv, on a maximizing study; from the third trial on, one below the median of the earlier trials at the
+    same epoch is pruned, never at its first epoch (with `n_warmup_steps=1` Optuna only spared step 0, which no
+    trial reports, so a trial could be pruned after its first epoch)."""
     from imgclf.tune import _pruner
 
     study = optuna.create_study(direction="maximize", pruner=_pruner(optuna, "median"))
     for good in (0.8, 0.9):
         trial = study.ask()
-        trial.report(good - 0.1, 0)
-        trial.report(good, 1)
+        trial.report(good - 0.1, 1)
+        trial.report(good, 2)
         study.tell(trial, good)
     weak = study.ask()
-    weak.report(0.1, 0)
-    assert not weak.should_prune()  # epoch 0: warming up
-    weak.report(0.2, 1)
+    weak.report(0.1, 1)
+    assert not weak.should_prune()  # epoch 1, far below the others: warming up
+    weak.report(0.2, 2)
     assert weak.should_prune()
     strong = study.ask()
     strong.report(0.95, 1)
     assert not strong.should_prune()
+    strong.report(0.95, 2)
+    assert not strong.should_prune()
     first = optuna.create_study(direction="maximize", pruner=_pruner(optuna, "median"))
     early = first.ask()
-    early.report(0.0, 1)
+    early.report(0.0, 2)
     assert not early.should_prune()  # no earlier trials to compare with
+
+
+def epoch_row(epoch, val_acc, val_loss, val_acc_ema=None, val_loss_ema=None):
+    row = {"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss}
+    if val_acc_ema is not None:
+        row.update(val_acc_ema=val_acc_ema, val_loss_ema=val_loss_ema)
+    return row
+
+
+def test_trials_report_the_accuracy_of_the_weights_they_would_ship():
+    """With train.ema a trial is ranked by the accuracy of the weights its run ships (the average's when it
+    validates better by the early-stopping monitor), so the pruner hears that same accuracy each epoch, not the
+    model's own weights' `val_acc`."""
+    from types import SimpleNamespace
+
+    from imgclf.tune import TrialReporter
+
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
+    state = SimpleNamespace(finished=False, stop_reason=None)
+    trial = study.ask()
+    reporter = TrialReporter(trial)  # the default monitor, val_loss: the weights with the lower loss ship
+    reporter.on_epoch_end(state, epoch_row(1, 0.5, 1.0, val_acc_ema=0.7, val_loss_ema=0.8))  # the average's
+    reporter.on_epoch_end(state, epoch_row(2, 0.9, 0.3, val_acc_ema=0.6, val_loss_ema=0.9))  # the model's own
+    reporter.on_epoch_end(state, epoch_row(3, 0.8, 0.4, val_acc_ema=0.85, val_loss_ema=0.4))  # a tie: its own
+    assert study.trials[-1].intermediate_values == {1: 0.7, 2: 0.9, 3: 0.8}
+
+    from imgclf.training.callbacks import Monitor
+
+    by_accuracy = study.ask()
+    reporter = TrialReporter(by_accuracy, Monitor.resolve("val_acc"))  # the better accuracy ships, whatever the loss
+    reporter.on_epoch_end(state, epoch_row(1, 0.6, 0.5, val_acc_ema=0.8, val_loss_ema=0.9))
+    reporter.on_epoch_end(state, epoch_row(2, 0.9, 0.5, val_acc_ema=0.7, val_loss_ema=0.2))
+    assert study.trials[-1].intermediate_values == {1: 0.8, 2: 0.9}
+
+    plain = study.ask()
+    TrialReporter(plain).on_epoch_end(state, epoch_row(1, 0.5, 1.0))  # no train.ema: the model's own
+    assert study.trials[-1].intermediate_values == {1: 0.5}
