@@ -1,6 +1,7 @@
 """The lab notebook runs top to bottom in a real Jupyter kernel (nbclient + ipykernel), as a learner would run it:
 committed without outputs, every cell without error, log lines and progress bars in the cell outputs with no setup,
-and a closing section that names the next step of the run's own diagnosis. The copy `imgclf init` writes runs too.
+its figures shown inline, and a closing section that names the next step of the run's own diagnosis. The copy
+`imgclf init` writes runs too.
 """
 
 from __future__ import annotations
@@ -24,19 +25,25 @@ def run_notebook(path: Path, cwd: Path, settings: dict) -> dict:
     """Execute the notebook at `path` in a fresh kernel with `cwd` as working directory, `settings` overriding its
     parameters cell; returns the executed notebook. A cell error fails the calling test with the cell's traceback."""
     nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
 
     notebook = nbformat.read(path, as_version=4)
     index = next(i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", []))
     injected = "\n".join(f"{name} = {value!r}" for name, value in settings.items())
     notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(injected, metadata={"tags": ["injected-parameters"]}))
+    return execute(notebook, cwd, path.name)
+
+
+def execute(notebook, cwd: Path, name: str):
+    """Run every cell of `notebook` in a fresh kernel with `cwd` as working directory; the notebook, with outputs."""
+    nbclient = pytest.importorskip("nbclient")
+
     client = nbclient.NotebookClient(
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
     )
     try:
         client.execute()
     except nbclient.exceptions.CellExecutionError as exc:
-        pytest.fail(f"a cell of {path.name} failed:\n{exc}")
+        pytest.fail(f"a cell of {name} failed:\n{exc}")
     return notebook
 
 
@@ -48,6 +55,11 @@ def text_of(cell, stream: str = "stdout") -> str:
 
 def cell_running(notebook, snippet: str):
     return next(cell for cell in notebook.cells if cell.cell_type == "code" and snippet in cell.source)
+
+
+def pictures(cell, output_type: str = "display_data") -> int:
+    """How many PNG images a code cell displayed (`display_data`) or returned (`execute_result`)."""
+    return sum(o["output_type"] == output_type and "image/png" in o.get("data", {}) for o in cell.get("outputs", []))
 
 
 def test_the_notebook_is_committed_without_outputs():
@@ -106,6 +118,29 @@ def test_the_notebook_runs_top_to_bottom_and_ends_with_the_reports_next_step(tmp
     exported = text_of(cell_running(notebook, "imgclf.export("))
     assert "agree 100%" in exported  # the ONNX file was checked, then predicted with
     assert (run_dir / "model" / "model.onnx").is_file()
+
+    # the figures show inline: pyplot's after imgclf drew its own (importing imgclf's plots left the backend
+    # alone), and the PNG files imgclf wrote
+    assert pictures(cell_running(notebook, "plt.show()")) == 1, "the learning-curves comparison is not shown"
+    for snippet in ("inspection.out_dir", "display(Image(filename=preview))", "for name in ("):
+        assert pictures(cell_running(notebook, snippet)) >= 1, f"the cell with {snippet!r} shows no image"
+
+
+def test_figures_show_inline_in_a_kernel_after_imgclf_draws(tmp_path):
+    """Importing imgclf's plots (as `train`, `inspect_data` and `report` do) keeps the kernel's inline backend:
+    pyplot figures still display, and so does a Figure that imgclf returns."""
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("ipykernel")
+    cells = [
+        "from imgclf.evaluation import plots\nfigure = plots.confusion_matrix_figure([[3, 1], [0, 4]], ['a', 'b'])",
+        "import matplotlib.pyplot as plt\nplt.plot([0, 1], [1, 0])\nplt.show()",
+        "figure",
+    ]
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in cells])
+    drawn, pyplot, returned = execute(notebook, tmp_path, "a notebook importing imgclf's plots").cells
+    assert not drawn.outputs
+    assert pictures(pyplot) == 1, f"plt.show() displayed no image: {pyplot.outputs}"
+    assert pictures(returned, "execute_result") == 1, f"imgclf's figure displayed as text only: {returned.outputs}"
 
 
 @pytest.mark.slow

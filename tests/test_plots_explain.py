@@ -415,13 +415,13 @@ def test_when_no_map_reaches_7_px_the_largest_is_taken_and_called_coarse(tmp_pat
 
 def test_the_report_names_the_layer_chosen_at_the_bundles_input_size(tmp_path, digits_source):
     from imgclf import train
-    from imgclf.evaluation import report
+    from imgclf.evaluation import report, report_figures
     from imgclf.progress import NO_PROGRESS
     from imgclf.tracking.runs import find_run
 
     run = train(digits_source, {"train": {"epochs": 1}}, out=tmp_path, name="cam", report=False).run_dir  # 28 px
     record = report.read_run(find_run(run))
-    figure = report._gradcam(record, record.readable[:3], device="cpu", progress=NO_PROGRESS)
+    figure = report_figures._gradcam(record, record.readable[:3], device="cpu", progress=NO_PROGRESS)
     assert [text.get_text() for text in figure.texts] == ["Grad-CAM of features.1 (7x7 map, upsampled to 28 px)"]
     assert len(figure.axes) == 2  # tiles and colour bar
 

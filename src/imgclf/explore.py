@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     from imgclf.data.duplicates import Duplicate
     from imgclf.data.groups import GroupSpan
     from imgclf.data.scan import ImageIndex, Problem
-    from imgclf.data.split import SplitManifest
+    from imgclf.data.split import SplitData, SplitManifest
+
+__all__ = ["PROBLEM_COLUMNS", "SAMPLES_PER_CLASS", "THUMBNAIL", "InspectResult", "inspect_data", "preview_augmentation"]
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +97,7 @@ def inspect_data(
         >>> inspect_data("data/").summary["imbalance_ratio"]
         1.25
     """
-    from imgclf.data.duplicates import save_duplicates
-    from imgclf.data.scan import Problem
     from imgclf.data.split import scan_and_split
-    from imgclf.evaluation.plots import sample_grid_figure
     from imgclf.tracking.runs import check_writable
 
     root = Path(data)
@@ -120,16 +119,53 @@ def inspect_data(
         cache_dir=Path(cache_dir) if cache_dir else None,
         progress=progress,
     )
-    index, manifest, duplicates = scanned.index, scanned.manifest, scanned.duplicates
+    errors, warnings = _findings(root, scanned)
+    rule = groups or (str(groups_csv) if groups_csv else None)
+    settings = {"split_ratios": list(ratios), "split_seed": seed, "max_pixels": max_pixels}
+    summary = _summary(
+        root, scanned, errors, warnings, near_duplicates=near_duplicates, groups_rule=rule, settings=settings
+    )
+    _write_findings(out_dir, summary, errors, warnings, scanned)
+    if labels:
+        summary["label_issues"] = _label_issues(scanned.manifest, out_dir, max_pixels, cache_dir, progress)
+        write_json_atomic(out_dir / "dataset.json", summary)
+    _write_samples(out_dir / "samples.png", scanned, seed)
+    log.info("dataset summary, problems, duplicates and samples.png in %s", out_dir)
+    return InspectResult(summary, out_dir)
+
+
+def _findings(root: Path, scanned: SplitData) -> tuple[list[Problem], list[Problem]]:
+    """Every error and warning `train` would give for this data: the scan's, then the split's (each warning once)."""
+    from imgclf.data.scan import Problem
+
+    index = scanned.index
     errors, warnings = list(index.errors), [Problem(root, message) for message in index.warnings]
-    errors_after_split, warnings_after_split = _split_findings(root, index, manifest, duplicates, scanned.spans)
+    errors_after_split, warnings_after_split = _split_findings(
+        root, index, scanned.manifest, scanned.duplicates, scanned.spans
+    )
     errors += errors_after_split
     warnings += [w for w in warnings_after_split if w.reason not in index.warnings]
-    counts = manifest.counts()
+    return errors, warnings
+
+
+def _summary(
+    root: Path,
+    scanned: SplitData,
+    errors: Sequence[Problem],
+    warnings: Sequence[Problem],
+    *,
+    near_duplicates: bool,
+    groups_rule: str | None,
+    settings: Mapping[str, Any],
+) -> dict[str, Any]:
+    """What dataset.json holds: counts, sizes, duplicates, groups, the `settings` used (split ratios and seed, the
+    pixel limit) and the findings."""
+    index, duplicates = scanned.index, scanned.duplicates
+    counts = scanned.manifest.counts()
     train_counts = [counts["train"].get(name, 0) for name in index.classes]
     widths = [record.width for record in index.records]
     heights = [record.height for record in index.records]
-    summary: dict[str, Any] = {
+    return {
         "root": str(root),
         "layout": index.layout,
         "classes": list(index.classes),
@@ -150,39 +186,46 @@ def inspect_data(
             "near_duplicate_pairs": len(scanned.near) if near_duplicates else None,
         },
         "groups": {
-            "rule": groups or (str(groups_csv) if groups_csv else None),
+            "rule": groups_rule,
             "images_in_groups": len(scanned.groups),
             "groups": len(set(scanned.groups.values())),
             "spanning_splits": [{"group": span.group, "splits": span.splits} for span in scanned.spans],
         },
-        "split_ratios": list(ratios),
-        "split_seed": seed,
-        "max_pixels": max_pixels,
+        **settings,
         "ready_to_train": not errors,
         "errors": [problem.reason for problem in errors],
         "warnings": [problem.reason for problem in warnings],
     }
+
+
+def _write_findings(
+    out_dir: Path, summary: dict[str, Any], errors: Sequence[Problem], warnings: Sequence[Problem], scanned: SplitData
+) -> None:
+    """dataset.json, problems.csv (errors, warnings, then the files train skips) and duplicates.csv."""
+    from imgclf.data.duplicates import save_duplicates
+
     write_json_atomic(out_dir / "dataset.json", summary)
     rows = [
         *((p.path, p.reason, "error") for p in errors),
         *((p.path, p.reason, "warning") for p in warnings),
-        *((p.path, p.reason, "skipped") for p in index.problems),
+        *((p.path, p.reason, "skipped") for p in scanned.index.problems),
     ]
     write_csv_atomic(out_dir / "problems.csv", PROBLEM_COLUMNS, rows)
-    save_duplicates(duplicates, out_dir / "duplicates.csv")
-    if labels:
-        summary["label_issues"] = _label_issues(manifest, out_dir, max_pixels, cache_dir, progress)
-        write_json_atomic(out_dir / "dataset.json", summary)
+    save_duplicates(scanned.duplicates, out_dir / "duplicates.csv")
+
+
+def _write_samples(path: Path, scanned: SplitData, seed: int) -> None:
+    """samples.png: up to SAMPLES_PER_CLASS training images per class, drawn with the split seed."""
+    from imgclf.evaluation.grids import sample_grid_figure
+
     rng = np.random.default_rng(seed)
     samples: dict[str, list[np.ndarray]] = {}
-    for name in index.classes:
-        files = [row.path for row in manifest.split("train") if row.label == name]
+    for name in scanned.index.classes:
+        files = [row.path for row in scanned.manifest.split("train") if row.label == name]
         chosen = sorted(rng.permutation(len(files))[:SAMPLES_PER_CLASS])
         samples[name] = [load_thumbnail(files[i], color="rgb", size=THUMBNAIL) for i in chosen]
     figure = sample_grid_figure(samples)
-    write_atomic(out_dir / "samples.png", lambda tmp: figure.savefig(tmp, format="png", dpi=100))
-    log.info("dataset summary, problems, duplicates and samples.png in %s", out_dir)
-    return InspectResult(summary, out_dir)
+    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
 
 
 def preview_augmentation(
@@ -224,7 +267,7 @@ def preview_augmentation(
     from imgclf.data.preprocessing import Preprocessing, eval_pixels
     from imgclf.data.scan import collect_inputs
     from imgclf.data.transforms import auto_img_size, resolve_preset
-    from imgclf.evaluation.plots import augmentation_preview_figure
+    from imgclf.evaluation.grids import augmentation_preview_figure
 
     root = Path(data)
     if not root.is_dir():

@@ -4,13 +4,12 @@ Everything comes from files the run wrote: config.yaml, env.json, manifest.csv, 
 history.csv, metrics.json, predictions.csv, calibration.json and the `model/` bundle (for Grad-CAM). The
 checkpoints are not needed, so a report can be rebuilt, identically, wherever the run folder and its images are.
 
-The steps: 1. read the run, 2. diagnose it, 3. draw one figure per question a reader asks, 4. render both files.
+The steps: 1. read the run, 2. diagnose it, 3. draw one figure per question a reader asks (`report_figures`),
+4. render both files.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import re
@@ -27,7 +26,6 @@ import numpy as np
 from imgclf.data.duplicates import read_duplicates
 from imgclf.data.split import SplitManifest
 from imgclf.errors import DataError
-from imgclf.evaluation import plots
 from imgclf.evaluation.diagnose import (
     PRETRAINED_CANDIDATES,
     RunFacts,
@@ -38,34 +36,45 @@ from imgclf.evaluation.diagnose import (
     read_near_leaks,
 )
 from imgclf.evaluation.label_issues import read_label_issues
+from imgclf.evaluation.report_figures import (
+    DPI,
+    MAX_GRADCAM,
+    MAX_MISTAKES,
+    MAX_PAIRS,
+    MAX_SAMPLE_CLASSES,
+    SAMPLES_PER_CLASS,
+    THUMBNAIL,
+    Figure,
+    draw_figures,
+    loss_note,
+)
 from imgclf.files import read_csv, write_bytes_atomic, write_text_atomic
 from imgclf.progress import NO_PROGRESS, Progress
 from imgclf.tracking.runs import RunPaths, find_run
 
+__all__ = [
+    "DPI",
+    "MAX_GRADCAM",
+    "MAX_MISTAKES",
+    "MAX_PAIRS",
+    "MAX_ROWS",
+    "MAX_SAMPLE_CLASSES",
+    "SAMPLES_PER_CLASS",
+    "THUMBNAIL",
+    "Figure",
+    "Report",
+    "RunRecord",
+    "build_report",
+    "diagnose_run",
+    "draw_figures",
+    "pretrained_available",
+    "read_run",
+    "typed_path",
+]
+
 log = logging.getLogger(__name__)
 
-THUMBNAIL = 96  # px: gallery tiles; enough to see the object, small enough for a mailable report
-SAMPLES_PER_CLASS = 6
-MAX_SAMPLE_CLASSES = 40
-MAX_MISTAKES = 24
-MAX_GRADCAM = 8
 MAX_ROWS = 20  # problems / duplicates listed in the report; the CSVs hold all
-MAX_PAIRS = 9  # near-duplicate pairs drawn
-DPI = 100
-
-
-@dataclass(frozen=True)
-class Figure:
-    """One rendered figure: its file stem, heading and caption, and the PNG."""
-
-    name: str
-    title: str
-    caption: str
-    png: bytes
-
-    @property
-    def data_uri(self) -> str:
-        return "data:image/png;base64," + base64.b64encode(self.png).decode("ascii")
 
 
 @dataclass(frozen=True)
@@ -255,228 +264,6 @@ def _run_config(config: Mapping[str, Any]):
         return None
 
 
-def draw_figures(record: RunRecord, *, device: Any = "cpu", progress: Progress = NO_PROGRESS) -> dict[str, Figure]:
-    """Every figure of the report, in reading order, rendered to PNG."""
-    from imgclf.evaluation.metrics import confusion_matrix, reliability_bins
-
-    classes = record.classes
-    figures: dict[str, Figure] = {}
-
-    def add(name: str, title: str, caption: str, figure) -> None:
-        figures[name] = Figure(name, title, caption, _png(figure))
-
-    train_rows = record.manifest.split("train")
-    samples = _samples_per_class(train_rows, classes[:MAX_SAMPLE_CLASSES], record)
-    if samples:
-        shown = "" if len(classes) <= MAX_SAMPLE_CLASSES else f" (the first {MAX_SAMPLE_CLASSES} classes)"
-        add("samples", "Training images", f"A few training images per class{shown}.", plots.sample_grid_figure(samples))
-    near = [row for row in record.duplicates if row.get("kind") == "near"][:MAX_PAIRS]
-    if near:
-        images, captions = [], []
-        for row in near:
-            for side in ("a", "b"):
-                images.append(_thumbnail(Path(row[f"path_{side}"]), record))
-                captions.append(f"{row[f'split_{side}']} / {row[f'label_{side}']}\n{Path(row[f'path_{side}']).name}")
-            captions[-1] += f"\ndistance {float(row['distance']):.3f} ({row['method']})"
-        add(
-            "near_duplicates",
-            "Near-duplicates across splits or labels",
-            "Each pair: the same picture saved twice (re-encoded, resized, cropped or brightened), found by its "
-            "perceptual hash or thumbnail and checked on aligned thumbnails; distance = 1 - their correlation. "
-            "duplicates.csv lists every pair.",
-            plots.image_grid_figure(images, captions, ncols=6),
-        )
-    if record.label_issues:
-        from imgclf.evaluation.label_issues import label_issues_figure
-
-        color = record.model["preprocessing"].get("color", "rgb")
-        add(
-            "label_issues",
-            "Likely label errors",
-            "The images whose given label a model that never saw it finds least likely (out-of-fold probability of "
-            "the given label, p(given)), with the class it suggests; label_issues.csv lists them all, ranked.",
-            label_issues_figure(record.label_issues, color=color),
-        )
-    best_epoch = record.model.get("training", {}).get("best_epoch")
-    add(
-        "learning_curves",
-        "Learning curves",
-        "Loss, accuracy and learning rate per epoch; the best epoch (kept weights) and phase changes are marked. "
-        + _loss_note(record.config),
-        plots.learning_curves_figure(record.history, best_epoch=best_epoch),
-    )
-    y_true = record.y_true
-    matrix = confusion_matrix(y_true, record.probs.argmax(axis=1), len(classes)) if len(y_true) else None
-    split = record.metrics.get("split", "test")
-    if matrix is not None:
-        add(
-            "confusion_counts",
-            "Confusion matrix (counts)",
-            f"Rows: true class, columns: predicted class, on the {split} split.",
-            plots.confusion_matrix_figure(matrix, classes),
-        )
-        add(
-            "confusion_normalized",
-            "Confusion matrix (row-normalised)",
-            "Each row sums to 1: the diagonal is each class's recall.",
-            plots.confusion_matrix_figure(matrix, classes, normalize=True),
-        )
-    if record.metrics.get("per_class"):
-        add(
-            "per_class",
-            "Precision, recall and F1 per class",
-            f"On the {split} split.",
-            plots.per_class_figure(record.metrics["per_class"]),
-        )
-    if len(y_true):
-        add(
-            "reliability",
-            "Calibration (reliability diagram)",
-            "Accuracy against confidence: a calibrated model's bars follow the diagonal.",
-            plots.reliability_figure(_reliability_curves(record, reliability_bins)),
-        )
-    selective = _selective(record)
-    if selective is not None:
-        add(*selective)
-    mistakes = _mistakes(record)
-    if mistakes:
-        images = [_thumbnail(Path(row["path"]), record) for row in mistakes]
-        add(
-            "mistakes",
-            "Most confident mistakes",
-            f"The {len(mistakes)} misclassified {split} images the model was surest about, most confident first.",
-            plots.mistakes_figure(
-                images,
-                [row["true"] for row in mistakes],
-                [row["predicted"] for row in mistakes],
-                [float(row["probability"]) for row in mistakes],
-                [row["path"] for row in mistakes],
-            ),
-        )
-        gradcam = _gradcam(record, mistakes[:MAX_GRADCAM], device=device, progress=progress)
-        if gradcam is not None:
-            add(
-                "gradcam",
-                "Grad-CAM of the mistakes",
-                "Where the model looked for the class it (wrongly) predicted: warm colours weigh most.",
-                gradcam,
-            )
-    return figures
-
-
-# --- pieces of the figures --------------------------------------------------------------------------------------
-
-
-def _reliability_curves(record: RunRecord, reliability_bins) -> dict[str, dict[str, Any]]:
-    """Reliability on the evaluated split; with a fitted temperature, also how the uncalibrated model looked."""
-    split = record.metrics.get("split", "test")
-    if record.temperature == 1.0:
-        return {f"{split}": reliability_bins(record.y_true, record.probs)}
-    return {
-        f"{split}, before calibration": reliability_bins(record.y_true, record.uncalibrated_probs),
-        f"{split}, after (T={record.temperature:.2f})": reliability_bins(record.y_true, record.probs),
-    }
-
-
-def _selective(record: RunRecord):
-    """(name, title, caption, figure) of the accuracy-against-coverage curve, from predictions.csv's ood_score;
-    None for runs written before imgclf scored them."""
-    from imgclf.evaluation.ood import selective_accuracy
-
-    scores = [row.get("ood_score") for row in record.readable]
-    if not scores or any(not score for score in scores):
-        return None
-    scores = np.array([float(score) for score in scores])
-    correct = (record.probs.argmax(axis=1) == record.y_true).astype(float)
-    ood = record.metrics.get("ood") or {}
-    split = record.metrics.get("split", "test")
-    threshold = ood.get("threshold")
-    caption = (
-        f"Sorting the {split} images from most to least like the training data (the energy of the logits) and "
-        "answering only the first ones: accuracy on those answered, as their share grows. "
-    )
-    if threshold is not None:
-        caption += (
-            f"The threshold stored with the model (chosen on validation) answers {ood['accepted']:.1%} of them "
-            f"at accuracy {ood.get('accuracy_accepted') or 0:.4f}; `imgclf predict --abstain` says 'unknown' for "
-            "the rest."
-        )
-    figure = plots.selective_figure(
-        selective_accuracy(correct, scores),
-        threshold_coverage=ood.get("accepted") if threshold is not None else None,
-        full_accuracy=float(correct.mean()),
-    )
-    return "selective", "Accuracy against coverage", caption, figure
-
-
-def _mistakes(record: RunRecord) -> list[dict[str, str]]:
-    wrong = [row for row in record.readable if row["correct"] == "0"]
-    return sorted(wrong, key=lambda row: (-float(row["probability"]), row["path"]))[:MAX_MISTAKES]
-
-
-def _samples_per_class(rows, classes: Sequence[str], record: RunRecord) -> dict[str, list[np.ndarray]]:
-    rng = np.random.default_rng(0)  # the same images on every rebuild
-    by_class: dict[str, list] = {name: [] for name in classes}
-    for row in rows:
-        if row.label in by_class:
-            by_class[row.label].append(row.path)
-    samples = {}
-    for name, files in by_class.items():
-        chosen = rng.permutation(len(files))[:SAMPLES_PER_CLASS]
-        samples[name] = [_thumbnail(files[i], record) for i in sorted(chosen)]
-    return {name: images for name, images in samples.items() if images}
-
-
-def _thumbnail(path: Path, record: RunRecord) -> np.ndarray:
-    """The image in the model's colour mode, at most THUMBNAIL px."""
-    from imgclf.data.images import load_thumbnail
-
-    return load_thumbnail(path, color=record.model["preprocessing"].get("color", "rgb"), size=THUMBNAIL)
-
-
-def _gradcam(record: RunRecord, rows: Sequence[Mapping[str, str]], *, device: Any, progress: Progress):
-    """Grad-CAM for the predicted class of each row, drawn on the crop the model saw, with the layer it weighs."""
-    import torch
-
-    from imgclf.data.images import load_image
-    from imgclf.data.preprocessing import eval_pixels
-    from imgclf.data.transforms import eval_tensor
-    from imgclf.deploy.bundle import load_bundle
-    from imgclf.errors import ImageError, ImgclfError
-    from imgclf.evaluation.explain import cam_layer, grad_cam
-
-    bundle, model = load_bundle(record.paths.model, device)
-    pre = bundle.preprocessing
-    images, tensors, targets, captions = [], [], [], []
-    with progress.task("Grad-CAM", total=len(rows)) as task:
-        for row in rows:
-            task.advance()
-            try:
-                image = load_image(Path(row["path"]), color=pre.color)
-            except (ImageError, OSError):
-                continue
-            images.append(np.asarray(eval_pixels(image, pre)))
-            tensors.append(eval_tensor(image, pre))
-            targets.append(bundle.classes.index(row["predicted"]))
-            captions.append(f"true {row['true']} → {row['predicted']} ({float(row['probability']):.2f})")
-    if not tensors:
-        return None
-    try:
-        layer = cam_layer(model, pre.img_size)  # chosen at the size the model is used at, not a dummy one
-        heatmaps = grad_cam(model, torch.stack(tensors).to(device), targets, layer=layer.module)
-    except ImgclfError as exc:  # a model without convolutions: the rest of the report still stands
-        log.warning("report: no Grad-CAM (%s)", exc)
-        return None
-    return plots.gradcam_figure(images, list(heatmaps), captions, note=layer.caption())
-
-
-def _png(figure) -> bytes:
-    buffer = io.BytesIO()
-    # No metadata: the same run folder gives the same bytes, whichever matplotlib wrote them.
-    figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
-    return buffer.getvalue()
-
-
 # --- text -------------------------------------------------------------------------------------------------------
 
 
@@ -508,7 +295,7 @@ def _context(record: RunRecord, verdicts: Sequence[Verdict], figures: Mapping[st
         "run_path": shlex.quote(typed_path(record.paths.root)),
         "dev_run": bool(record.env.get("fast_dev_run")),
         "steps_line": _steps_line(last, train_images, config_train.get("batch_size")),
-        "loss_note": _loss_note(record.config),
+        "loss_note": loss_note(record.config),
         "ece_note": _ece_note(record.config, metrics, record.probs),
         "model_name": record.model.get("arch", {}).get("name", "?"),
         "classes": classes,
@@ -582,29 +369,6 @@ def _steps_line(last: Mapping[str, Any], train_images: int, batch_size: Any) -> 
             "the curves below move in large jumps and say little; a smaller batch gives more steps."
         )
     return line
-
-
-def _loss_note(config: Mapping[str, Any]) -> str:
-    """What the training and validation losses measure, and whether they can be compared."""
-    train = config.get("train", {})
-    smoothing, weights = train.get("label_smoothing") or 0, train.get("class_weights") == "auto"
-    mixing = config.get("augment", {}).get("preset") == "strong"
-    changes = [
-        f"label smoothing {smoothing:g} (its floor is above 0 even for a perfect model)" if smoothing else "",
-        "class weights" if weights else "",
-        "MixUp/CutMix (mixed images and targets)" if mixing else "",
-    ]
-    changes = [c for c in changes if c]
-    note = (
-        "The loss panel draws the plain cross-entropy of the training batches (solid) against the validation "
-        "cross-entropy: the same measure, so the two can be compared"
-    )
-    if changes:
-        note += (
-            f"; the training objective, with {', '.join(changes)}, is the dashed line, and it is not comparable "
-            "with the validation loss"
-        )
-    return note + ". Training batches are augmented; validation images are not."
 
 
 def _ece_note(config: Mapping[str, Any], metrics: Mapping[str, Any], probs: np.ndarray) -> str:
