@@ -9,6 +9,7 @@ demo: $(VENV)/.installed
 	$(BIN)/imgclf demo
 
 test: $(VENV)/.installed-dev
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed-dev

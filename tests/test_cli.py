@@ -220,7 +220,7 @@ def test_tune_takes_every_config_flag_of_train(tmp_path, digits_flat, monkeypatc
         seen["config"] = config
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("imgclf.tune.tune", tune)
+    monkeypatch.setattr("imgclf.tuning.tune", tune)
     args = ["--lr", "0.003", "--label-smoothing", "0", "--augment", "none", "--time", "90s", "--ema"]
     args += ["--optimizer", "sgd", "--patience", "2", "--precision", "fp32"]
     assert run("tune", digits_flat, *args).exit_code == 130

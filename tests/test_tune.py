@@ -91,7 +91,7 @@ class InterruptTrial2(Callback):
 
 @pytest.mark.slow
 def test_an_interrupted_study_resumes_without_repeating_finished_trials(tmp_path, digits_source):
-    from imgclf.tune import tune
+    from imgclf.tuning import tune
 
     config = {**FAST, "train": {**FAST["train"], "epochs": 2}, "tracking": {"callbacks": ["test_tune:InterruptTrial2"]}}
     space = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
@@ -223,7 +223,7 @@ def test_a_trial_leaves_no_deterministic_mode_threads_or_rng_behind():
 
 
 def test_bad_search_spaces_are_usage_errors(tmp_path, digits_source):
-    from imgclf.tune import load_space
+    from imgclf.tuning import load_space
 
     unknown = run_cli("tune", digits_source, "--space", write_space(tmp_path, {"train.learning_rate": {}}))
     assert unknown.exit_code == 2 and "did you mean train.lr" in " ".join(unknown.output.split())
@@ -261,7 +261,7 @@ def test_the_median_pruner_waits_for_two_trials_and_the_first_epoch_then_prunes_
     history.csv, on a maximizing study; from the third trial on, one below the median of the earlier trials at the
     same epoch is pruned, never at its first epoch (with `n_warmup_steps=1` Optuna only spared step 0, which no
     trial reports, so a trial could be pruned after its first epoch)."""
-    from imgclf.tune import _pruner
+    from imgclf.tuning import make_pruner as _pruner
 
     study = optuna.create_study(direction="maximize", pruner=_pruner(optuna, "median"))
     for good in (0.8, 0.9):
@@ -298,7 +298,7 @@ def test_trials_report_the_accuracy_of_the_weights_they_would_ship():
     model's own weights' `val_acc`."""
     from types import SimpleNamespace
 
-    from imgclf.tune import TrialReporter
+    from imgclf.tuning import TrialReporter
 
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
     state = SimpleNamespace(finished=False, stop_reason=None)

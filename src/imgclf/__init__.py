@@ -17,8 +17,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from imgclf import notebook as _notebook
-
-__version__ = "0.1.0"
+from imgclf._version import __version__
 
 _EXPORTS = {
     "train": "imgclf.workflow",
@@ -30,6 +29,7 @@ _EXPORTS = {
     "report": "imgclf.workflow",
     "reproduce": "imgclf.workflow",
     "lr_find": "imgclf.workflow",
+    "tune": "imgclf.tuning",
     "list_runs": "imgclf.tracking.runs",
     "compare_runs": "imgclf.tracking.compare",
     "Callback": "imgclf.training.state",
@@ -80,6 +80,7 @@ if TYPE_CHECKING:
     from imgclf.tracking.compare import compare_runs
     from imgclf.tracking.runs import list_runs
     from imgclf.training.state import Callback, RunInfo
+    from imgclf.tuning import tune
     from imgclf.workflow import (
         EvalResult,
         TrainResult,

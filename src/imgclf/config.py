@@ -245,7 +245,7 @@ class TrainConfig(_Section):
     """Optimisation recipe. The defaults (12 epochs of AdamW at 2e-3, 1 warmup epoch then cosine, weight decay
     0.01, label smoothing 0.1, batch 64 (`auto`: smaller on small sets); with small_cnn's 2x2-pooled head, no
     dropout and the light preset for small images) reach 0.935-0.936 test accuracy on Fashion-MNIST in 16-20
-    minutes on 2 AVX2 cores; with `model.early_pool` 0.932-0.934 in about 9 minutes (README, Speed)."""
+    minutes on 2 AVX2 cores; with `model.early_pool` 0.932-0.934 in about 9 minutes (docs/benchmarks.md)."""
 
     epochs: int = Field(
         12,

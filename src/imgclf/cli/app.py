@@ -24,9 +24,9 @@ class _App(TyperGroup):
         return super().parse_args(ctx, args)
 
 
-def command_line() -> list[str]:
-    """The arguments of the running `imgclf` invocation (after the program name)."""
-    return list(click.get_current_context().meta.get(ARGV, []))
+def command_line(context: typer.Context) -> list[str]:
+    """The arguments of the running `imgclf` invocation (after the program name), from a command's context."""
+    return list(context.find_root().meta.get(ARGV, []))
 
 
 app = typer.Typer(

@@ -52,6 +52,7 @@ __all__ = ["lr_find", "train", "tune"]
 @handles_errors
 @training_options()
 def train(
+    context: typer.Context,
     data: Annotated[Path | None, typer.Argument(help="root/{train,val,test}/<class>/ or root/<class>/")] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -91,7 +92,7 @@ def train(
     from imgclf.config import parse_assignments
 
     if devices is not None and devices > 1:
-        _relaunch_under_torchrun(devices)
+        _relaunch_under_torchrun(devices, command_line(context))
     flags = options
     epochs = flags["train.epochs"]
     if resume is not None and reproduce is not None:
@@ -166,7 +167,7 @@ def train(
     print_report(result.report)
 
 
-def _relaunch_under_torchrun(processes: int) -> None:
+def _relaunch_under_torchrun(processes: int, given: list[str]) -> None:
     """Run this same command under `torchrun --standalone --nproc_per_node N` (without --devices) and exit with its
     exit code; inside torchrun already, --devices is ignored (torchrun decided the processes)."""
     import os
@@ -179,7 +180,7 @@ def _relaunch_under_torchrun(processes: int) -> None:
         logging.getLogger("imgclf").warning("--devices is ignored under torchrun, which started the processes")
         return
     arguments, skip = [], False
-    for argument in command_line():  # what this invocation was given, from a shell or from app([...])
+    for argument in given:  # what this invocation was given, from a shell or from app([...])
         if skip:
             skip = False
         elif argument == "--devices":
@@ -229,7 +230,7 @@ def tune(
     An interrupted study resumes where it stopped; processes sharing --storage work on one study. Writes best.yaml,
     trials.csv, history.png, importance.png and summary.html."""
     from imgclf.config import parse_duration
-    from imgclf.tune import tune as run_tune
+    from imgclf.tuning import tune as run_tune
 
     flags = options
     result = run_tune(

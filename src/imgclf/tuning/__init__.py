@@ -22,7 +22,30 @@ accuracy per trial and the best so far), importance.png (which parameters matter
 Modules: `study` (`tune`, the study's course and conclusion), `space` (the search space), `trial` (one trial: a
 train run), `objective` (what a trial is worth, per epoch and in the end), `pruning` (the pruners and
 `TrialReporter`), `storage` (the RDB storage and the trial counts shared through it), `summary` (trials.csv, the
-plots, summary.html). `imgclf.tune` re-exports the public names.
+plots, summary.html). The public names are re-exported here; `imgclf.tune` is the `tune` function.
 """
 
-__all__: list[str] = []
+from __future__ import annotations
+
+from imgclf.tuning.objective import OBJECTIVE
+from imgclf.tuning.pruning import FIRST_EPOCH, PRUNERS, WARMUP_EPOCHS, TrialReporter, make_pruner
+from imgclf.tuning.space import DEFAULT_SPACE, Dimension, load_space
+from imgclf.tuning.storage import GRACE_SECONDS, HEARTBEAT_SECONDS
+from imgclf.tuning.study import MAX_FAILURES_IN_A_ROW, TuneResult, tune
+
+__all__ = [
+    "DEFAULT_SPACE",
+    "FIRST_EPOCH",
+    "GRACE_SECONDS",
+    "HEARTBEAT_SECONDS",
+    "MAX_FAILURES_IN_A_ROW",
+    "OBJECTIVE",
+    "PRUNERS",
+    "WARMUP_EPOCHS",
+    "Dimension",
+    "TrialReporter",
+    "TuneResult",
+    "load_space",
+    "make_pruner",
+    "tune",
+]
