@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from imgclf.training.state import FitState
+
 FORMAT = "imgclf-model"
 FORMAT_VERSION = 1
 WEIGHTS = "weights.safetensors"
@@ -75,6 +77,47 @@ class ModelBundle:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{where} lacks or garbles a field of the model description ({exc!r})") from None
+
+
+def kept_weights(state: FitState) -> tuple[int | None, float | None]:
+    """The epoch and the monitored metric of the weights a finished fit keeps (`state.kept`: the model's own, or
+    their moving average's when it validated better)."""
+    if state.kept == "ema":
+        return state.best_ema_epoch, state.best_ema_metric
+    return state.best_epoch, state.best_metric
+
+
+def fitted_bundle(
+    state: FitState,
+    spec: ModelSpec,
+    classes: tuple[str, ...],
+    preprocessing: Preprocessing,
+    *,
+    run: str,
+    monitor: str,
+    ema_decay: float,
+    hflip_valid: bool,
+) -> ModelBundle:
+    """The bundle of a finished fit: architecture, classes and preprocessing, and under `training` the run's name,
+    the kept weights' epoch and `monitor` metric, which weights they are (and the average's decay).
+
+    Args:
+        state: the finished fit (`state.kept` says which weights ship).
+        spec: the architecture the weights fit.
+        classes: class names in index order.
+        preprocessing: what evaluation, prediction and export apply to an image.
+        run: the run folder's name.
+        monitor: the name of the metric model selection watched (`val_loss`, `val_acc`).
+        ema_decay: `train.ema_decay`, recorded when the fit averaged its weights.
+        hflip_valid: whether training flipped images (gates `--tta`).
+    """
+    epoch, metric = kept_weights(state)
+    training = {"run": run, "best_epoch": epoch, monitor: metric, "weights": state.kept}
+    if state.ema is not None:
+        training["ema_decay"] = ema_decay
+    return ModelBundle(
+        spec=spec, classes=classes, preprocessing=preprocessing, training=training, hflip_valid=hflip_valid
+    )
 
 
 def bundle_folder(path: Path) -> Path:
