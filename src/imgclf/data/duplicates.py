@@ -17,9 +17,10 @@ Near-duplicates, in four steps:
    only a pair far closer than its neighbours counts; among photos, whose neighbours correlate ~0.5, an aligned
    crop at 0.92 does.
 
-Measured (benchmarks/near_duplicates.py, docs/benchmarks.md): the thresholds come from Fashion-MNIST's official train/test split
-(few true copies) and from real photos with copies made on purpose. Images of 28 px carry too little to tell a 90 %
-resize or a cropped copy from another garment of the same kind; re-encoded and brightened copies are found there.
+Measured (benchmarks/near_duplicates.py, docs/benchmarks.md): the thresholds come from Fashion-MNIST's official
+train/test split (few true copies) and from real photos with copies made on purpose. Images of 28 px carry too little
+to tell a 90 % resize or a cropped copy from another garment of the same kind; re-encoded and brightened copies are
+found there.
 
 Clusters are the connected components of exact and near pairs (scipy's `connected_components`): `data.split` keeps a
 cluster (with any `data.groups` group it touches) in one split. User files are only read.
