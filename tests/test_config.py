@@ -93,3 +93,20 @@ def test_a_time_budget_without_epochs_is_capped_far_out_the_same_everywhere(tmp_
     assert build_config(None, {}).train.epochs == 12  # no budget: the default
     again = yaml.safe_load(dump_config(build_config(None, {"train.time_budget": "2m"})))
     assert again["train"]["epochs"] == BUDGET_EPOCHS  # config.yaml records the cap
+
+
+def test_messages_below_the_cli_name_keys_and_the_cli_spells_them_as_flags():
+    from imgclf.flags import FLAGS, flag_for, keys_to_flags
+
+    assert flag_for("train.lr") == "--lr" and flag_for("augment.hflip") == "--hflip"
+    assert flag_for("train.warmup_epochs") == "--set train.warmup_epochs"  # no flag of its own
+    assert len({flag.key for flag in FLAGS}) == len({flag.spelling for flag in FLAGS}) == len(FLAGS)
+    message = "train.lr, model.name would make it another run; these apply: train.epochs, train.device"
+    assert keys_to_flags(message) == "--lr, --model would make it another run; these apply: --epochs, --device"
+    for kept in (
+        "unknown key 'train.learning_rate'; did you mean train.lr?",  # for a YAML file or --set: a key
+        "augment.preset = 'heavy' is not a valid setting",
+        "invalid configuration: train.lr: must be positive",
+        "--set train.lr=0.1",
+    ):
+        assert keys_to_flags(kept) == kept

@@ -197,14 +197,20 @@ _KEY = re.compile(r"(?<![\w.-])((?:data|augment|model|train|tracking)\.[a-z_]+(?
 
 def keys_to_flags(message: str) -> str:
     """A message that names config keys (as the layers below the CLI do) with each key that has a flag written as
-    that flag: "train.lr would change the run" -> "--lr would change the run". Keys without a flag, and keys in an
-    assignment (`--set train.lr=0.1`, `train.lr: 0.1`), stay as they are."""
+    that flag: "train.lr would change the run" -> "--lr would change the run". Keys without a flag, keys in an
+    assignment (`--set train.lr=0.1`, `train.lr: 0.1`), quoted keys and suggested keys ("did you mean train.lr?",
+    which a YAML file or --set needs) stay as they are.
+
+    Example:
+        >>> keys_to_flags("train.lr, model.name would make it another run; did you mean train.epochs?")
+        '--lr, --model would make it another run; did you mean train.epochs?'
+    """
 
     def spell(match: re.Match[str]) -> str:
         key = match.group(1)
-        after = message[match.end() : match.end() + 1]
-        if key not in _BY_KEY or after in ("=", ":") or message[: match.start()].endswith("--set "):
-            return key
+        before, after = message[: match.start()], message[match.end() :].lstrip(" ")[:1]
+        if key not in _BY_KEY or after in ("=", ":", "'") or before.endswith(("--set ", "did you mean ", "'")):
+            return key  # a key as a key: assigned, quoted, or suggested for a YAML file or --set
         return _BY_KEY[key].spelling
 
     return _KEY.sub(spell, message)
