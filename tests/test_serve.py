@@ -154,11 +154,16 @@ def bomb_png(width: int, height: int) -> bytes:
 
 
 @pytest.mark.parametrize("side", [5000, 30000])  # above the server's 4 Mpx limit; above Pillow's own guard too
-def test_a_pixel_bomb_is_rejected_fast(server, side):
-    started = time.monotonic()
+def test_a_pixel_bomb_is_rejected_from_its_header(server, side):
+    """The bomb's pixel data is 64 bytes: decoding it would fail as corrupt (422), so a 413 that names the declared
+    size shows that the header was read and nothing decoded; no image reaches the model, and the server lives."""
+    before = httpx.get(f"{server}/stats").json()
     response = httpx.post(f"{server}/predict", files={"files": ("bomb.png", bomb_png(side, side), "image/png")})
-    assert time.monotonic() - started < 1.0  # decoding 25-900 Mpx would take seconds and gigabytes
     assert response.status_code == 413 and "exceeds the limit of 4,000,000" in response.json()["detail"]
+    declared = f"{side}x{side} = {side * side:,} pixels" if side == 5000 else "rejected before decoding"
+    assert declared in response.json()["detail"]
+    assert httpx.get(f"{server}/stats").json()["images"] == before["images"]
+    assert httpx.get(f"{server}/health").status_code == 200
 
 
 def test_too_many_files_is_413(server, serve_run):
@@ -202,21 +207,44 @@ def test_health_metadata_docs_and_stats(server):
     assert set(httpx.get(f"{server}/stats").json()) == {"batches", "requests", "images", "queued", "running"}
 
 
+def test_stats_count_the_requests_and_images_the_model_answered(server, serve_run):
+    """Three requests of 1, 2 and 1 images move the counters by 3 requests and 4 images in 1-3 forward passes; a
+    request with no usable image never reaches the model and counts nowhere."""
+    path, _ = known_image(serve_run)
+    image = ("x.png", path.read_bytes(), "image/png")
+    before = httpx.get(f"{server}/stats").json()
+    for files in ([("files", image)], [("files", image), ("files", image)], [("files", image)]):
+        assert httpx.post(f"{server}/predict", files=files).status_code == 200
+    assert httpx.post(f"{server}/predict", files={"files": ("x.jpg", b"text", "image/jpeg")}).status_code == 415
+    after = httpx.get(f"{server}/stats").json()
+    assert after["requests"] - before["requests"] == 3 and after["images"] - before["images"] == 4
+    assert 1 <= after["batches"] - before["batches"] <= 3
+    assert after["queued"] == 0 and after["running"] == 0
+
+
 def test_a_corrupt_or_missing_model_exits_before_listening(tmp_path):
+    """While the process runs, its port is tried again and again: it must never accept a connection, and the
+    process must stop before it announces the address or uvicorn starts (a model loaded only after listening would
+    leave a server up, answering 503)."""
     garbage = tmp_path / "model.onnx"
     garbage.write_bytes(b"\x08\x07garbage")
     for model in (garbage, tmp_path / "missing-run"):
         port = free_port()
-        done = subprocess.run(
-            [sys.executable, "-m", "imgclf", "serve", str(model), "--port", str(port)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 1, done.stderr
-        assert "error" in done.stderr
-        with socket.socket() as sock:
-            assert sock.connect_ex(("127.0.0.1", port)) != 0  # nothing listens
+        out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+        with out.open("w") as stdout, err.open("w") as stderr:  # files, not pipes: a full pipe would block it
+            process = subprocess.Popen(
+                [sys.executable, "-m", "imgclf", "serve", str(model), "--port", str(port)], stdout=stdout, stderr=stderr
+            )
+            accepted = 0
+            deadline = time.monotonic() + 120
+            while process.poll() is None:
+                assert time.monotonic() < deadline, "the server neither failed nor exited"
+                accepted += _accepts("127.0.0.1", port)
+                time.sleep(0.01)
+        assert process.returncode == 1, err.read_text()
+        assert accepted == 0  # nothing listened while it ran
+        assert "error" in err.read_text()
+        assert "serving" not in out.read_text() and "Uvicorn running" not in err.read_text()
 
 
 def test_by_default_it_binds_loopback_with_the_runs_pixel_limit(serve_run, tmp_path):
@@ -360,9 +388,9 @@ def test_concurrent_requests_share_forward_passes_and_health_answers_meanwhile(s
         while waiting() < 8:
             assert time.monotonic() < deadline, "the requests never queued up"
             time.sleep(0.05)
-        started = time.monotonic()
-        assert httpx.get(f"{server.url}/health").status_code == 200  # the event loop is free
-        assert time.monotonic() - started < 0.5  # a loopback answer takes milliseconds; 0.5 s means it waited
+        # the gate stays closed until /health has answered: were inference on the event loop, it could not answer
+        assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+        assert waiting() == 8  # and the model is still held
         gate.set()
         sender.join(timeout=60)
         assert [r.status_code for r in results] == [200] * 8
@@ -373,6 +401,9 @@ def test_concurrent_requests_share_forward_passes_and_health_answers_meanwhile(s
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_a_slow_model_504(serve_run):
+    """One request held in the model, one in the queue behind it (queue_size=1): a third finds the queue full (503
+    with Retry-After), and the first two answer 504 at their deadline, since the gate holds the model until both
+    have answered; once the gate opens, the server answers again."""
     gate = threading.Event()
     gate.set()
     path, _ = known_image(serve_run)
@@ -380,14 +411,43 @@ def test_a_full_queue_answers_503_with_retry_after_and_a_slow_model_504(serve_ru
     with InProcessServer(create_app(held_predictor(serve_run, gate), settings)) as server:
         wait_ready(server.url)
         gate.clear()
-        responses = asyncio.run(post_many(server.url, [path.read_bytes()] * 4))
-        codes = sorted(r.status_code for r in responses)
-        # one waits in the model and one in the queue until the 2 s deadline (504); the rest find the queue full
-        assert codes.count(503) >= 1 and set(codes) <= {503, 504}, codes
-        assert all(r.headers.get("retry-after") == "1" for r in responses if r.status_code == 503)
+        body = path.read_bytes()
+
+        def stats() -> dict[str, int]:
+            return httpx.get(f"{server.url}/stats").json()
+
+        def until(condition, what: str) -> None:
+            deadline = time.monotonic() + 30
+            while not condition():
+                assert time.monotonic() < deadline, what
+                time.sleep(0.01)
+
+        held = BackgroundPost(server.url, body)
+        until(lambda: stats()["running"] == 1, "the first request never reached the model")
+        queued = BackgroundPost(server.url, body)
+        until(lambda: stats()["queued"] == 1, "the second request never queued")
+        full = httpx.post(f"{server.url}/predict", files={"files": ("x.png", body, "image/png")}, timeout=30)
+        assert full.status_code == 503 and full.headers.get("retry-after") == "1", full.text
+        for sender in (held, queued):
+            sender.join(timeout=60)
+        assert [sender.response.status_code for sender in (held, queued)] == [504, 504]
+        assert all("longer than 2.0 s" in sender.response.json()["detail"] for sender in (held, queued))
         gate.set()
-        ok = httpx.post(f"{server.url}/predict", files={"files": ("x.png", path.read_bytes(), "image/png")})
+        ok = httpx.post(f"{server.url}/predict", files={"files": ("x.png", body, "image/png")}, timeout=30)
         assert ok.status_code == 200
+
+
+class BackgroundPost(threading.Thread):
+    """POST one image from a thread, started at once; `response` once `join` returns."""
+
+    def __init__(self, url: str, body: bytes) -> None:
+        super().__init__(daemon=True)
+        self.url, self.body, self.response = url, body, None
+        self.start()
+
+    def run(self) -> None:
+        files = {"files": ("x.png", self.body, "image/png")}
+        self.response = httpx.post(f"{self.url}/predict", files=files, timeout=30)
 
 
 # --- the web page --------------------------------------------------------------------------------------------

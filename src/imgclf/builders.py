@@ -24,6 +24,8 @@ from imgclf.progress import NO_PROGRESS, Progress
 from imgclf.training import distributed
 from imgclf.training.distributed import SINGLE, Group
 
+__all__ = ["Loaders", "epoch_steps", "find_learning_rate", "is_pretrained", "make_fit_state", "make_loaders", "mixing"]
+
 log = logging.getLogger(__name__)
 
 
@@ -239,31 +241,24 @@ def make_fit_state(
     Returns:
         (FitState, ModelSpec, loss, Phases callback).
     """
-    from imgclf.models.finetune import extend_phases, plan_phases
-    from imgclf.models.registry import build_model, model_spec
-    from imgclf.models.weights import load_pretrained
+    from imgclf.models.registry import model_spec
     from imgclf.training.callbacks import Phases
     from imgclf.training.ema import WeightAverage
-    from imgclf.training.engine import seed_epoch
-    from imgclf.training.optim import LRSchedule, build_loss, build_optimizer, build_schedule, planned_schedule
+    from imgclf.training.optim import LRSchedule, build_optimizer
     from imgclf.training.state import FitState
 
     train = config.train
     if train.lr == "auto":
         raise ConfigError("internal: train.lr must be resolved before the fit state is built")
-    classes = manifest.classes
-    seed_epoch(train.seed, 0)  # weight initialisation
-    spec = model_spec(config.model, num_classes=len(classes), in_chans=pre.in_chans)
-    model = build_model(spec)
-    if weights is not None:
-        new = load_pretrained(model, weights, name=spec.name)
-        log.info("pretrained weights from %s; new head: %s", weights.source, ", ".join(new))
-    if train.sync_batchnorm:
-        model = distributed.sync_batchnorm(group, model, compute.device)
-    model = model.to(compute.device, memory_format=compute.memory_format)
+    # 1. the model: seeded, pretrained weights under a new head, on the device
+    spec = model_spec(config.model, num_classes=len(manifest.classes), in_chans=pre.in_chans)
+    model = _placed_model(
+        spec, weights, seed=train.seed, sync_batchnorm=train.sync_batchnorm, compute=compute, group=group
+    )
     average = WeightAverage(model, train.ema_decay) if train.ema else None  # before compile: a plain copy
     if train.compile:
         compile_in_place(model, compute.device)
+    # 2. what trains it: the optimizer, the loss, the phases and each phase's schedule
     scale = group.world_size if train.lr_scaling == "linear" else 1
     optimizer = build_optimizer(
         train.optimizer,
@@ -274,39 +269,11 @@ def make_fit_state(
         nesterov=train.nesterov,
         layer_decay=train.layer_decay,
     )
-    counts = Counter(row.label for row in manifest.split("train"))
-    loss_fn = build_loss(
-        label_smoothing=train.label_smoothing,
-        class_counts=[counts[c] for c in classes] if train.class_weights == "auto" else None,
-    ).to(compute.device)
-    plan = plan_phases(
-        epochs=extend_from or train.epochs,
-        freeze_epochs=train.freeze_epochs,
-        lr=train.lr * scale,
-        finetune_lr=train.finetune_lr * scale if train.finetune_lr is not None else None,
-        unfreeze=train.unfreeze,
-        keep_pretrained_norms=is_pretrained(config) and train.pretrained_bn == "frozen",
+    loss_fn = _training_loss(train, manifest).to(compute.device)
+    plan = _phase_plan(config, scale=scale, extend_from=extend_from)
+    make_schedule = partial(
+        _phase_schedule, train=train, last=plan[-1], optimizer=optimizer, steps_per_epoch=steps_per_epoch, mode=mode
     )
-    if extend_from is not None:
-        plan = extend_phases(plan, done=extend_from, epochs=train.epochs)
-
-    def make_schedule(phase) -> LRSchedule:
-        if train.time_budget is not None and phase == plan[-1]:  # the budgeted phase: re-planned as it runs
-            total = phase.epochs * steps_per_epoch
-            warmup = min(round(train.warmup_epochs * steps_per_epoch), total // 5)
-            return planned_schedule(optimizer, total_steps=total, warmup_steps=warmup)
-        return build_schedule(
-            train.scheduler,
-            optimizer,
-            epochs=phase.epochs,
-            steps_per_epoch=steps_per_epoch,
-            warmup_epochs=train.warmup_epochs,
-            step_size=train.step_size,
-            gamma=train.gamma,
-            plateau_patience=train.plateau_patience,
-            mode=mode,
-        )
-
     scaler = torch.amp.GradScaler("cuda") if compute.needs_grad_scaler() else None
     state = FitState(
         model=model,
@@ -318,6 +285,75 @@ def make_fit_state(
     )
     wrap = partial(distributed.wrap, group, device=compute.device) if group.enabled else None
     return state, spec, loss_fn, Phases(plan, make_schedule, wrap)
+
+
+def _placed_model(spec, weights, *, seed: int, sync_batchnorm: bool, compute: Compute, group: Group):
+    """The network of `spec`, initialised from `seed` (epoch 0), with the pretrained `weights` if given, BatchNorm
+    synchronised over `group` if asked, on the compute device in its memory format."""
+    from imgclf.models.registry import build_model
+    from imgclf.models.weights import load_pretrained
+    from imgclf.training.engine import seed_epoch
+
+    seed_epoch(seed, 0)  # weight initialisation
+    model = build_model(spec)
+    if weights is not None:
+        new = load_pretrained(model, weights, name=spec.name)
+        log.info("pretrained weights from %s; new head: %s", weights.source, ", ".join(new))
+    if sync_batchnorm:
+        model = distributed.sync_batchnorm(group, model, compute.device)
+    return model.to(compute.device, memory_format=compute.memory_format)
+
+
+def _training_loss(train, manifest: SplitManifest):
+    """Cross-entropy with the label smoothing, and with `class_weights: auto` the training split's class counts."""
+    from imgclf.training.optim import build_loss
+
+    counts = Counter(row.label for row in manifest.split("train"))
+    return build_loss(
+        label_smoothing=train.label_smoothing,
+        class_counts=[counts[c] for c in manifest.classes] if train.class_weights == "auto" else None,
+    )
+
+
+def _phase_plan(config: RunConfig, *, scale: int, extend_from: int | None):
+    """The fine-tuning phases (frozen, then fine-tune), with an extension phase up to `train.epochs` for a finished
+    run that had `extend_from` epochs."""
+    from imgclf.models.finetune import extend_phases, plan_phases
+
+    train = config.train
+    plan = plan_phases(
+        epochs=extend_from or train.epochs,
+        freeze_epochs=train.freeze_epochs,
+        lr=train.lr * scale,
+        finetune_lr=train.finetune_lr * scale if train.finetune_lr is not None else None,
+        unfreeze=train.unfreeze,
+        keep_pretrained_norms=is_pretrained(config) and train.pretrained_bn == "frozen",
+    )
+    if extend_from is not None:
+        plan = extend_phases(plan, done=extend_from, epochs=train.epochs)
+    return plan
+
+
+def _phase_schedule(phase, *, train, last, optimizer, steps_per_epoch: int, mode: str):
+    """A phase's LR schedule, made as the phase begins: the configured one, or with a time budget, for the last
+    phase, a cosine over the steps the budget plans (re-planned as it runs)."""
+    from imgclf.training.optim import build_schedule, planned_schedule
+
+    if train.time_budget is not None and phase == last:  # the budgeted phase: re-planned as it runs
+        total = phase.epochs * steps_per_epoch
+        warmup = min(round(train.warmup_epochs * steps_per_epoch), total // 5)
+        return planned_schedule(optimizer, total_steps=total, warmup_steps=warmup)
+    return build_schedule(
+        train.scheduler,
+        optimizer,
+        epochs=phase.epochs,
+        steps_per_epoch=steps_per_epoch,
+        warmup_epochs=train.warmup_epochs,
+        step_size=train.step_size,
+        gamma=train.gamma,
+        plateau_patience=train.plateau_patience,
+        mode=mode,
+    )
 
 
 def find_learning_rate(

@@ -6,7 +6,8 @@ Two things, and only inside a kernel (a script, the CLI and the tests are left a
    `import imgclf` calls, attaches `KernelLogHandler` to the `imgclf` logger unless logging is configured already.
 2. Long operations draw progress bars when the caller passed no `progress`: the library's default reporter
    (`imgclf.progress.NO_PROGRESS`) hands its tasks to `NotebookProgress`, tqdm's widget bar (a text bar without
-   ipywidgets).
+   ipywidgets). That bar and `in_kernel` live in `imgclf.progress` (the default reporter needs them, and this
+   module imports `progress`, never the other way round); they are re-exported here.
 
 Nothing here imports IPython, tqdm or torch at import time: a process that has not imported IPython is not a kernel.
 """
@@ -15,21 +16,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
-from imgclf.progress import Progress, Task
+from imgclf.progress import NotebookProgress, in_kernel
+
+__all__ = ["PACKAGE_LOGGER", "KernelLogHandler", "NotebookProgress", "in_kernel", "show_logs"]
 
 PACKAGE_LOGGER = "imgclf"
-
-
-def in_kernel() -> bool:
-    """True inside a Jupyter (IPython) kernel; False in a script, the CLI, terminal IPython and pytest."""
-    ipython = sys.modules.get("IPython")
-    get_ipython = getattr(ipython, "get_ipython", None)
-    shell = get_ipython() if get_ipython is not None else None
-    return getattr(shell, "kernel", None) is not None  # only the kernel's shell (ZMQInteractiveShell) has one
 
 
 class KernelLogHandler(logging.Handler):
@@ -85,45 +77,3 @@ def show_logs() -> None:
     package.addHandler(KernelLogHandler())
     if package.level == logging.NOTSET:
         package.setLevel(logging.INFO)
-
-
-class NotebookProgress(Progress):
-    """tqdm bars in a notebook: a widget bar with ipywidgets installed, tqdm's text bar (on stderr) without.
-
-    A bar disappears when its task ends (the log keeps a line where it matters, as in the CLI); one that stops
-    early stays, red.
-    """
-
-    @contextmanager
-    def task(self, description: str, total: int | None) -> Iterator[Task]:
-        bar = _bar_class()(total=total, desc=description, leave=False, dynamic_ncols=True)
-        try:
-            yield _BarTask(bar)
-        finally:
-            bar.refresh()  # its last state drawn, however fast the task went (tqdm redraws every 0.1 s)
-            bar.close()
-
-
-class _BarTask:
-    def __init__(self, bar: Any) -> None:
-        self.bar = bar
-
-    def advance(self, amount: int = 1, **fields: object) -> None:
-        if fields:
-            self.bar.set_postfix(fields, refresh=False)
-        self.bar.update(amount)
-
-
-def _bar_class() -> Any:
-    """tqdm.notebook's widget bar where ipywidgets can draw it, else the text bar (what `tqdm.auto` would pick,
-    without its warning)."""
-    try:
-        from tqdm.notebook import IProgress, tqdm
-
-        if IProgress is not None:
-            return tqdm
-    except ImportError:
-        pass
-    from tqdm.std import tqdm
-
-    return tqdm

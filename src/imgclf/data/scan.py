@@ -32,6 +32,24 @@ from imgclf.data.parallel import map_indices
 from imgclf.errors import DataError, ImageError
 from imgclf.progress import NO_PROGRESS, Progress
 
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MIN_SIDE",
+    "SPLITS",
+    "SPLIT_FOLDER_NAMES",
+    "Exclusions",
+    "FileWalk",
+    "ImageIndex",
+    "ImageRecord",
+    "Problem",
+    "check_training_folder",
+    "collect_inputs",
+    "looks_like_image",
+    "read_exclude_list",
+    "scan_folder",
+    "walk_files",
+]
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
@@ -160,6 +178,7 @@ def scan_folder(
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root} (expected a folder of class folders)")
     blockers = _Blockers(collect=collect_errors)
+    # 1. the layout and every file under its class folders
     found_layout = _find_class_folders(root, need_train=not labelled_only, blockers=blockers)
     layout, class_dirs, loose = found_layout.kind, found_layout.class_dirs, found_layout.loose
     dataset_dirs = found_layout.dataset_dirs(root)
@@ -170,53 +189,21 @@ def scan_folder(
     ignored = sum(1 for path in loose if not looks_like_image(path))
     hidden = found_layout.hidden + sum(found.hidden for found in walked)
     problems += [problem for found in walked for problem in found.problems]
-
+    # 2. the files to decode: the excluded ones and, with a subset, the ones not drawn left out
     jobs = [(split, label, path) for (split, label, _), found in zip(class_dirs, walked) for path in found.files]
     if exclude is not None:
-        left_out = [os.path.realpath(job[2]) in exclude.paths for job in jobs]
-        problems += [
-            Problem(job[2], f"excluded: listed in {exclude.source}") for job, out in zip(jobs, left_out) if out
-        ]
-        if sum(left_out) < len(exclude.paths):
-            log.warning(
-                "%d of the %d image(s) listed in %s are not in %s (already removed, or another folder)",
-                len(exclude.paths) - sum(left_out),
-                len(exclude.paths),
-                exclude.source,
-                root,
-            )
-        jobs = [job for job, out in zip(jobs, left_out) if not out]
+        jobs, excluded = _leave_out(jobs, exclude, root)
+        problems += excluded
     if subset is not None:
-        per_group = subset if layout == "split" else subset * flat_splits
-        kept = _draw_subset(jobs, per_group, subset_seed)
-        log.info(
-            "subset: %d image(s) per class%s; %d of %d files left out, not decoded",
-            subset,
-            " and split" if layout == "split" else f" and split ({per_group} per class before the split)",
-            len(jobs) - len(kept),
-            len(jobs),
-        )
-        jobs = kept
-    records: list[ImageRecord] = []
-    with progress.task(f"Checking images in {root}", total=len(jobs)) as task:
-        check = partial(_check_job, jobs, max_pixels=max_pixels)
-        for outcome in map_indices(check, len(jobs), workers=workers or max(2, usable_cpus())):
-            task.advance()
-            if isinstance(outcome, ImageRecord):
-                records.append(outcome)
-            elif isinstance(outcome, Problem):
-                problems.append(outcome)
-            else:
-                ignored += 1
-
-    if labelled_only:
-        classes, warnings = tuple(sorted({r.label for r in records})), []
-        if not records:
-            raise DataError(
-                f"no readable images in {root} (expected <class>/<image> folders)" + _first_problems(problems)
-            )
-    else:
-        classes, warnings = _class_map(root, layout, class_dirs, records, problems, blockers=blockers)
+        jobs = _subset(jobs, subset, layout=layout, flat_splits=flat_splits, seed=subset_seed)
+    # 3. decode-check every file, on every core
+    records, unreadable, not_images = _check_files(
+        root, jobs, max_pixels=max_pixels, workers=workers, progress=progress
+    )
+    problems += unreadable
+    ignored += not_images
+    # 4. the class list (from the training split) and what would stop training
+    classes, warnings = _classes(root, layout, class_dirs, records, problems, labelled_only, blockers)
     for message in warnings:
         log.warning(message)
     if problems:
@@ -232,6 +219,79 @@ def scan_folder(
         warnings=(*found_layout.notes, *warnings),
         errors=tuple(blockers.found),
     )
+
+
+_Job = tuple[str | None, str, Path]  # (split, label, file) of one file to decode
+
+
+def _leave_out(jobs: list[_Job], exclude: Exclusions, root: Path) -> tuple[list[_Job], list[Problem]]:
+    """The jobs `exclude` does not list, and a problem for each one it does; a warning for listed files that are
+    not among the jobs."""
+    left_out = [os.path.realpath(job[2]) in exclude.paths for job in jobs]
+    problems = [Problem(job[2], f"excluded: listed in {exclude.source}") for job, out in zip(jobs, left_out) if out]
+    if sum(left_out) < len(exclude.paths):
+        log.warning(
+            "%d of the %d image(s) listed in %s are not in %s (already removed, or another folder)",
+            len(exclude.paths) - sum(left_out),
+            len(exclude.paths),
+            exclude.source,
+            root,
+        )
+    return [job for job, out in zip(jobs, left_out) if not out], problems
+
+
+def _subset(jobs: list[_Job], subset: int, *, layout: str, flat_splits: int, seed: int) -> list[_Job]:
+    """`subset` jobs of each (split, class) of a split layout, `subset * flat_splits` of each class of a flat one
+    (for the split to share out), drawn with `seed` (`_draw_subset`)."""
+    per_group = subset if layout == "split" else subset * flat_splits
+    kept = _draw_subset(jobs, per_group, seed)
+    log.info(
+        "subset: %d image(s) per class%s; %d of %d files left out, not decoded",
+        subset,
+        " and split" if layout == "split" else f" and split ({per_group} per class before the split)",
+        len(jobs) - len(kept),
+        len(jobs),
+    )
+    return kept
+
+
+def _classes(
+    root: Path,
+    layout: str,
+    class_dirs: list[tuple[str | None, str, Path]],
+    records: list[ImageRecord],
+    problems: list[Problem],
+    labelled_only: bool,
+    blockers: _Blockers,
+) -> tuple[tuple[str, ...], list[str]]:
+    """The class list and its warnings: every class found for a labelled folder to evaluate on (which must hold a
+    readable image), the training split's otherwise (`_class_map`)."""
+    if not labelled_only:
+        return _class_map(root, layout, class_dirs, records, problems, blockers=blockers)
+    if not records:
+        raise DataError(f"no readable images in {root} (expected <class>/<image> folders)" + _first_problems(problems))
+    return tuple(sorted({r.label for r in records})), []
+
+
+def _check_files(
+    root: Path, jobs: list[_Job], *, max_pixels: int, workers: int | None, progress: Progress
+) -> tuple[list[ImageRecord], list[Problem], int]:
+    """Decode-check every job in parallel: (the readable images' records, the problems, how many files were not
+    images at all), each list in the jobs' order."""
+    records: list[ImageRecord] = []
+    problems: list[Problem] = []
+    ignored = 0
+    with progress.task(f"Checking images in {root}", total=len(jobs)) as task:
+        check = partial(_check_job, jobs, max_pixels=max_pixels)
+        for outcome in map_indices(check, len(jobs), workers=workers or max(2, usable_cpus())):
+            task.advance()
+            if isinstance(outcome, ImageRecord):
+                records.append(outcome)
+            elif isinstance(outcome, Problem):
+                problems.append(outcome)
+            else:
+                ignored += 1
+    return records, problems, ignored
 
 
 @dataclass(frozen=True)

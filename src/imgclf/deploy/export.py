@@ -43,6 +43,21 @@ from imgclf.tracking.runs import find_run, package_versions
 if TYPE_CHECKING:
     from torch import nn
 
+__all__ = [
+    "CHECK_BATCH_SIZES",
+    "INT8_SUFFIX",
+    "MAX_CHECK_IMAGES",
+    "RELATIVE_TOLERANCE",
+    "SUFFIXES",
+    "ExportCheck",
+    "ExportResult",
+    "check_images",
+    "compare",
+    "export_model",
+    "quantize_int8",
+    "tolerance",
+]
+
 log = logging.getLogger(__name__)
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts", "tflite": ".tflite"}
@@ -122,18 +137,10 @@ def export_model(
         >>> export_model("runs/small_cnn-20261128-120000")[0].check.top1_agreement
         1.0
     """
-    if format not in SUFFIXES:
-        raise ConfigError(f"--format must be one of {', '.join(SUFFIXES)}; received '{format}'")
-    if int8 and format != "onnx":
-        raise ConfigError(f"--int8 quantizes ONNX models; received --format {format}")
-    if tflite_batch < 1:
-        raise ConfigError(f"--tflite-batch must be at least 1; received {tflite_batch}")
+    _check_arguments(format, int8, tflite_batch)
     paths = find_run(Path(run))
     folder = bundle_folder(paths.root)
-    target = Path(out) if out is not None else folder / f"model{SUFFIXES[format]}"
-    int8_target = target.with_name(target.name.removesuffix(".onnx") + INT8_SUFFIX) if int8 else None
-    if int8_target is not None and (int8_target == target or target.name.endswith(INT8_SUFFIX)):
-        raise ConfigError(f"--int8 writes beside the fp32 model and never over it; choose --out other than {target}")
+    target, int8_target = _targets(folder, format, out, int8)
     exporter = _exporters(tflite_batch)[format]
     exporter.require()
 
@@ -149,20 +156,9 @@ def export_model(
     info = {**bundle.to_dict(), "source_run": paths.root.name}
 
     started = time.perf_counter()
-    checked: dict[str, ExportCheck] = {}
-
-    def write(tmp: Path) -> None:
-        exporter.write(model, sample, tmp)
-        runtime = exporter.runtime(tmp)
-        check = compare(runtime, images, reference, split=split, batch_sizes=exporter.batch_sizes)
-        if not check.passed:
-            raise ExportCheckFailed(_failure(format, check, target))
-        exporter.annotate(tmp, {**info, "check": check.to_dict()})
-        checked["check"] = check
-
     log.info("exporting %s to %s; checking on %d %s images", bundle.spec.name, target, len(images), split)
-    write_atomic(target, write)
-    result = ExportResult(target, format, target.stat().st_size, checked["check"], time.perf_counter() - started)
+    check = _write_checked(exporter, model, sample, target, images, reference, split=split, format=format, info=info)
+    result = ExportResult(target, format, target.stat().st_size, check, time.perf_counter() - started)
     record_export(folder, format, _record(result, folder, exporter.details(target)))
     results = [result]
     if int8_target is not None:
@@ -182,6 +178,54 @@ def export_model(
         )
         record_export(folder, "onnx-int8", _record(results[-1], folder, {}))
     return results
+
+
+def _check_arguments(format: str, int8: bool, tflite_batch: int) -> None:
+    if format not in SUFFIXES:
+        raise ConfigError(f"--format must be one of {', '.join(SUFFIXES)}; received '{format}'")
+    if int8 and format != "onnx":
+        raise ConfigError(f"--int8 quantizes ONNX models; received --format {format}")
+    if tflite_batch < 1:
+        raise ConfigError(f"--tflite-batch must be at least 1; received {tflite_batch}")
+
+
+def _targets(folder: Path, format: str, out: Path | str | None, int8: bool) -> tuple[Path, Path | None]:
+    """The export's file (`out`, default `model.<suffix>` in the bundle folder) and, with `int8`, the quantized
+    file's beside it."""
+    target = Path(out) if out is not None else folder / f"model{SUFFIXES[format]}"
+    int8_target = target.with_name(target.name.removesuffix(".onnx") + INT8_SUFFIX) if int8 else None
+    if int8_target is not None and (int8_target == target or target.name.endswith(INT8_SUFFIX)):
+        raise ConfigError(f"--int8 writes beside the fp32 model and never over it; choose --out other than {target}")
+    return target, int8_target
+
+
+def _write_checked(
+    exporter: _Exporter,
+    model: nn.Module,
+    sample: np.ndarray,
+    target: Path,
+    images: np.ndarray,
+    reference: np.ndarray,
+    *,
+    split: str,
+    format: str,
+    info: dict[str, Any],
+) -> ExportCheck:
+    """Steps 3-5 of the recipe: write to a temporary file, load it in its runtime, compare, annotate, and rename it
+    into place only when the check passed (`ExportCheckFailed` otherwise, and nothing is left behind)."""
+    checked: dict[str, ExportCheck] = {}
+
+    def write(tmp: Path) -> None:
+        exporter.write(model, sample, tmp)
+        runtime = exporter.runtime(tmp)
+        check = compare(runtime, images, reference, split=split, batch_sizes=exporter.batch_sizes)
+        if not check.passed:
+            raise ExportCheckFailed(_failure(format, check, target))
+        exporter.annotate(tmp, {**info, "check": check.to_dict()})
+        checked["check"] = check
+
+    write_atomic(target, write)
+    return checked["check"]
 
 
 def check_images(
@@ -254,50 +298,12 @@ def quantize_int8(
     recorded. The int8 file is kept only when its test accuracy is within `max_accuracy_drop` of the fp32
     file's (validation accuracy when the run has no test split).
     """
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Batches(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(images[i : i + 16] for i in range(0, len(images), 16))
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {ONNX_INPUT: batch}
-
     started = time.perf_counter()
     outcome: dict[str, Any] = {}
     checked: dict[str, ExportCheck] = {}
 
     def write(tmp: Path) -> None:
-        with tempfile.TemporaryDirectory(prefix="imgclf-int8-") as work:
-            prepared = Path(work) / "prepared.onnx"
-            with _quiet():
-                quant_pre_process(str(fp32), str(prepared))
-                try:
-                    quantize_static(
-                        str(prepared),
-                        str(tmp),
-                        Batches(),
-                        quant_format=QuantFormat.QDQ,
-                        per_channel=True,
-                        activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8,
-                    )
-                    method = (
-                        "static QDQ: int8 weights per channel, uint8 activations calibrated on "
-                        f"{len(images)} {split} images"
-                    )
-                except Exception as exc:  # ORT raises many types for unsupported graphs
-                    method = f"dynamic: int8 weights, activations quantized per batch (static failed: {exc})"
-                    log.warning("static int8 quantization failed (%s); falling back to dynamic", exc)
-                    quantize_dynamic(str(prepared), str(tmp), weight_type=QuantType.QInt8)
+        method = _quantize(fp32, tmp, images, split=split)
         check = compare(OnnxRuntime(tmp), images, reference, split=split, batch_sizes=CHECK_BATCH_SIZES)
         accuracy_split, fp32_accuracy, int8_accuracy = _accuracies(fp32, tmp, manifest, bundle, progress=progress)
         drop = fp32_accuracy - int8_accuracy
@@ -324,6 +330,48 @@ def quantize_int8(
     return ExportResult(
         target, "onnx-int8", target.stat().st_size, checked["check"], time.perf_counter() - started, outcome
     )
+
+
+def _quantize(fp32: Path, target: Path, images: np.ndarray, *, split: str) -> str:
+    """Write the int8 model of `fp32` to `target`: static QDQ calibrated on `images`, dynamic when the static pass
+    fails. Returns the method used, in words (with the static pass's error when it fell back)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(images[i : i + 16] for i in range(0, len(images), 16))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {ONNX_INPUT: batch}
+
+    with tempfile.TemporaryDirectory(prefix="imgclf-int8-") as work:
+        prepared = Path(work) / "prepared.onnx"
+        with _quiet():
+            quant_pre_process(str(fp32), str(prepared))
+            try:
+                quantize_static(
+                    str(prepared),
+                    str(target),
+                    Batches(),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                )
+                calibrated = f"{len(images)} {split} images"
+                return f"static QDQ: int8 weights per channel, uint8 activations calibrated on {calibrated}"
+            except Exception as exc:  # ORT raises many types for unsupported graphs
+                log.warning("static int8 quantization failed (%s); falling back to dynamic", exc)
+                quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8)
+                return f"dynamic: int8 weights, activations quantized per batch (static failed: {exc})"
 
 
 # --- the three formats ---------------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ from imgclf.data.preprocessing import eval_array
 from imgclf.deploy.predict import Predictor
 from imgclf.errors import ConfigError, ImageError
 
+__all__ = ["STATUS_BY_KIND", "BatchWorker", "BodyTooLarge", "ServeSettings", "create_app"]
+
 log = logging.getLogger(__name__)
 
 # HTTP status for a request whose every file failed, by ImageError.kind
@@ -180,25 +182,33 @@ def create_app(model: Predictor | Callable[[], Predictor], settings: ServeSettin
         >>> uvicorn.run(app, host="127.0.0.1", port=8000)
     """
     settings = settings or ServeSettings()
-    worker = BatchWorker(model, settings)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        worker.start()
-        yield
-        worker.stop()
-
     app = FastAPI(
         title="imgclf",
         summary="Image classification with a model trained by imgclf.",
         description="POST images to /predict (multipart/form-data, one or several files); / is a page to drop "
         "images on.",
-        lifespan=lifespan,
+        lifespan=_lifespan,
     )
-    app.state.worker = worker
+    app.state.worker = worker = BatchWorker(model, settings)
+    _add_status_routes(app, worker, settings)
+    _add_predict_route(app, worker, settings)
+    return app
 
-    def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """The worker thread runs while the app does: it loads the model once the server starts."""
+    app.state.worker.start()
+    yield
+    app.state.worker.stop()
+
+
+def _problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _add_status_routes(app: FastAPI, worker: BatchWorker, settings: ServeSettings) -> None:
+    """The page, and what the server says about itself: health, readiness, counters, the model's metadata."""
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -213,8 +223,8 @@ def create_app(model: Predictor | Callable[[], Predictor], settings: ServeSettin
         if worker.ready.is_set():
             return {"status": "ready", "warmup_ms": worker.warmup_ms}
         if worker.load_error:
-            return problem(503, f"the model failed to load: {worker.load_error}")
-        return problem(503, "loading the model", {"Retry-After": "1"})
+            return _problem(503, f"the model failed to load: {worker.load_error}")
+        return _problem(503, "loading the model", {"Retry-After": "1"})
 
     @app.get("/stats", summary="Forward passes, requests and images served so far; requests waiting and running")
     async def stats() -> dict[str, int]:
@@ -229,7 +239,7 @@ def create_app(model: Predictor | Callable[[], Predictor], settings: ServeSettin
     @app.get("/metadata", summary="Classes, preprocessing, model, backend and limits")
     async def metadata():
         if worker.predictor is None:
-            return problem(503, "loading the model", {"Retry-After": "1"})
+            return _problem(503, "loading the model", {"Retry-After": "1"})
         bundle = worker.predictor.bundle
         return {
             "classes": list(bundle.classes),
@@ -242,31 +252,36 @@ def create_app(model: Predictor | Callable[[], Predictor], settings: ServeSettin
             "limits": asdict(settings),
         }
 
-    @app.post(
-        "/predict",
-        summary="Top-k classes of each uploaded image",
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                            "required": ["files"],
-                        }
-                    },
-                    "image/*": {"schema": {"type": "string", "format": "binary"}},
-                },
+
+# what /docs shows of POST /predict: FastAPI cannot infer a body the endpoint streams itself
+_PREDICT_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "required": ["files"],
+                }
             },
-            "responses": {
-                "413": {"description": "body, file count or image pixels above the limits"},
-                "415": {"description": "no file is an image"},
-                "503": {"description": "the model is loading, or the queue is full (see Retry-After)"},
-                "504": {"description": "the request took longer than the timeout"},
-            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
-    )
+    },
+    "responses": {
+        "413": {"description": "body, file count or image pixels above the limits"},
+        "415": {"description": "no file is an image"},
+        "503": {"description": "the model is loading, or the queue is full (see Retry-After)"},
+        "504": {"description": "the request took longer than the timeout"},
+    },
+}
+
+
+def _add_predict_route(app: FastAPI, worker: BatchWorker, settings: ServeSettings) -> None:
+    """POST /predict: the limits while the body streams in, then decoding, the worker and the answer, within the
+    request's deadline."""
+
+    @app.post("/predict", summary="Top-k classes of each uploaded image", openapi_extra=_PREDICT_OPENAPI)
     async def predict(
         request: Request,
         top_k: int | None = Query(None, ge=1, description="classes per image"),
@@ -281,70 +296,74 @@ def create_app(model: Predictor | Callable[[], Predictor], settings: ServeSettin
         classes, while the others are predicted. When every file fails, the answer is 415 (not images), 413 (too
         many pixels) or 422 (corrupt)."""
         if not worker.ready.is_set():
-            return problem(503, "the model is not ready yet", {"Retry-After": "1"})
+            return _problem(503, "the model is not ready yet", {"Retry-After": "1"})
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
-            return problem(413, f"request body of {int(declared):,} bytes exceeds {settings.max_body_bytes:,}")
+            return _problem(413, f"request body of {int(declared):,} bytes exceeds {settings.max_body_bytes:,}")
         try:
             files = await _read_files(request, settings)
         except BodyTooLarge:
-            return problem(413, f"request body exceeds {settings.max_body_bytes:,} bytes")
+            return _problem(413, f"request body exceeds {settings.max_body_bytes:,} bytes")
         except ValueError as exc:
-            return problem(413 if "Too many files" in str(exc) else 400, str(exc))
+            return _problem(413 if "Too many files" in str(exc) else 400, str(exc))
         if not files:
-            return problem(400, "no file in the request: send multipart/form-data with image files")
+            return _problem(400, "no file in the request: send multipart/form-data with image files")
         k = top_k or settings.top_k
         try:
-            return await asyncio.wait_for(_answer(files, k, abstain), timeout=settings.timeout_s)
+            return await asyncio.wait_for(_answer(worker, settings, files, k, abstain), timeout=settings.timeout_s)
         except asyncio.TimeoutError:
-            return problem(504, f"the request took longer than {settings.timeout_s} s")
+            return _problem(504, f"the request took longer than {settings.timeout_s} s")
         except queue.Full:
-            return problem(503, "the server is busy: too many requests wait for the model", {"Retry-After": "1"})
+            return _problem(503, "the server is busy: too many requests wait for the model", {"Retry-After": "1"})
 
-    async def _answer(files: list[tuple[str, bytes]], k: int, abstain: bool):
-        predictor = worker.predictor
-        assert predictor is not None
-        pre = predictor.bundle.preprocessing
-        decoded = await run_in_threadpool(
-            lambda: [_decode(data, name, pre, settings.max_pixels) for name, data in files]
+
+async def _answer(
+    worker: BatchWorker, settings: ServeSettings, files: list[tuple[str, bytes]], k: int, abstain: bool
+) -> dict[str, Any] | JSONResponse:
+    """Decode the files on the thread pool, run the good ones through the worker, and answer one entry per file
+    (or the error status when no file is a usable image)."""
+    predictor = worker.predictor
+    assert predictor is not None
+    pre = predictor.bundle.preprocessing
+    decoded = await run_in_threadpool(lambda: [_decode(data, name, pre, settings.max_pixels) for name, data in files])
+    good = [array for array in decoded if isinstance(array, np.ndarray)]
+    if not good:
+        first = next(error for error in decoded if isinstance(error, ImageError))
+        return _problem(STATUS_BY_KIND.get(first.kind, 422), str(first))
+    probs, ood = await asyncio.wrap_future(worker.submit(np.stack(good)))
+    rows, scores, results = iter(probs), iter(ood), []
+    threshold = predictor.ood_threshold
+    for (name, _), outcome in zip(files, decoded):
+        if isinstance(outcome, ImageError):
+            results.append(_failed_entry(name, outcome))
+            continue
+        score = float(next(scores))
+        prediction = predictor.top_k(name, next(rows), k, ood_score=score, abstain=abstain)
+        results.append(
+            {
+                "filename": name,
+                "label": prediction.label,
+                "classes": list(prediction.classes),
+                "probabilities": [round(p, 6) for p in prediction.probabilities],
+                "ood_score": round(score, 4),
+                "unknown": None if threshold is None else score > threshold.threshold,
+                "error": None,
+            }
         )
-        good = [array for array in decoded if isinstance(array, np.ndarray)]
-        if not good:
-            first = next(error for error in decoded if isinstance(error, ImageError))
-            return problem(STATUS_BY_KIND.get(first.kind, 422), str(first))
-        probs, ood = await asyncio.wrap_future(worker.submit(np.stack(good)))
-        rows, scores, results = iter(probs), iter(ood), []
-        threshold = predictor.ood_threshold
-        for (name, _), outcome in zip(files, decoded):
-            if isinstance(outcome, ImageError):
-                results.append(
-                    {
-                        "filename": name,
-                        "label": None,
-                        "classes": [],
-                        "probabilities": [],
-                        "ood_score": None,
-                        "unknown": None,
-                        "error": str(outcome),
-                    }
-                )
-                continue
-            score = float(next(scores))
-            prediction = predictor.top_k(name, next(rows), k, ood_score=score, abstain=abstain)
-            results.append(
-                {
-                    "filename": name,
-                    "label": prediction.label,
-                    "classes": list(prediction.classes),
-                    "probabilities": [round(p, 6) for p in prediction.probabilities],
-                    "ood_score": round(score, 4),
-                    "unknown": None if threshold is None else score > threshold.threshold,
-                    "error": None,
-                }
-            )
-        return {"predictions": results, "ood_threshold": None if threshold is None else threshold.threshold}
+    return {"predictions": results, "ood_threshold": None if threshold is None else threshold.threshold}
 
-    return app
+
+def _failed_entry(name: str, error: ImageError) -> dict[str, Any]:
+    """The answer's entry for a file that is not a usable image: its error, no classes."""
+    return {
+        "filename": name,
+        "label": None,
+        "classes": [],
+        "probabilities": [],
+        "ood_score": None,
+        "unknown": None,
+        "error": str(error),
+    }
 
 
 async def _read_files(request: Request, settings: ServeSettings) -> list[tuple[str, bytes]]:

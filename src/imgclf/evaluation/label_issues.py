@@ -36,6 +36,27 @@ import numpy as np
 from imgclf.files import read_csv, write_csv_atomic
 from imgclf.progress import NO_PROGRESS, Progress
 
+__all__ = [
+    "AUTO_RANGE",
+    "FEATURES_VERSION",
+    "FOLDS",
+    "LABEL_ISSUE_COLUMNS",
+    "MAX_SCORE",
+    "MIN_PER_CLASS",
+    "C",
+    "LabelIssue",
+    "LabelIssues",
+    "confident_joint",
+    "find_label_issues",
+    "flag",
+    "label_issues_figure",
+    "label_issues_wanted",
+    "out_of_fold_probabilities",
+    "pretrained_features",
+    "read_label_issues",
+    "save_label_issues",
+]
+
 log = logging.getLogger(__name__)
 
 FOLDS = 5
@@ -124,6 +145,7 @@ def find_label_issues(
             f"classes with fewer than {MIN_PER_CLASS} images ({', '.join(small)})" if small else "fewer than 2 classes"
         )
         return LabelIssues((), len(rows), tuple(counts), skipped=f"not looked for: {why}")
+    # 1. frozen pretrained features of every readable image
     features, readable = pretrained_features(
         [Path(row.path) for row in rows],
         [row.sha256 for row in rows],
@@ -138,26 +160,10 @@ def find_label_issues(
     folds = min(FOLDS, int(np.bincount(y, minlength=len(classes)).min()))
     if folds < 2:
         return LabelIssues((), len(rows), classes, skipped="not looked for: a class has fewer than 2 readable images")
+    # 2. out-of-fold probabilities, 3. confident learning's flags, ranked
     probs = out_of_fold_probabilities(features[kept], y, folds=folds, seed=seed)
     _, joint = confident_joint(probs, y)
-    flagged = flag(probs, y)
-    score = probs[np.arange(len(y)), y]
-    others = probs.copy()
-    others[np.arange(len(y)), y] = -1
-    suggested = others.argmax(axis=1)
-    order = [i for i in np.argsort(score, kind="stable") if flagged[i]]
-    issues = tuple(
-        LabelIssue(
-            rank=rank,
-            path=Path(rows[kept[i]].path),
-            split=rows[kept[i]].split,
-            given=classes[y[i]],
-            suggested=classes[suggested[i]],
-            score=float(score[i]),
-            suggested_probability=float(probs[i, suggested[i]]),
-        )
-        for rank, i in enumerate(order, start=1)
-    )
+    issues = _ranked_issues(probs, y, [rows[i] for i in kept], classes)
     accuracy = float((probs.argmax(axis=1) == y).mean())
     estimated = round(joint.sum() - np.trace(joint))
     seconds = time.perf_counter() - started
@@ -172,6 +178,31 @@ def find_label_issues(
         seconds,
     )
     return LabelIssues(issues, len(rows), classes, folds, accuracy, estimated, seconds)
+
+
+def _ranked_issues(
+    probs: np.ndarray, y: np.ndarray, rows: Sequence[Any], classes: tuple[str, ...]
+) -> tuple[LabelIssue, ...]:
+    """The flagged images (`flag`), lowest probability of the given label first, each with its likeliest other
+    class; `rows[i]` is the image of `probs[i]` and `y[i]`."""
+    flagged = flag(probs, y)
+    score = probs[np.arange(len(y)), y]
+    others = probs.copy()
+    others[np.arange(len(y)), y] = -1
+    suggested = others.argmax(axis=1)
+    order = [i for i in np.argsort(score, kind="stable") if flagged[i]]
+    return tuple(
+        LabelIssue(
+            rank=rank,
+            path=Path(rows[i].path),
+            split=rows[i].split,
+            given=classes[y[i]],
+            suggested=classes[suggested[i]],
+            score=float(score[i]),
+            suggested_probability=float(probs[i, suggested[i]]),
+        )
+        for rank, i in enumerate(order, start=1)
+    )
 
 
 def pretrained_features(

@@ -14,6 +14,18 @@ if TYPE_CHECKING:  # torch stays unimported until a model is built: ModelSpec tr
     from imgclf.config import ModelConfig
     from imgclf.device import Compute
 
+__all__ = [
+    "SMALL_CNN",
+    "ModelInfo",
+    "ModelSpec",
+    "auto_early_pool",
+    "build_model",
+    "check_model_name",
+    "describe_model",
+    "model_names",
+    "model_spec",
+]
+
 SMALL_CNN = "small_cnn"
 
 
@@ -124,6 +136,8 @@ def model_names(pattern: str = "*", *, pretrained: bool = False) -> list[str]:
 
     import timm
 
+    # lazy, as every import of models.weights here: it imports torch, and this module stays torch-free at import
+    # (ModelSpec travels in ONNX metadata). weights never imports this module, so the arrow points one way.
     from imgclf.models.weights import offline_sources
 
     names = [SMALL_CNN] if not pretrained and fnmatch.fnmatch(SMALL_CNN, pattern) else []
@@ -137,7 +151,7 @@ def describe_model(name: str) -> ModelInfo:
     import torch
 
     from imgclf.config import ModelConfig
-    from imgclf.models.weights import offline_sources, pretrained_config
+    from imgclf.models.weights import offline_sources, pretrained_config  # lazy: see model_names
 
     with torch.device("meta"):  # shapes only: no memory, no initialisation time
         if name == SMALL_CNN:

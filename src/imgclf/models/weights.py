@@ -24,7 +24,24 @@ import torch
 from torch import nn
 
 from imgclf.errors import CheckpointError, ConfigError, ImgclfError
-from imgclf.models.registry import SMALL_CNN
+from imgclf.models.small_cnn import SmallCNN  # not models.registry: the registry's catalog imports this module
+
+__all__ = [
+    "CONNECT_TIMEOUT_S",
+    "HUB_FILES",
+    "OFFLINE_PACKAGES",
+    "OfflinePackage",
+    "PretrainedWeights",
+    "adapt_stem",
+    "check_pretrained_request",
+    "classifier_and_stem",
+    "find_weights",
+    "load_pretrained",
+    "offline_sources",
+    "pretrained_config",
+    "read_state_dict",
+    "stem_channels",
+]
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +206,7 @@ def load_pretrained(model: nn.Module, weights: PretrainedWeights, *, name: str) 
         hint = (
             "; small_cnn weights from a run with the other pooling layout: set model.early_pool to that run's value "
             "(its config.yaml), e.g. --set model.early_pool=false"
-            if name == SMALL_CNN
+            if isinstance(model, SmallCNN)
             else ""
         )
         raise CheckpointError(
@@ -226,8 +243,6 @@ def adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 def stem_channels(name: str, weights: PretrainedWeights) -> int | None:
     """Input channels the pretrained stem was trained with (3 for ImageNet models), if the weights say."""
-    from imgclf.models.small_cnn import SmallCNN
-
     cfg = SmallCNN.pretrained_cfg if name == "small_cnn" else (pretrained_config(name) or {})
     first_conv = cfg.get("first_conv")
     tensor = weights.state_dict.get(f"{first_conv}.weight") if isinstance(first_conv, str) else None

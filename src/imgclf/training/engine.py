@@ -27,6 +27,8 @@ from imgclf.training.ema import WeightAverage
 from imgclf.training.optim import LRSchedule, current_lr
 from imgclf.training.state import Callback, EpochProgress, FitState
 
+__all__ = ["BatchHook", "EpochResult", "MixFn", "StopCheck", "evaluate_epoch", "fit", "seed_epoch", "train_one_epoch"]
+
 
 @dataclass(frozen=True)
 class EpochResult:
@@ -122,38 +124,14 @@ def train_one_epoch(
         if limit is not None and index >= limit:  # the planned steps are done: the epoch ends here
             index -= 1
             break
-        images = images.to(device, non_blocking=True, memory_format=compute.memory_format)
-        targets = targets.to(device, non_blocking=True)
-        if img_size is not None and images.shape[-1] != img_size:
-            images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", antialias=True)
-            images = images.contiguous(memory_format=compute.memory_format)
+        images, targets = _to_device(images, targets, compute, img_size)
         if mix is not None:
             images, targets = mix(images, targets)
         with compute.autocast():
             logits = model(images)
             loss = loss_fn(logits, targets)
-        # note: a CPU-GPU sync point (and an all-reduce under torchrun: a NaN on one process would reach every
-        # process's weights through the averaged gradients), but a NaN must stop training before the weights
-        if distributed.any_rank(group, ~torch.isfinite(loss.detach()), device):
-            value = loss.item() if not torch.isfinite(loss) else "non-finite on another process"
-            raise TrainingDiverged(
-                f"the training loss became {value} at batch {index + 1} (lr {current_lr(optimizer):.2e}); "
-                "the checkpoints hold the last good epoch. Try a lower --lr (a tenth), --set train.grad_clip=1.0, "
-                "or --set train.precision=fp32"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:  # fp16 on CUDA: scale the loss so small gradients do not underflow
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        _stop_if_diverged(loss, group, device, batch=index + 1, optimizer=optimizer)
+        _backward_and_step(loss, model, optimizer, scaler=scaler, grad_clip=grad_clip)
         schedule.after_step()
         if ema is not None:
             ema.update(getattr(model, "module", model))  # the unwrapped model's weights (DDP keeps it as .module)
@@ -184,6 +162,59 @@ def train_one_epoch(
         rng=torch.get_rng_state().tolist(),
     )
     return done, not stopped
+
+
+def _to_device(
+    images: torch.Tensor, targets: torch.Tensor, compute: Compute, img_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch on the compute device, in its memory format, downscaled to `img_size` when given (progressive
+    resizing)."""
+    images = images.to(compute.device, non_blocking=True, memory_format=compute.memory_format)
+    targets = targets.to(compute.device, non_blocking=True)
+    if img_size is not None and images.shape[-1] != img_size:
+        images = F.interpolate(images, size=(img_size, img_size), mode="bilinear", antialias=True)
+        images = images.contiguous(memory_format=compute.memory_format)
+    return images, targets
+
+
+def _stop_if_diverged(
+    loss: torch.Tensor, group: Group, device: torch.device, *, batch: int, optimizer: Optimizer
+) -> None:
+    """Raise `TrainingDiverged` when the loss is not finite on this process or another.
+
+    note: a CPU-GPU sync point (and an all-reduce under torchrun: a NaN on one process would reach every process's
+    weights through the averaged gradients), but a NaN must stop training before the weights."""
+    if distributed.any_rank(group, ~torch.isfinite(loss.detach()), device):
+        value = loss.item() if not torch.isfinite(loss) else "non-finite on another process"
+        raise TrainingDiverged(
+            f"the training loss became {value} at batch {batch} (lr {current_lr(optimizer):.2e}); "
+            "the checkpoints hold the last good epoch. Try a lower --lr (a tenth), --set train.grad_clip=1.0, "
+            "or --set train.precision=fp32"
+        )
+
+
+def _backward_and_step(
+    loss: torch.Tensor,
+    model: nn.Module,
+    optimizer: Optimizer,
+    *,
+    scaler: torch.amp.GradScaler | None,
+    grad_clip: float | None,
+) -> None:
+    """Backward, (unscale, clip), optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:  # fp16 on CUDA: scale the loss so small gradients do not underflow
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
 
 
 def _iter_from(loader: Iterable, step: int):
@@ -317,26 +348,7 @@ def fit(
         state.progress = None
         val = evaluate_epoch(state.model, val_loader, compute, group)
         averaged = evaluate_epoch(state.ema.module, val_loader, compute, group) if state.ema is not None else None
-        row = {
-            "epoch": epoch,
-            "phase": state.phase or "train",
-            "train_loss": progress.loss,
-            "train_ce": progress.cross_entropy,
-            "train_acc": progress.accuracy,
-            "val_loss": val.loss,
-            "val_loss_se": val.loss_se,
-            "val_acc": val.accuracy,
-            "val_images": val.images,
-            "lr": progress.lr,
-            "seconds": round(progress.seconds + val.seconds + (averaged.seconds if averaged else 0.0), 3),
-            "images_per_s": round(progress.seen / max(progress.seconds, 1e-9), 1),
-            "steps": progress.step,
-            "train_images": progress.seen,
-        }
-        if img_size is not None:
-            row["img_size"] = img_size
-        if averaged is not None:
-            row["val_loss_ema"], row["val_acc_ema"] = averaged.loss, averaged.accuracy
+        row = _history_row(epoch, state.phase or "train", progress, val, averaged, img_size)
         state.schedule.after_epoch(row[monitor])
         state.history.append(row)
         state.epoch = epoch
@@ -345,6 +357,38 @@ def fit(
     for callback in callbacks:
         callback.on_fit_end(state)
     return state
+
+
+def _history_row(
+    epoch: int,
+    phase: str,
+    progress: EpochProgress,
+    val: EpochResult,
+    averaged: EpochResult | None,
+    img_size: int | None,
+) -> dict:
+    """The epoch's row of history.csv: training sums, validation (and the weight average's), time, image size."""
+    row = {
+        "epoch": epoch,
+        "phase": phase,
+        "train_loss": progress.loss,
+        "train_ce": progress.cross_entropy,
+        "train_acc": progress.accuracy,
+        "val_loss": val.loss,
+        "val_loss_se": val.loss_se,
+        "val_acc": val.accuracy,
+        "val_images": val.images,
+        "lr": progress.lr,
+        "seconds": round(progress.seconds + val.seconds + (averaged.seconds if averaged else 0.0), 3),
+        "images_per_s": round(progress.seen / max(progress.seconds, 1e-9), 1),
+        "steps": progress.step,
+        "train_images": progress.seen,
+    }
+    if img_size is not None:
+        row["img_size"] = img_size
+    if averaged is not None:
+        row["val_loss_ema"], row["val_acc_ema"] = averaged.loss, averaged.accuracy
+    return row
 
 
 def _over_processes(progress: EpochProgress, group: Group, device: torch.device, *, with_rng: bool) -> EpochProgress:

@@ -25,6 +25,20 @@ from imgclf.progress import NO_PROGRESS, Progress
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("cosine", "step", "plateau", "none")
 
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULERS",
+    "LRFinderResult",
+    "LRSchedule",
+    "PlannedCosine",
+    "build_loss",
+    "build_optimizer",
+    "build_schedule",
+    "current_lr",
+    "find_lr",
+    "planned_schedule",
+]
+
 log = logging.getLogger(__name__)
 
 
@@ -254,15 +268,7 @@ def find_lr(
             lr = start_lr * (end_lr / start_lr) ** (step / max(1, num_steps - 1))
             for group, scale in zip(optimizer.param_groups, scales):
                 group["lr"] = lr * scale
-            images, targets = next(batches)
-            images = images.to(compute.device, memory_format=compute.memory_format)
-            targets = targets.to(compute.device)
-            with compute.autocast():
-                loss = loss_fn(model(images), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = float(loss.item())
+            value = _train_step(model, next(batches), optimizer, loss_fn, compute)
             if not math.isfinite(value):
                 stopped = f"loss became {value} at lr {lr:.2e}"
                 break
@@ -286,6 +292,25 @@ def find_lr(
             f"({stopped}); lower start_lr"
         )
     return LRFinderResult(lrs, losses, smoothed, _steepest_descent(lrs, smoothed), "steepest descent", stopped)
+
+
+def _train_step(
+    model: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    optimizer: Optimizer,
+    loss_fn: nn.Module,
+    compute: Compute,
+) -> float:
+    """One optimizer step on `batch` at the optimizer's current LR; returns the loss before the step."""
+    images, targets = batch
+    images = images.to(compute.device, memory_format=compute.memory_format)
+    targets = targets.to(compute.device)
+    with compute.autocast():
+        loss = loss_fn(model(images), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.item())
 
 
 def _steepest_descent(lrs: list[float], smoothed: list[float]) -> float:
