@@ -494,3 +494,21 @@ def test_the_web_page_classifies_an_uploaded_image_in_chromium(server, serve_run
         assert driver.find_element(By.CSS_SELECTOR, ".result .name").text == "my digit.png"
     finally:
         driver.quit()
+
+
+def test_an_explicit_pixel_limit_equal_to_the_default_is_kept(serve_run, tmp_path):
+    """`serve --max-pixels 50000000` (the default's value) is an answer: before, a limit equal to the default was
+    taken as "not given" and replaced by the run's data.max_pixels."""
+    import yaml
+    from fastapi.testclient import TestClient
+
+    from imgclf.deploy.serve import ServeSettings
+    from imgclf.workflow import serve_app
+
+    run = Path(shutil.copytree(serve_run, tmp_path / "run"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["max_pixels"] = 500
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    for settings, expected in ((ServeSettings(max_pixels=50_000_000), 50_000_000), (None, 500)):
+        with TestClient(serve_app(run, settings, device="cpu")) as client:
+            assert client.get("/metadata").json()["limits"]["max_pixels"] == expected

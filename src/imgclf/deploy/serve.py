@@ -57,13 +57,15 @@ class ServeSettings:
     queue_size: int = 64  # requests waiting for the model; one more is answered 503 with Retry-After
     max_body_bytes: int = 20 * 2**20  # request body limit (413)
     max_files: int = 16  # files per request (413)
-    max_pixels: int = 50_000_000  # per image, checked from the header before decoding (413)
+    # per image, checked from the header before decoding (413); None: the run's data.max_pixels (`serve_app`), or
+    # the predictor's own limit (50 megapixels unless set) for a model given as it is
+    max_pixels: int | None = None
     timeout_s: float = 30.0  # per request, reading excluded (504)
     top_k: int = 5  # classes per image unless the request asks (?top_k=)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "queue_size", "max_body_bytes", "max_files", "max_pixels", "top_k"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"serve {name} must be at least 1; received {getattr(self, name)}")
         if self.max_delay_ms < 0 or self.timeout_s <= 0:
             raise ConfigError(
@@ -325,7 +327,8 @@ async def _answer(
     predictor = worker.predictor
     assert predictor is not None
     pre = predictor.bundle.preprocessing
-    decoded = await run_in_threadpool(lambda: [_decode(data, name, pre, settings.max_pixels) for name, data in files])
+    limit = settings.max_pixels or predictor.max_pixels  # not set: the predictor's own (DEFAULT_MAX_PIXELS)
+    decoded = await run_in_threadpool(lambda: [_decode(data, name, pre, limit) for name, data in files])
     good = [array for array in decoded if isinstance(array, np.ndarray)]
     if not good:
         first = next(error for error in decoded if isinstance(error, ImageError))

@@ -266,7 +266,7 @@ def serve_app(
     path = Path(model)
     predictor = Predictor.load(path, device=device, threads=threads)
     settings = settings or ServeSettings()
-    if settings.max_pixels == ServeSettings.max_pixels:
+    if settings.max_pixels is None:  # not given (a limit equal to the default is still an answer)
         settings = replace(settings, max_pixels=evaluation.run_max_pixels(path))
     predictor.max_pixels = settings.max_pixels
     return create_app(predictor, settings)
