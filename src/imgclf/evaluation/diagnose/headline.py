@@ -51,9 +51,7 @@ def _too_early(c: Curves, advice: Advice) -> Verdict | None:
             (2, advice.epochs("train for more epochs")),
             (
                 3 if (c.steps_per_epoch or 99) < MIN_STEPS_PER_EPOCH else 1,
-                advice.change("--batch-size", "train.batch_size", batch, "more steps per epoch")
-                if batch is not None
-                else None,
+                advice.change("train.batch_size", batch, "more steps per epoch") if batch is not None else None,
             ),
         ),
     )
@@ -117,7 +115,6 @@ def _overfitting(c: Curves, advice: Advice) -> Verdict | None:
             (
                 2,
                 advice.change(
-                    "--weight-decay",
                     "train.weight_decay",
                     more_of(advice, "train.weight_decay", 0.05),
                     "more weight decay",
@@ -127,7 +124,6 @@ def _overfitting(c: Curves, advice: Advice) -> Verdict | None:
             (
                 1 if patience is None or patience > 3 else 0,
                 advice.change(
-                    "--patience",
                     "train.early_stopping.patience",
                     3,
                     f"stop a few epochs after the best one (epoch {best_epoch} here; its weights are kept either way)",
@@ -188,9 +184,7 @@ def _underfit_steps(c: Curves, advice: Advice, *, still: bool = False) -> tuple[
         (4 if still else 2, advice.epochs("train longer")),
         (
             2,
-            advice.change("--lr", "train.lr", "auto", "let the LR finder pick the learning rate")
-            if lr != "auto"
-            else None,
+            advice.change("train.lr", "auto", "let the LR finder pick the learning rate") if lr != "auto" else None,
         ),
         (
             1,
@@ -201,11 +195,9 @@ def _underfit_steps(c: Curves, advice: Advice, *, still: bool = False) -> tuple[
         (2, advice.pretrained()),
         (
             1,
-            advice.change("--augment", "augment.preset", "light", "less augmentation")
-            if preset in ("standard", "strong")
-            else None,
+            advice.change("augment.preset", "light", "less augmentation") if preset in ("standard", "strong") else None,
         ),
-        (1, advice.change("--label-smoothing", "train.label_smoothing", 0, "no label smoothing")),
+        (1, advice.change("train.label_smoothing", 0, "no label smoothing")),
     )
 
 
