@@ -141,6 +141,13 @@ def test_loss_spikes_and_non_finite_losses_are_unstable():
     assert "--lr 0.00033" in steps and "train.grad_clip=1" in steps and "train.warmup_epochs" in steps
 
 
+def test_a_jump_from_a_loss_of_exactly_zero_is_unstable_without_a_ratio():
+    rows = good_history()
+    rows[5]["train_loss"], rows[6]["train_loss"] = 0.0, 0.5  # a memorised batch, then a jump: no ZeroDivisionError
+    text = " ".join(by_kind(diagnose(rows), "unstable").evidence)
+    assert "train loss jumped at epoch 7: 0 -> 0.5" in text and "0 -> 0.5 (" not in text  # no "(infx)"
+
+
 def test_an_oscillating_val_accuracy_is_unstable_but_a_new_phase_is_not():
     rows = good_history()
     for row in rows[10:]:

@@ -122,7 +122,8 @@ def unstable(c: Curves, advice: Advice) -> Verdict | None:
     if c.nonfinite_epochs:
         evidence.append(f"the loss is not a finite number at epoch {listed(c.nonfinite_epochs)}")
     for epoch, name, before, after in spikes[:LIST_LIMIT]:
-        evidence.append(f"{name} jumped at epoch {epoch}: {before:.4g} -> {after:.4g} ({after / before:.1f}x)")
+        factor = f" ({after / before:.1f}x)" if before > 0 else ""  # a loss of exactly 0 has no ratio
+        evidence.append(f"{name} jumped at epoch {epoch}: {before:.4g} -> {after:.4g}{factor}")
     if len(spikes) > LIST_LIMIT:
         evidence.append(f"and {len(spikes) - LIST_LIMIT} more jumps")
     if oscillating:
