@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.data.duplicates import find_duplicates, save_duplicates, warn_about_duplicates
+from imgclf.data.leaks import find_duplicates, save_duplicates, warn_about_duplicates
 from imgclf.data.scan import ImageRecord, scan_folder
 from imgclf.data.split import (
     ManifestRow,
@@ -314,7 +314,7 @@ def test_duplicates_are_saved_and_warned_about(tmp_path, caplog):
             "label_b": "a",
         }
     ]
-    with caplog.at_level(logging.WARNING, logger="imgclf.data.duplicates"):
+    with caplog.at_level(logging.WARNING, logger="imgclf.data.leaks"):
         warn_about_duplicates(duplicates)
         warn_about_duplicates([])
     assert len(caplog.records) == 1

@@ -18,6 +18,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from imgclf.errors import ConfigError
 from imgclf.files import write_text_atomic
 
+__all__ = [
+    "BUDGET_EPOCHS",
+    "MIN_STEPS_PER_EPOCH",
+    "NULL",
+    "AugmentConfig",
+    "DataConfig",
+    "EarlyStoppingConfig",
+    "ModelConfig",
+    "RunConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "all_keys",
+    "auto_batch_size",
+    "build_config",
+    "check_key",
+    "dump_config",
+    "load_config",
+    "parse_assignments",
+    "parse_duration",
+    "save_config",
+]
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())

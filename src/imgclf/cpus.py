@@ -9,6 +9,8 @@ import math
 import os
 from pathlib import Path
 
+__all__ = ["usable_cpus"]
+
 
 def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     """CPU cores this process may run on: its affinity mask, capped by a cgroup CPU quota (a container started

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+__all__ = ["DEMO_CONFIG", "write_digits"]
+
 log = logging.getLogger(__name__)
 
 DIGITS_COUNT = 1797

@@ -17,6 +17,17 @@ from torch import nn
 from imgclf.cpus import usable_cpus
 from imgclf.errors import ConfigError
 
+__all__ = [
+    "Compute",
+    "compile_in_place",
+    "describe_device",
+    "isa_capped_below_avx512",
+    "native_cpu_bf16",
+    "preserved_torch_state",
+    "resolve_compute",
+    "select_device",
+]
+
 
 def select_device(name: str = "auto") -> torch.device:
     """`auto` picks CUDA, then Apple MPS, then CPU; an explicit device that is not available is an error.

@@ -6,6 +6,17 @@ the input without reading a traceback.
 
 from __future__ import annotations
 
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "ExportCheckFailed",
+    "ImageError",
+    "ImgclfError",
+    "TrainingDiverged",
+    "TrainingInterrupted",
+]
+
 
 class ImgclfError(Exception):
     """A failure the user can act on (bad data, missing file, corrupt checkpoint). CLI exit code 1."""

@@ -18,8 +18,8 @@ from imgclf.files import write_atomic, write_csv_atomic, write_json_atomic
 from imgclf.progress import NO_PROGRESS, Progress
 
 if TYPE_CHECKING:
-    from imgclf.data.duplicates import Duplicate
     from imgclf.data.groups import GroupSpan
+    from imgclf.data.leaks import Duplicate
     from imgclf.data.scan import ImageIndex, Problem
     from imgclf.data.split import SplitData, SplitManifest
 
@@ -202,7 +202,7 @@ def _write_findings(
     out_dir: Path, summary: dict[str, Any], errors: Sequence[Problem], warnings: Sequence[Problem], scanned: SplitData
 ) -> None:
     """dataset.json, problems.csv (errors, warnings, then the files train skips) and duplicates.csv."""
-    from imgclf.data.duplicates import save_duplicates
+    from imgclf.data.leaks import save_duplicates
 
     write_json_atomic(out_dir / "dataset.json", summary)
     rows = [
@@ -264,8 +264,8 @@ def preview_augmentation(
 
     from imgclf.data.batch_transforms import BatchAugment
     from imgclf.data.cache import stored_square
+    from imgclf.data.layout import collect_inputs
     from imgclf.data.preprocessing import Preprocessing, eval_pixels
-    from imgclf.data.scan import collect_inputs
     from imgclf.data.transforms import auto_img_size, resolve_preset
     from imgclf.evaluation.grids import augmentation_preview_figure
 

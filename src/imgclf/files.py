@@ -18,6 +18,15 @@ from typing import Any
 
 from imgclf.errors import ImgclfError
 
+__all__ = [
+    "read_csv",
+    "write_atomic",
+    "write_bytes_atomic",
+    "write_csv_atomic",
+    "write_json_atomic",
+    "write_text_atomic",
+]
+
 # Temporary files are created private (0600); finished artifacts get the permissions a plain open() would give.
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -24,6 +24,8 @@ from imgclf.errors import DataError, ImgclfError
 from imgclf.files import write_text_atomic
 from imgclf.progress import NO_PROGRESS, Progress
 
+__all__ = ["Project", "init_project", "project_notebook"]
+
 NOTEBOOK = "Lab10_image_classification.ipynb"
 
 

@@ -19,6 +19,17 @@ from torchvision.transforms import InterpolationMode, v2
 
 from imgclf.data.transforms import Preprocessing, recipe
 
+__all__ = [
+    "BatchAugment",
+    "center_crop",
+    "color_jitter",
+    "eval_batch",
+    "mix_transform",
+    "normalize",
+    "random_affine_crop",
+    "random_erase",
+]
+
 RATIO = (3 / 4, 4 / 3)
 ERASE_SCALE = (0.02, 0.33)
 ERASE_RATIO = (0.3, 3.3)

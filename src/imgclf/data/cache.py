@@ -40,6 +40,23 @@ from imgclf.progress import NO_PROGRESS, Progress
 if TYPE_CHECKING:  # torch is imported where a tensor is made: `imgclf cache list` answers without it
     import torch
 
+__all__ = [
+    "CacheEntry",
+    "DecodedImages",
+    "as_tensor",
+    "cache_bytes",
+    "cache_side",
+    "cached_arrays",
+    "choose_mode",
+    "clear_cache",
+    "content_key",
+    "decoded_images",
+    "default_cache_dir",
+    "fingerprint",
+    "list_cache",
+    "stored_square",
+]
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1

@@ -21,6 +21,8 @@ from pathlib import Path
 from imgclf.errors import ConfigError, DataError
 from imgclf.files import read_csv
 
+__all__ = ["GroupSpan", "compile_pattern", "find_groups", "group_spans"]
+
 log = logging.getLogger(__name__)
 
 GROUP_COLUMNS = ("path", "group")

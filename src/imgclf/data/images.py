@@ -25,6 +25,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from imgclf.errors import ImageError
 
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "Color",
+    "ImageSource",
+    "is_single_channel",
+    "load_image",
+    "load_thumbnail",
+    "open_image",
+    "to_mode",
+]
+
 log = logging.getLogger(__name__)
 
 Color = Literal["rgb", "gray"]

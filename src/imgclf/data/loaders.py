@@ -15,6 +15,18 @@ from imgclf.cpus import usable_cpus
 from imgclf.data.images import Color, load_image
 from imgclf.errors import ImageError
 
+__all__ = [
+    "BadSample",
+    "CachedLoader",
+    "EpochSampler",
+    "ImageDataset",
+    "ShardedSampler",
+    "StreamingLoader",
+    "auto_num_workers",
+    "collate_skipping",
+    "make_loader",
+]
+
 log = logging.getLogger(__name__)
 
 

@@ -19,6 +19,8 @@ from typing import TypeVar
 
 from imgclf.cpus import usable_cpus
 
+__all__ = ["map_indices"]
+
 T = TypeVar("T")
 
 PROCESS_MIN_ITEMS = 2000

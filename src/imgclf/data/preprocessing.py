@@ -16,6 +16,18 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Preprocessing",
+    "center_crop",
+    "chw_array",
+    "eval_array",
+    "eval_pixels",
+    "normalize",
+    "resize_shorter",
+]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PIL_FILTERS = {

@@ -13,6 +13,8 @@ from imgclf.data.scan import ImageIndex
 from imgclf.data.split import SplitManifest
 from imgclf.errors import ConfigError
 
+__all__ = ["preprocessing_of", "resolve_data_settings"]
+
 log = logging.getLogger(__name__)
 
 

@@ -25,12 +25,27 @@ from typing import Literal
 
 import numpy as np
 
-from imgclf.data.duplicates import Duplicate, find_duplicates, find_near_duplicates, units
+from imgclf.data.duplicates import find_near_duplicates, units
 from imgclf.data.groups import GroupSpan, find_groups, group_spans
-from imgclf.data.scan import SPLITS, ImageIndex, ImageRecord, read_exclude_list, scan_folder
+from imgclf.data.layout import SPLITS
+from imgclf.data.leaks import Duplicate, find_duplicates
+from imgclf.data.scan import ImageIndex, ImageRecord, read_exclude_list, scan_folder
 from imgclf.errors import DataError
 from imgclf.files import read_csv, write_csv_atomic
 from imgclf.progress import NO_PROGRESS, Progress
+
+__all__ = [
+    "LinkMode",
+    "ManifestDifference",
+    "ManifestRow",
+    "SplitData",
+    "SplitManifest",
+    "compare_manifests",
+    "make_manifest",
+    "materialize_split",
+    "scan_and_split",
+    "stratified_split",
+]
 
 log = logging.getLogger(__name__)
 

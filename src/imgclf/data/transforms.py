@@ -21,7 +21,21 @@ from torchvision.transforms import InterpolationMode, v2
 from imgclf.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, eval_array
 from imgclf.errors import ConfigError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing"]  # re-exported: their home is data.preprocessing
+__all__ = [
+    "IMAGENET_MEAN",  # re-exported, as is Preprocessing: their home is data.preprocessing
+    "IMAGENET_STD",
+    "INTERPOLATIONS",
+    "PRESETS",
+    "Preprocessing",
+    "Recipe",
+    "auto_img_size",
+    "eval_tensor",
+    "eval_transform",
+    "progressive_size",
+    "recipe",
+    "resolve_preset",
+    "train_transform",
+]
 
 Preset = Literal["none", "light", "standard", "strong"]
 PRESETS: tuple[str, ...] = ("none", "light", "standard", "strong")

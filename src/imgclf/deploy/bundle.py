@@ -25,6 +25,21 @@ if TYPE_CHECKING:
 
     from imgclf.training.state import FitState
 
+__all__ = [
+    "FORMAT",
+    "WEIGHTS",
+    "ModelBundle",
+    "bundle_folder",
+    "fitted_bundle",
+    "kept_weights",
+    "load_bundle",
+    "read_bundle",
+    "read_model_json",
+    "record_export",
+    "rewrite_description",
+    "save_bundle",
+]
+
 FORMAT = "imgclf-model"
 FORMAT_VERSION = 1
 WEIGHTS = "weights.safetensors"

@@ -10,21 +10,18 @@ Every export follows the same recipe (timm's `onnx_export.py --check-forward`, U
 4. compare with the eager model: every image's top-1 class must agree and every logit must lie within
    `tolerance(...)` of the eager one; otherwise the file is deleted and `ExportCheckFailed` names the figures;
 5. only then rename the file into place and record the check in `model.json` under `exports`.
-The bundle's weights are only read. `--int8` quantizes the checked ONNX file with ONNX Runtime into
+The formats themselves (writer, runtime, where the description goes) are in `deploy.formats`. The bundle's
+weights are only read. `--int8` quantizes the checked ONNX file with ONNX Runtime into
 `model.int8.onnx`, whose test accuracy must stay within `max_accuracy_drop` of the fp32 file's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
-import json
 import logging
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,8 +30,9 @@ import numpy as np
 
 from imgclf.data.split import SplitManifest
 from imgclf.deploy.bundle import ModelBundle, bundle_folder, record_export
-from imgclf.deploy.predict import ONNX_METADATA_KEY, prepare
-from imgclf.deploy.runtimes import ONNX_INPUT, ONNX_OUTPUT, OnnxRuntime, Runtime
+from imgclf.deploy.formats import Exporter, annotate_onnx, exporters, quiet
+from imgclf.deploy.predict import prepare
+from imgclf.deploy.runtimes import ONNX_INPUT, OnnxRuntime, Runtime
 from imgclf.errors import ConfigError, DataError, ExportCheckFailed
 from imgclf.files import write_atomic
 from imgclf.progress import NO_PROGRESS, Progress
@@ -141,7 +139,7 @@ def export_model(
     paths = find_run(Path(run))
     folder = bundle_folder(paths.root)
     target, int8_target = _targets(folder, format, out, int8)
-    exporter = _exporters(tflite_batch)[format]
+    exporter = exporters(tflite_batch, CHECK_BATCH_SIZES)[format]
     exporter.require()
 
     from imgclf.deploy.bundle import load_bundle
@@ -200,7 +198,7 @@ def _targets(folder: Path, format: str, out: Path | str | None, int8: bool) -> t
 
 
 def _write_checked(
-    exporter: _Exporter,
+    exporter: Exporter,
     model: nn.Module,
     sample: np.ndarray,
     target: Path,
@@ -323,7 +321,7 @@ def quantize_int8(
                 f"more than --int8-max-drop {max_accuracy_drop}; {target} was not written (the fp32 {fp32.name} "
                 "is kept)"
             )
-        _annotate_onnx(tmp, {**info, "check": checked["check"].to_dict(), "quantization": outcome})
+        annotate_onnx(tmp, {**info, "check": checked["check"].to_dict(), "quantization": outcome})
 
     write_atomic(target, write)
     outcome["int8_bytes"] = target.stat().st_size
@@ -354,7 +352,7 @@ def _quantize(fp32: Path, target: Path, images: np.ndarray, *, split: str) -> st
 
     with tempfile.TemporaryDirectory(prefix="imgclf-int8-") as work:
         prepared = Path(work) / "prepared.onnx"
-        with _quiet():
+        with quiet():
             quant_pre_process(str(fp32), str(prepared))
             try:
                 quantize_static(
@@ -372,158 +370,6 @@ def _quantize(fp32: Path, target: Path, images: np.ndarray, *, split: str) -> st
                 log.warning("static int8 quantization failed (%s); falling back to dynamic", exc)
                 quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8)
                 return f"dynamic: int8 weights, activations quantized per batch (static failed: {exc})"
-
-
-# --- the three formats ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Exporter:
-    require: Callable[[], None]  # raises ConfigError naming the extra to install
-    write: Callable[[nn.Module, np.ndarray, Path], None]  # model, sample batch, file
-    runtime: Callable[[Path], Runtime]
-    annotate: Callable[[Path, dict[str, Any]], None]  # store the model description in the file, where it can
-    details: Callable[[Path], dict[str, Any]]  # what model.json records beyond the check
-    batch_sizes: tuple[int, ...]
-
-
-def _exporters(tflite_batch: int) -> dict[str, _Exporter]:
-    return {
-        "onnx": _Exporter(_require_onnx, _write_onnx, OnnxRuntime, _annotate_onnx, _onnx_details, CHECK_BATCH_SIZES),
-        "torchscript": _Exporter(
-            lambda: None,
-            _write_torchscript,
-            _torchscript_runtime,
-            _annotate_torchscript,
-            _no_details,
-            CHECK_BATCH_SIZES,
-        ),
-        "tflite": _Exporter(
-            _require_litert,
-            _write_tflite,
-            _litert_runtime,
-            lambda path, info: None,  # LiteRT files carry no free-form metadata here: model.json beside it does
-            lambda path: {"batch_size": tflite_batch, "layout": "NCHW"},
-            (tflite_batch,),
-        ),
-    }
-
-
-def _require_onnx() -> None:
-    for module, package in (("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnxruntime", "onnxruntime")):
-        try:
-            __import__(module)
-        except ImportError:
-            raise ConfigError(
-                f"ONNX export needs {package}: pip install 'imgclf[onnx]' (onnx, onnxscript, onnxruntime)"
-            ) from None
-
-
-def _write_onnx(model: nn.Module, sample: np.ndarray, path: Path) -> None:
-    """The dynamo exporter (the legacy one rejects small_cnn's 3x3 -> 2x2 adaptive pooling), a dynamic batch
-    axis, weights inside the file."""
-    import torch
-
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    with _quiet():
-        torch.onnx.export(
-            model,
-            (torch.from_numpy(sample),),
-            str(path),
-            input_names=[ONNX_INPUT],
-            output_names=[ONNX_OUTPUT],
-            dynamo=True,
-            dynamic_shapes=({0: batch},),
-            external_data=False,
-            optimize=True,
-            verbose=False,
-        )
-
-
-def _annotate_onnx(path: Path, info: dict[str, Any]) -> None:
-    """Store the model description in the file's `metadata_props`: the whole of it as JSON under "imgclf"
-    (what `Predictor.from_onnx` reads), and its main fields as their own keys for other tools."""
-    import onnx
-
-    model = onnx.load(str(path))
-    props = {
-        ONNX_METADATA_KEY: json.dumps(info, ensure_ascii=False),
-        "classes": json.dumps(info["classes"], ensure_ascii=False),
-        "preprocessing": json.dumps(info["preprocessing"]),
-        "temperature": str(info["calibration"]["temperature"]),
-        "imgclf_version": package_versions(("imgclf",)).get("imgclf", "unknown"),
-        "source_run": info["source_run"],
-        "check": json.dumps(info["check"]),
-    }
-    del model.metadata_props[:]
-    for key, value in props.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    model.doc_string = f"imgclf {info['arch']['name']} classifier of {len(info['classes'])} classes"
-    onnx.save(model, str(path))
-
-
-def _onnx_details(path: Path) -> dict[str, Any]:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    opsets = {entry.domain or "ai.onnx": entry.version for entry in model.opset_import}
-    return {"opset": opsets.get("ai.onnx"), "input": ONNX_INPUT, "output": ONNX_OUTPUT, "dynamic_batch": True}
-
-
-def _write_torchscript(model: nn.Module, sample: np.ndarray, path: Path) -> None:
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch 2.9+ calls TorchScript deprecated; it still loads everywhere
-        traced = torch.jit.trace(model, torch.from_numpy(sample))
-    torch.jit.save(traced, str(path))
-
-
-def _annotate_torchscript(path: Path, info: dict[str, Any]) -> None:
-    """Re-save with the model description as the extra file `imgclf.json` (`torch.jit.load(...,
-    _extra_files={"imgclf.json": ""})` reads it back)."""
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        module = torch.jit.load(str(path), map_location="cpu")
-    torch.jit.save(module, str(path), _extra_files={"imgclf.json": json.dumps(info, ensure_ascii=False)})
-
-
-def _torchscript_runtime(path: Path) -> Runtime:
-    from imgclf.deploy.runtimes import TorchScriptRuntime
-
-    return TorchScriptRuntime(path)
-
-
-def _require_litert() -> None:
-    for module, package in (("litert_torch", "litert-torch"), ("ai_edge_litert", "ai-edge-litert")):
-        try:
-            __import__(module)
-        except ImportError:
-            raise ConfigError(
-                f"TFLite export needs {package}: pip install 'imgclf[tflite]' (litert-torch, ai-edge-litert)"
-            ) from None
-
-
-def _write_tflite(model: nn.Module, sample: np.ndarray, path: Path) -> None:
-    import litert_torch
-    import torch
-
-    with _quiet():
-        edge = litert_torch.convert(model, (torch.from_numpy(sample),))
-        edge.export(str(path))
-
-
-def _litert_runtime(path: Path) -> Runtime:
-    from imgclf.deploy.runtimes import LiteRtRuntime
-
-    return LiteRtRuntime(path)
-
-
-def _no_details(path: Path) -> dict[str, Any]:
-    return {}
 
 
 # --- helpers -------------------------------------------------------------------------------------------------
@@ -587,14 +433,3 @@ def _eager_logits(model: nn.Module, images: np.ndarray) -> np.ndarray:
 
     with torch.inference_mode():
         return np.concatenate([model(torch.from_numpy(images[i : i + 64])).numpy() for i in range(0, len(images), 64)])
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Exporters print progress to stdout and warn about internals; keep them out of imgclf's output."""
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    if buffer.getvalue().strip():
-        log.debug("exporter output:\n%s", buffer.getvalue())

@@ -29,6 +29,16 @@ from imgclf.evaluation.ood import OodThreshold, energy
 from imgclf.files import write_text_atomic
 from imgclf.progress import NO_PROGRESS, Progress
 
+__all__ = [
+    "ONNX_METADATA_KEY",
+    "OUTPUT_FORMATS",
+    "Prediction",
+    "Predictor",
+    "predictions_text",
+    "prepare",
+    "write_predictions",
+]
+
 log = logging.getLogger(__name__)
 
 # the metadata_props key of an exported ONNX model that holds its `ModelBundle.to_dict()` as JSON

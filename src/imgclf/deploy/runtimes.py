@@ -20,6 +20,16 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+__all__ = [
+    "ONNX_INPUT",
+    "ONNX_OUTPUT",
+    "LiteRtRuntime",
+    "OnnxRuntime",
+    "Runtime",
+    "TorchRuntime",
+    "TorchScriptRuntime",
+]
+
 log = logging.getLogger(__name__)
 
 ONNX_INPUT = "image"

@@ -20,6 +20,8 @@ from sklearn import metrics as skm
 
 from imgclf.evaluation.metrics import expected_calibration_error
 
+__all__ = ["apply_temperature", "calibration_decision", "calibration_summary", "fit_temperature"]
+
 # Search range of T. Beyond 20 every row is nearly uniform, below 0.05 nearly one-hot: neither is a calibration.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
 # log(0) is -inf; 1e-12 keeps zero probabilities finite (they become the least likely class, as before).

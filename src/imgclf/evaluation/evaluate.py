@@ -20,6 +20,18 @@ from imgclf.files import write_atomic, write_csv_atomic, write_json_atomic
 from imgclf.progress import Progress
 from imgclf.tracking.runs import RunPaths, find_run
 
+__all__ = [
+    "calibrate",
+    "evaluate_rows",
+    "fit_ood_threshold",
+    "folder_rows",
+    "manifest_rows",
+    "predict_rows",
+    "run_max_pixels",
+    "score_rows",
+    "training_overlap",
+]
+
 log = logging.getLogger(__name__)
 
 # predictions.csv: these, then one `p_<class>` probability column per class

@@ -21,6 +21,8 @@ from torch import nn
 
 from imgclf.errors import ConfigError, ImgclfError
 
+__all__ = ["CamLayer", "cam_layer", "grad_cam", "overlay", "target_layer"]
+
 MIN_MAP_SIDE = 7  # px: the shortest map side that still says where; 3x3 or 2x2 maps only draw bands or quadrants
 DEFAULT_SIZE = 128  # px: input side when neither the caller nor the model (timm's pretrained_cfg) gives one
 

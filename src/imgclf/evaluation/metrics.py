@@ -13,6 +13,15 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
+__all__ = [
+    "classification_metrics",
+    "confusion_matrix",
+    "expected_calibration_error",
+    "most_confused_pairs",
+    "reliability_bins",
+    "roc_auc_ovr",
+]
+
 # 15 bins is the count Guo et al. use; fewer hide miscalibration, more leave bins nearly empty on small test sets.
 CALIBRATION_BINS = 15
 # Pairs listed under `most_confused` in metrics.json: enough to see a pattern, short enough to read.

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+__all__ = ["OodThreshold", "auroc", "choose_threshold", "energy", "selective_accuracy"]
+
 SCORE = "energy"
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from imgclf.data.duplicates import read_duplicates
+from imgclf.data.leaks import read_duplicates
 from imgclf.data.split import SplitManifest
 from imgclf.errors import DataError
 from imgclf.evaluation.diagnose import (

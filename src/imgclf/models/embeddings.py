@@ -23,6 +23,8 @@ from imgclf.data.parallel import map_indices
 from imgclf.errors import ImageError
 from imgclf.progress import NO_PROGRESS, Progress
 
+__all__ = ["EMBEDDING_MODEL", "GRIDS", "embed_images", "resolution_for"]
+
 log = logging.getLogger(__name__)
 
 EMBEDDING_MODEL = "tf_efficientnet_lite0"

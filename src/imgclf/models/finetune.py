@@ -27,6 +27,17 @@ from timm.optim import param_groups_layer_decay
 from torch import nn
 from torch.optim import Optimizer
 
+__all__ = [
+    "Phase",
+    "extend_phases",
+    "layer_ids",
+    "param_groups",
+    "phase_at",
+    "plan_phases",
+    "set_phase_lrs",
+    "set_trainable",
+]
+
 
 @dataclass(frozen=True)
 class Phase:

@@ -8,6 +8,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+__all__ = ["SmallCNN", "conv_block"]
+
 
 def conv_block(in_channels: int, out_channels: int, convs: int = 2, *, early_pool: bool = False) -> nn.Sequential:
     """`convs` 3x3 conv + BatchNorm + ReLU layers and one 2x2 max pooling that halves the resolution.

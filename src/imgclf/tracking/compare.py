@@ -16,6 +16,8 @@ from imgclf.errors import ConfigError
 from imgclf.files import write_bytes_atomic, write_text_atomic
 from imgclf.tracking.runs import _history, find_run, flatten, summarize_run
 
+__all__ = ["Comparison", "compare_runs", "curves_figure"]
+
 # Metrics shown side by side: (label, where in the summary)
 COMPARED = (
     ("status", "status"),

@@ -33,6 +33,8 @@ from imgclf.files import read_csv, write_json_atomic
 from imgclf.tracking.runs import flatten, read_json
 from imgclf.training.state import Callback, FitState, RunInfo
 
+__all__ = ["MLflowSink", "TensorBoardSink", "load_callback", "tracking_callbacks"]
+
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 30.0  # at the end of a run, the longest wait for queued MLflow calls

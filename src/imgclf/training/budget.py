@@ -28,6 +28,8 @@ from imgclf.training import distributed
 from imgclf.training.optim import PlannedCosine
 from imgclf.training.state import Callback, FitState
 
+__all__ = ["TimeBudget", "budget_cap"]
+
 log = logging.getLogger(__name__)
 
 PROBE_STEPS = 10  # steps timed before the first plan (the first step, with its one-off costs, is not counted)

@@ -28,6 +28,17 @@ from imgclf.training.state import Callback, FitState
 if TYPE_CHECKING:
     from imgclf.training.optim import LRSchedule
 
+__all__ = [
+    "Checkpointer",
+    "EarlyStopping",
+    "EpochLog",
+    "GracefulStop",
+    "HistoryCSV",
+    "Monitor",
+    "Phases",
+    "ProgressBar",
+]
+
 log = logging.getLogger(__name__)
 
 # train_loss is the objective (with label smoothing, class weights, MixUp/CutMix as configured); train_ce the

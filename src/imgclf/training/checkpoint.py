@@ -22,6 +22,8 @@ from torch.optim import Optimizer
 from imgclf.errors import CheckpointError
 from imgclf.files import write_atomic
 
+__all__ = ["FORMAT", "Checkpoint", "load_checkpoint", "save_checkpoint", "save_weights"]
+
 FORMAT = "imgclf-checkpoint"
 FORMAT_VERSION = 1
 

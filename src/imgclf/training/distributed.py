@@ -31,6 +31,25 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+__all__ = [
+    "SINGLE",
+    "Group",
+    "RankError",
+    "any_rank",
+    "barrier",
+    "current",
+    "device_for",
+    "first_of",
+    "gather",
+    "launched",
+    "on_main",
+    "setup",
+    "sum_over",
+    "sync_batchnorm",
+    "teardown",
+    "wrap",
+]
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")

@@ -13,6 +13,8 @@ import torch
 from timm.utils.model_ema import ModelEmaV3
 from torch import nn
 
+__all__ = ["WeightAverage"]
+
 
 class WeightAverage:
     """The moving average of `model`'s weights and the number of steps averaged (for the decay's warmup and

@@ -17,6 +17,8 @@ from torch.optim import Optimizer
 if TYPE_CHECKING:
     from imgclf.training.optim import LRSchedule
 
+__all__ = ["Callback", "EpochProgress", "FitState", "RunInfo"]
+
 
 @dataclass
 class EpochProgress:

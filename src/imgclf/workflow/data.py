@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from imgclf.config import RunConfig, build_config
-from imgclf.data.duplicates import find_duplicates, save_duplicates, warn_about_duplicates
 from imgclf.data.images import DEFAULT_MAX_PIXELS
-from imgclf.data.scan import ImageIndex, Problem, check_training_folder
+from imgclf.data.layout import check_training_folder
+from imgclf.data.leaks import find_duplicates, save_duplicates, warn_about_duplicates
+from imgclf.data.scan import ImageIndex, Problem
 from imgclf.data.settings import resolve_data_settings
 from imgclf.data.split import LinkMode, SplitData, SplitManifest, materialize_split, scan_and_split
 from imgclf.errors import DataError, ImgclfError

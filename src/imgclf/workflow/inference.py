@@ -179,7 +179,7 @@ def predict(
         >>> imgclf.predict("runs/x/model/model.onnx", ["photos/"], top_k=3, out="preds.csv")[0].label
         'cat'
     """
-    from imgclf.data.scan import collect_inputs
+    from imgclf.data.layout import collect_inputs
     from imgclf.deploy.predict import OUTPUT_FORMATS, Predictor, write_predictions
 
     if out_format not in OUTPUT_FORMATS:  # before any work

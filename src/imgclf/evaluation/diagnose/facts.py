@@ -46,7 +46,7 @@ class RunFacts:
 def read_leaks(path: Path | str, kind: str = "exact") -> list[tuple[str, str, str, str]]:
     """Images of one content in different splits from a run's `duplicates.csv`: (path, split, path, split) each;
     `kind` exact (identical files) or near (near-duplicates)."""
-    from imgclf.data.duplicates import read_duplicates
+    from imgclf.data.leaks import read_duplicates
 
     return [
         (row.get("path_a", ""), row.get("split_a", ""), row.get("path_b", ""), row.get("split_b", ""))
@@ -57,7 +57,7 @@ def read_leaks(path: Path | str, kind: str = "exact") -> list[tuple[str, str, st
 
 def read_near_leaks(path: Path | str) -> list[tuple[str, str, str, str, float]]:
     """Near-duplicates in different splits from a run's `duplicates.csv`: (path, split, path, split, distance)."""
-    from imgclf.data.duplicates import read_duplicates
+    from imgclf.data.leaks import read_duplicates
 
     return [
         (row["path_a"], row["split_a"], row["path_b"], row["split_b"], float(row.get("distance") or 0))
