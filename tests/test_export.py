@@ -144,9 +144,9 @@ def test_torchscript_file_carries_classes_preprocessing_and_temperature(fresh_de
 
 def test_a_failed_check_leaves_no_file_and_exits_1(fresh_default_run, monkeypatch):
     """An exporter that writes a subtly different model (one weight changed) is caught and nothing is kept."""
-    from imgclf.deploy import export as export_module
+    from imgclf.deploy import formats
 
-    real = export_module._write_onnx
+    real = formats._write_onnx
 
     def tampered(model, sample, path):
         broken = load_bundle(fresh_default_run, "cpu")[1]
@@ -154,7 +154,7 @@ def test_a_failed_check_leaves_no_file_and_exits_1(fresh_default_run, monkeypatc
             broken.head.bias[0] += 5.0
         real(broken, sample, path)
 
-    monkeypatch.setattr(export_module, "_write_onnx", tampered)
+    monkeypatch.setattr(formats, "_write_onnx", tampered)
     model_json_before = (fresh_default_run / "model" / "model.json").read_bytes()
     result = run_cli("export", fresh_default_run)
     assert result.exit_code == 1
