@@ -66,14 +66,18 @@ def exporters(tflite_batch: int, batch_sizes: tuple[int, ...]) -> dict[str, Expo
     }
 
 
-def _require_onnx() -> None:
-    for module, package in (("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnxruntime", "onnxruntime")):
+def _require(format: str, extra: str, modules: tuple[tuple[str, str], ...]) -> None:
+    """Raise ConfigError naming the first missing (module, package) of a format and the extra that brings them."""
+    for module, package in modules:
         try:
             __import__(module)
         except ImportError:
-            raise ConfigError(
-                f"ONNX export needs {package}: pip install 'imgclf[onnx]' (onnx, onnxscript, onnxruntime)"
-            ) from None
+            packages = ", ".join(package for _, package in modules)
+            raise ConfigError(f"{format} export needs {package}: pip install 'imgclf[{extra}]' ({packages})") from None
+
+
+def _require_onnx() -> None:
+    _require("ONNX", "onnx", (("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnxruntime", "onnxruntime")))
 
 
 def _write_onnx(model: nn.Module, sample: np.ndarray, path: Path) -> None:
@@ -155,13 +159,7 @@ def _torchscript_runtime(path: Path) -> Runtime:
 
 
 def _require_litert() -> None:
-    for module, package in (("litert_torch", "litert-torch"), ("ai_edge_litert", "ai-edge-litert")):
-        try:
-            __import__(module)
-        except ImportError:
-            raise ConfigError(
-                f"TFLite export needs {package}: pip install 'imgclf[tflite]' (litert-torch, ai-edge-litert)"
-            ) from None
+    _require("TFLite", "tflite", (("litert_torch", "litert-torch"), ("ai_edge_litert", "ai-edge-litert")))
 
 
 def _write_tflite(model: nn.Module, sample: np.ndarray, path: Path) -> None:
