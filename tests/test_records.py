@@ -130,8 +130,7 @@ def test_config_yaml_and_the_bundle_record_the_early_pooling_auto_chose(tmp_path
     config.yaml (so --resume and --reproduce build the same network anywhere) and the bundle's spec."""
     import yaml
 
-    from imgclf.device import resolve_compute
-    from imgclf.models.registry import auto_early_pool
+    from imgclf.device import auto_early_pool, resolve_compute
 
     for precision in ("auto", "fp32"):
         config = {**FAST, "train": {**FAST["train"], "epochs": 1, "device": "cpu", "precision": precision}}

@@ -37,6 +37,7 @@ __all__ = [
     "load_config",
     "parse_assignments",
     "parse_duration",
+    "read_config_file",
     "save_config",
 ]
 
@@ -521,6 +522,11 @@ def build_config(
 
 def load_config(path: Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Read a YAML config file (any subset of the sections) and apply dotted overrides on top."""
+    return build_config(read_config_file(path), overrides)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A YAML config file's nested mapping of sections; a missing, invalid or non-mapping file: a ConfigError."""
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
@@ -529,7 +535,7 @@ def load_config(path: Path, overrides: Mapping[str, Any] | None = None) -> RunCo
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections; received {type(tree).__name__}")
-    return build_config(tree, overrides)
+    return tree
 
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}

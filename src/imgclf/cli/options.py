@@ -34,6 +34,7 @@ __all__ = [
     "flag_name",
     "flag_option",
     "run_config_from",
+    "settings_from",
     "training_options",
 ]
 
@@ -124,6 +125,30 @@ def run_config_from(config_file: Path | None, flags: dict[str, Any], assignments
 
     overrides = {**flags, **parse_assignments(assignments or [])}
     return load_config(config_file, overrides) if config_file else build_config(None, overrides)
+
+
+def settings_from(config_file: Path | None, flags: dict[str, Any], assignments: list[str] | None) -> dict[str, Any]:
+    """The settings given, as dotted keys (YAML file < flags < --set assignments; flags not given left out): what
+    `--resume` and `--reproduce` pass on, for the workflow to judge key by key."""
+    from imgclf.config import parse_assignments, read_config_file
+
+    in_file = _dotted(read_config_file(config_file)) if config_file else {}
+    given = {key: value for key, value in flags.items() if value is not None}  # None: a flag not given
+    return {**in_file, **given, **parse_assignments(assignments or [])}
+
+
+def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config file's tree as dotted overrides: `train: {epochs: 5}` -> `{"train.epochs": 5}`; a null is `NULL`
+    (set to null, where None would mean "not given")."""
+    from imgclf.config import NULL
+
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = NULL if value is None else value
+    return flat
 
 
 # --- commands --------------------------------------------------------------------------------------------------

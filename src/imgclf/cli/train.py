@@ -24,8 +24,8 @@ from imgclf.cli.options import (
     WeightsOption,
     config_flags,
     examples,
-    flag_name,
     run_config_from,
+    settings_from,
     training_options,
 )
 from imgclf.cli.output import cell, print_metrics, print_report
@@ -89,67 +89,39 @@ def train(
     Under torchrun (`torchrun --nproc_per_node 8 -m imgclf train data/`) every process trains on its slice of the
     data with DistributedDataParallel and rank 0 writes the one run folder; --devices N starts torchrun itself."""
     from imgclf import workflow
-    from imgclf.config import parse_assignments
 
     if devices is not None and devices > 1:
         _relaunch_under_torchrun(devices, command_line(context))
-    flags = options
-    epochs = flags["train.epochs"]
     if resume is not None and reproduce is not None:
         raise typer.BadParameter("choose one of --resume and --reproduce", param_hint="--reproduce")
+    if reproduce is not None and fast_dev_run:
+        raise typer.BadParameter(
+            "--fast-dev-run checks the pipeline on a new run, not --reproduce", param_hint="--reproduce"
+        )
+    # --resume and --reproduce pass on what the user gave, the settings as config keys: the workflow decides what
+    # a run made again may change, and its refusal names the keys, which `handles_errors` writes as their flags
     if reproduce is not None:
-        settings = {**flags, **parse_assignments(set_ or [])}
-        refused = [
-            flag_name(key)
-            for key, value in settings.items()
-            if value is not None and key not in workflow.REPRODUCE_SETTINGS
-        ]
-        refused += [label for label, value in (("--config", config), ("--fast-dev-run", fast_dev_run)) if value]
-        if refused:
-            raise typer.BadParameter(
-                f"--reproduce trains with {reproduce}'s own settings; {', '.join(refused)} would make it another run. "
-                "These apply: " + ", ".join(sorted(flag_name(key) for key in workflow.REPRODUCE_SETTINGS)),
-                param_hint="--reproduce",
-            )
         result = workflow.reproduce(
             reproduce,
             data,
             out=out,  # None: beside the original run
             name=name,
-            settings={key: value for key, value in settings.items() if key in workflow.REPRODUCE_SETTINGS},
+            settings=settings_from(config, options, set_),
             report=report,
             progress=RichProgress(),
         )
     elif resume is not None:
-        given = [key for key, value in flags.items() if value is not None]
-        refused = [flag_name(key) for key in given if key not in workflow.RESUME_SETTINGS]
-        refused += [
-            label
-            for label, value in (
-                ("DATA", data),
-                ("--config", config),
-                ("--name", name),
-                ("--fast-dev-run", fast_dev_run),
-            )
-            if value
-        ]
-        settings = {key: value for key, value in flags.items() if key in workflow.RESUME_SETTINGS}
-        for key, value in parse_assignments(set_ or []).items():
-            if key not in workflow.RESUME_SETTINGS:
-                refused.append(f"--set {key}")
-            settings[key] = value
-        if refused:
-            raise typer.BadParameter(
-                f"--resume continues {resume} with the settings it was trained with; {', '.join(refused)} would make "
-                "it another run (start a new one for that). On resume these apply: "
-                + ", ".join(sorted(flag_name(key) for key in workflow.RESUME_SETTINGS)),
-                param_hint="--resume",
-            )
         result = workflow.train(
-            None, resume=resume, epochs=epochs, resume_settings=settings, report=report, progress=RichProgress()
+            data,
+            resume=resume,
+            name=name,
+            fast_dev_run=fast_dev_run,
+            resume_settings=settings_from(config, options, set_),
+            report=report,
+            progress=RichProgress(),
         )
     else:
-        run_config = run_config_from(config, flags, set_)
+        run_config = run_config_from(config, options, set_)
         result = workflow.train(
             data,
             run_config,

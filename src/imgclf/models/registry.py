@@ -12,13 +12,11 @@ if TYPE_CHECKING:  # torch stays unimported until a model is built: ModelSpec tr
     from torch import nn
 
     from imgclf.config import ModelConfig
-    from imgclf.device import Compute
 
 __all__ = [
     "SMALL_CNN",
     "ModelInfo",
     "ModelSpec",
-    "auto_early_pool",
     "build_model",
     "check_model_name",
     "describe_model",
@@ -57,17 +55,11 @@ def model_spec(model: ModelConfig, *, num_classes: int, in_chans: int) -> ModelS
     options: dict[str, Any] = {"dropout": model.dropout}
     if model.name == SMALL_CNN:
         if model.early_pool == "auto":
-            raise ConfigError("internal: model.early_pool must be resolved (auto_early_pool) before the model is built")
+            raise ConfigError(
+                "internal: model.early_pool must be resolved (device.resolve_auto_settings) before the model is built"
+            )
         options.update(depth=model.depth, width=model.width, pool=model.pool, early_pool=model.early_pool)
     return ModelSpec(name=model.name, num_classes=num_classes, in_chans=in_chans, options=options)
-
-
-def auto_early_pool(compute: Compute) -> bool:
-    """`model.early_pool: auto`: on where the model's FLOPs bound the run, a CPU computing in fp32 (no native bf16:
-    AVX2 laptops and servers), where half the FLOPs buy twice the epochs in the same time (Fashion-MNIST, 10
-    minutes on 2 AVX2 cores: 0.9362 against 0.9316, README "Accuracy per minute"); off on GPUs and CPUs with
-    native bf16, where the classic layout's extra ~0.3 points come cheap."""
-    return compute.device.type == "cpu" and compute.precision == "fp32"
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

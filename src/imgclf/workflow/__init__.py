@@ -5,7 +5,7 @@ scan -> split -> loaders -> model -> fit -> bundle -> evaluate; predict and spli
 |---|---|
 | `train.py` | `train` (a new run: checks, scan, run folder and records, then the run), `--fast-dev-run`, `lr_find` |
 | `run.py` | one run: `_train_run` (status.json, the run hooks) around `_fit_run` (the recipe, in numbered steps) |
-| `resume.py` | `--resume` (`_resume`, `RESUME_SETTINGS`, the extension phase), `reproduce` (`REPRODUCE_SETTINGS`) |
+| `resume.py` | `--resume` (`_resume`, `RESUME_SETTINGS`, extension phase), `reproduce`; what either refuses, alone |
 | `inference.py` | `evaluate`, `report`, `load_model`, `predict`, `export`, `serve_app` |
 | `data.py` | `scan_data`, `split`, a run's preparation (`_prepare`) and its data records (manifest, label issues) |
 | `results.py` | `TrainResult`, `EvalResult`, `SplitResult` |

@@ -1,6 +1,7 @@
 """Runs made again from a run folder: `--resume` (`_resume`: continue from the last checkpoint, or train a finished
 run further) and `reproduce` (the same run trained anew on the same files), with the rules of what each may change
-(`RESUME_SETTINGS`, `REPRODUCE_SETTINGS`) and what each refuses."""
+(`RESUME_SETTINGS`, `REPRODUCE_SETTINGS`) and what each refuses. These rules live here only: the CLI passes every
+setting the user gave as config keys and writes the keys a refusal names as its flags."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from imgclf.config import RunConfig, load_config, save_config
+from imgclf.config import RunConfig, check_key, load_config, save_config
 from imgclf.data.split import SplitManifest, compare_manifests
 from imgclf.errors import ConfigError, DataError, ImgclfError
 from imgclf.progress import NO_PROGRESS, Progress
@@ -48,25 +49,41 @@ RESUME_SETTINGS = (
 )
 
 
+def _refused(given: Mapping[str, Any], allowed: Sequence[str], where: str) -> list[str]:
+    """The keys among `given` outside `allowed`, sorted; an unknown key is a ConfigError of its own (a typo is not
+    a setting that would make another run)."""
+    for key in given:
+        check_key(key, where)
+    return sorted(set(given) - set(allowed))
+
+
 def _resume(
-    run_dir: Path, *, settings: Mapping[str, Any], report: bool, callbacks: Sequence[Any] = (), progress: Progress
+    run_dir: Path,
+    *,
+    settings: Mapping[str, Any],
+    new_run: Sequence[str] = (),
+    report: bool,
+    callbacks: Sequence[Any] = (),
+    progress: Progress,
 ) -> TrainResult:
     """Continue a run from `checkpoints/last.safetensors`, or train a finished one further.
 
-    `settings` may change only `RESUME_SETTINGS`. A finished run (all its epochs, or stopped early) trained to a
-    larger `train.epochs` gets an extension phase: a fresh warmup and schedule over the added epochs, at the last
-    phase's peak LR. An unfinished run given another `train.epochs` has its schedule re-planned to that length.
+    `settings` (dotted keys; None = not given) may change only `RESUME_SETTINGS`; `new_run` names what else the
+    caller was given that only a new run takes ("a data folder", "a run name"), refused with them. A finished run
+    (all its epochs, or stopped early) trained to a larger `train.epochs` gets an extension phase: a fresh warmup
+    and schedule over the added epochs, at the last phase's peak LR. An unfinished run given another
+    `train.epochs` has its schedule re-planned to that length.
     """
     from imgclf.training.checkpoint import load_checkpoint
 
     paths = find_run(run_dir)
     given = {key: value for key, value in settings.items() if value is not None}
-    refused = sorted(set(given) - set(RESUME_SETTINGS))
+    refused = [*new_run, *_refused(given, RESUME_SETTINGS, "resume")]
     if refused:
         raise ConfigError(
-            f"--resume continues {paths.root} with the settings it was trained with; {', '.join(refused)} would make "
-            f"it another run and cannot change (start a new run for that). On resume these may change: "
-            f"{', '.join(RESUME_SETTINGS)}"
+            f"resuming {paths.root} continues it in its folder, on its data, with the settings it was trained with; "
+            f"{', '.join(refused)} would make it another run and cannot change (start a new run for that). On "
+            f"resume these may change: {', '.join(RESUME_SETTINGS)}"
         )
     # 1. the run as it was, with the settings given, and the checkpoint it stopped at
     previous = load_config(paths.config)
@@ -192,7 +209,8 @@ def reproduce(
         data: the data folder, when it moved; default the run's.
         out: folder for the new run; default the old run's parent.
         name: the new run's folder name.
-        settings: dotted keys of `REPRODUCE_SETTINGS` (where it computes and is recorded); others are refused.
+        settings: dotted keys of `REPRODUCE_SETTINGS` (where it computes and is recorded; None = not given);
+            others are refused, naming them.
         report: write the report at the end.
         callbacks: more callbacks (see `train`).
         progress: progress reporter.
@@ -205,11 +223,11 @@ def reproduce(
     """
     paths = find_run(Path(run))
     given = {key: value for key, value in (settings or {}).items() if value is not None}
-    refused = sorted(set(given) - set(REPRODUCE_SETTINGS))
+    refused = _refused(given, REPRODUCE_SETTINGS, "reproduce")
     if refused:
         raise ConfigError(
-            f"--reproduce trains with {paths.root}'s own settings; {', '.join(refused)} would make it another run. "
-            f"These may change: {', '.join(REPRODUCE_SETTINGS)}"
+            f"reproducing {paths.root} trains with its own settings; {', '.join(refused)} would make it another "
+            f"run. These may change: {', '.join(REPRODUCE_SETTINGS)}"
         )
     recorded_root = read_json(paths.env).get("data")
     if data is None and not recorded_root:

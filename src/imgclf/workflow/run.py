@@ -396,20 +396,18 @@ def _out_of_memory(exc: Exception, batch_size: int) -> ImgclfError:
 
 
 def _resolve_for_compute(config: RunConfig, compute) -> RunConfig:
-    """The settings whose `auto` depends on the hardware: the precision used, and small_cnn's early pooling (on
-    where the run computes in fp32 on a CPU, `registry.auto_early_pool`)."""
-    from imgclf.models.registry import SMALL_CNN, auto_early_pool
+    """The config with the settings whose `auto` depends on the hardware resolved for `compute`: the precision and
+    small_cnn's early pooling (decided by `device.resolve_auto_settings`; the choice of early pooling is logged)."""
+    from imgclf.device import resolve_auto_settings
+    from imgclf.models.registry import SMALL_CNN
 
-    choices: dict[str, Any] = {}
-    if config.train.precision == "auto":
-        choices["train.precision"] = compute.precision
-    if config.model.early_pool == "auto" and config.model.name == SMALL_CNN:
-        choices["model.early_pool"] = auto_early_pool(compute)
-        log.info(
-            "early pooling: %s (auto: %s)",
-            "on" if choices["model.early_pool"] else "off",
-            "fp32 on a CPU, half the FLOPs"
-            if choices["model.early_pool"]
-            else f"{compute.precision} on {compute.device.type}",
-        )
-    return build_config(config, choices) if choices else config
+    auto = resolve_auto_settings(
+        compute,
+        precision=config.train.precision,
+        early_pool=config.model.early_pool,
+        has_early_pool=config.model.name == SMALL_CNN,
+    )
+    if auto.early_pool is not None:
+        log.info("early pooling: %s (auto: %s)", "on" if auto.early_pool else "off", auto.early_pool_reason)
+    overrides = auto.overrides()
+    return build_config(config, overrides) if overrides else config

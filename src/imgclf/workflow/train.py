@@ -48,10 +48,12 @@ def train(
         config: a `RunConfig` or a nested mapping like `config.yaml`; None for the defaults.
         out: folder that receives the run folder.
         name: run folder name; default `<model>-<timestamp>`.
-        resume: an existing run folder to continue from its last checkpoint.
-        epochs: with `resume`, a new total number of epochs (to extend a finished run).
+        resume: an existing run folder to continue from its last checkpoint, in that folder, on its data, with its
+            config: `data`, `config`, `name` and `fast_dev_run` are refused with it (a ConfigError).
+        epochs: with `resume`, a new total number of epochs (to extend a finished run); the same as
+            `resume_settings={"train.epochs": N}`.
         resume_settings: with `resume`, other settings to change, as dotted keys (`{"train.device": "cuda"}`); only
-            `RESUME_SETTINGS` may change, anything else is a ConfigError naming it.
+            `RESUME_SETTINGS` may change, anything else is a ConfigError naming the keys.
         report: write report.html and report.md into the run folder at the end (see `report`).
         fast_dev_run: check the whole pipeline in seconds, not train a model: 2 images per class and split, one
             epoch of two training batches, evaluation, report and (with ONNX Runtime installed) a checked ONNX
@@ -78,8 +80,21 @@ def train(
     if resume is not None:
         from imgclf.workflow.resume import _resume  # here: resume.py imports this module (reproduce trains)
 
-        settings = {**(resume_settings or {}), "train.epochs": epochs}
-        return _resume(Path(resume), settings=settings, report=report, callbacks=callbacks, progress=progress)
+        settings = {**(resume_settings or {}), **({"train.epochs": epochs} if epochs is not None else {})}
+        new_run = (
+            ("a data folder", data),
+            ("a config", config),
+            ("a run name", name),
+            ("a fast dev run", fast_dev_run),
+        )
+        return _resume(
+            Path(resume),
+            settings=settings,
+            new_run=[what for what, value in new_run if value],
+            report=report,
+            callbacks=callbacks,
+            progress=progress,
+        )
     if data is None:
         raise ConfigError("train needs a data folder (or --resume runs/<name>)")
     config = build_config(config)
