@@ -2,10 +2,13 @@
 
 Example:
     >>> import imgclf
-    >>> result = imgclf.train("data/", {"train": {"epochs": 10}})
-    >>> imgclf.evaluate(result.run_dir).metrics["accuracy"]
+    >>> result = imgclf.train("data/", {"train": {"epochs": 2}})  # data/<class>/*.png: 3 digits, 30 images each
+    >>> imgclf.evaluate(result.run_dir).metrics["accuracy"] > 0.5  # on the test split; chance is 1/3
+    True
     >>> imgclf.predict(result.run_dir, ["photo.jpg"], top_k=3)
-    >>> imgclf.export(result.run_dir)  # model/model.onnx, checked against the trained model
+    [Prediction(source='photo.jpg', classes=('digit...', 'digit...', 'digit...'), probabilities=(...), ...)]
+    >>> imgclf.export(result.run_dir)[0].path  # checked against the trained model
+    PosixPath('runs/small_cnn-.../model/model.onnx')
 
 Importing imgclf is cheap: the API below is loaded on first use (torch is imported only then). In a Jupyter
 kernel, imgclf's log lines and progress bars show in the cell output with no setup (`imgclf.notebook`).

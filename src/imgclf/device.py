@@ -62,7 +62,9 @@ def describe_device(device: torch.device) -> str:
     A CUDA device without an index (what `select_device("auto")` returns) is the current one, named with its index.
 
     Example:
-        >>> describe_device(select_device("auto"))
+        >>> describe_device(select_device("cpu"))
+        'cpu'
+        >>> describe_device(select_device("cuda"))  # needs a GPU  # doctest: +SKIP
         'cuda:0 (NVIDIA H200)'
     """
     if device.type == "cuda":
@@ -250,8 +252,8 @@ def preserved_torch_state() -> Iterator[None]:
     then each start from the same state, whatever the one before set.
 
     Example:
-        >>> with preserved_torch_state():
-        ...     imgclf.train("data/", {"train": {"deterministic": True}})
+        >>> with preserved_torch_state():  # around imgclf.train("data/", {"train": {"deterministic": True}})
+        ...     torch.use_deterministic_algorithms(True)  # what that run sets
         >>> torch.are_deterministic_algorithms_enabled()
         False
     """

@@ -94,8 +94,8 @@ def inspect_data(
         ImgclfError: `out` cannot be written.
 
     Example:
-        >>> inspect_data("data/").summary["imbalance_ratio"]
-        1.25
+        >>> inspect_data("data/").summary["imbalance_ratio"]  # 30 images in each class
+        1.0
     """
     from imgclf.data.split import scan_and_split
     from imgclf.tracking.runs import check_writable

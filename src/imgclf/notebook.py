@@ -65,8 +65,10 @@ def show_logs() -> None:
     set to INFO only while it is unset.
 
     Example:
-        >>> import imgclf  # in a notebook: calls show_logs()
-        >>> logging.getLogger("imgclf").handlers
+        >>> import imgclf  # calls show_logs()
+        >>> in_kernel()  # here, a test: nothing was attached
+        False
+        >>> logging.getLogger("imgclf").handlers  # in a Jupyter kernel  # doctest: +SKIP
         [<KernelLogHandler (INFO)>]
     """
     if not in_kernel():

@@ -67,7 +67,7 @@ def init_project(
 
     Example:
         >>> init_project("lab", source="photos/").counts
-        {'train': 80, 'val': 10, 'test': 10}
+        {'train': 72, 'val': 9, 'test': 9}
     """
     from imgclf import workflow
 

@@ -93,9 +93,12 @@ def training_options(*, without: tuple[str, ...] = ()) -> Callable[[Callable[...
     as one keyword, `options` ({config key: value or None}). `train` takes them all, `tune` all but --calibrate.
 
     Example:
+        >>> app = typer.Typer()
         >>> @app.command()
         ... @training_options(without=("calibrate",))
         ... def tune(data: Path, *, options: dict[str, Any]) -> None: ...
+        >>> [name in inspect.signature(tune).parameters for name in ("data", "lr", "calibrate", "options")]
+        [True, True, False, False]
     """
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -40,7 +40,7 @@ class BatchAugment:
     """Training augmentation for uint8 batches [B, C, S, S] -> normalized float [B, C, img_size, img_size].
 
     Example:
-        >>> augment = BatchAugment(pre, "standard", hflip=True, vflip=False)
+        >>> augment = BatchAugment(Preprocessing.default_for(28, "gray"), "standard", hflip=True, vflip=False)
         >>> augment(torch.zeros(8, 1, 28, 28, dtype=torch.uint8)).shape
         torch.Size([8, 1, 28, 28])
     """

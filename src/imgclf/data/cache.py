@@ -157,8 +157,12 @@ def decoded_images(
         DataError: an image cannot be decoded any more (changed or removed since the scan).
 
     Example:
+        >>> from imgclf.data.scan import scan_folder
+        >>> records = scan_folder(Path("data")).records
+        >>> paths, hashes = [record.path for record in records], [record.sha256 for record in records]
+        >>> pre = Preprocessing.default_for(28, "gray")
         >>> decoded_images(paths, hashes, pre, mode="disk", max_pixels=50_000_000).array.shape
-        (60000, 1, 28, 28)
+        (90, 1, 28, 28)
     """
     side = cache_side(pre)
     if mode == "memory":
@@ -236,7 +240,10 @@ def cached_arrays(
         The arrays (loaded into memory) and whether this call built them.
 
     Example:
-        >>> arrays, built = cached_arrays("features", key, lambda: {"x": np.zeros(3)})
+        >>> key = content_key([Path("a.png")], ["0" * 64], {"features": "zeros"})
+        >>> arrays, built = cached_arrays("features", key, lambda: {"x": np.zeros(3)}, cache_dir=Path("cache"))
+        >>> arrays["x"].shape, built, cached_arrays("features", key, lambda: {}, cache_dir=Path("cache"))[1]
+        ((3,), True, False)
     """
     folder = Path(cache_dir or default_cache_dir())
     target = folder / key
@@ -355,8 +362,8 @@ def list_cache(cache_dir: Path | None = None) -> list[CacheEntry]:
     """The decoded-image caches in `cache_dir` (default `default_cache_dir()`), most recently used first.
 
     Example:
-        >>> [(entry.images, entry.source) for entry in list_cache()]
-        [(1437, '/home/me/data/train')]
+        >>> [(entry.images, entry.source) for entry in list_cache(Path("cache"))]  # the images of data/, decoded
+        [(90, '/.../data')]
     """
     folder = Path(cache_dir or default_cache_dir())
     if not folder.is_dir():
@@ -403,8 +410,10 @@ def clear_cache(cache_dir: Path | None = None, *, older_than_days: float | None 
         The entries deleted.
 
     Example:
-        >>> sum(entry.size_bytes for entry in clear_cache(older_than_days=30)) / 1e9
-        2.4
+        >>> [entry.images for entry in clear_cache(Path("cache"), older_than_days=30)]  # used today: kept
+        []
+        >>> [entry.images for entry in clear_cache(Path("cache"))], list_cache(Path("cache"))
+        ([90], [])
     """
     folder = Path(cache_dir or default_cache_dir())
     cutoff = None if older_than_days is None else time.time() - older_than_days * 86400

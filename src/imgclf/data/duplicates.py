@@ -137,8 +137,13 @@ def find_near_duplicates(
         The pairs as (path, path, similarity, method).
 
     Example:
-        >>> find_near_duplicates(paths, hashes, sides, max_pixels=50_000_000).pairs[0]
-        (PosixPath('train/cat/1.jpg'), PosixPath('test/cat/1 copy.jpg'), 0.9931, 'thumbnail')
+        >>> import hashlib
+        >>> from PIL import Image
+        >>> Image.open("photo.jpg").resize((120, 120)).save("photo copy.jpg", quality=70)
+        >>> paths = [Path("photo.jpg"), Path("photo copy.jpg"), Path("cat.jpg")]
+        >>> hashes = [hashlib.sha256(path.read_bytes()).hexdigest() for path in paths]
+        >>> find_near_duplicates(paths, hashes, [128, 120, 100], max_pixels=50_000_000).pairs
+        ((PosixPath('photo.jpg'), PosixPath('photo copy.jpg'), 0.9..., '...'),)
     """
     from imgclf.data.cache import _common_folder, cached_arrays, content_key
 

@@ -142,8 +142,9 @@ def group_spans(splits_of: Iterable[tuple[Path, str]], groups: Mapping[Path, str
     """The groups that span splits, given (path, split) of every image: a folder split by hand that mixes them.
 
     Example:
-        >>> group_spans([(Path("train/a.png"), "train"), (Path("test/a.png"), "test")], {...: "patient07", ...: ...})
-        [GroupSpan(group='patient07', splits={'train': 1, 'test': 1})]
+        >>> splits_of = [(Path("train/sick/p07_a.png"), "train"), (Path("test/sick/p07_b.png"), "test")]
+        >>> group_spans(splits_of, {path: "p07" for path, _ in splits_of})
+        [GroupSpan(group='p07', splits={'train': 1, 'test': 1})]
     """
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for path, split in splits_of:

@@ -118,8 +118,8 @@ def scan_folder(
 
     Example:
         >>> index = scan_folder(Path("data"))
-        >>> index.classes
-        ('cat', 'dog')
+        >>> index.classes, index.layout, len(index.records)
+        (('digit0', 'digit1', 'digit2'), 'flat', 90)
     """
     root = Path(root)
     if not root.is_dir():

@@ -260,7 +260,7 @@ def make_manifest(
 
     Example:
         >>> make_manifest(scan_folder(Path("photos")), ratios=(0.8, 0.1, 0.1), seed=0).counts()["val"]
-        Counter({'cat': 12, 'dog': 11})
+        Counter({'digit0': 3, 'digit1': 3, 'digit2': 3})
     """
     if index.layout == "flat":
         assigned = stratified_split(index.records, ratios, seed, units=units)

@@ -77,8 +77,8 @@ class Predictor:
 
     Example:
         >>> predictor = Predictor.load("runs/small_cnn-20261128-120000")
-        >>> predictor.predict(["cat.jpg"], top_k=3)[0].classes
-        ('cat', 'dog', 'fox')
+        >>> predictor.predict(["cat.jpg"], top_k=3)[0].classes  # a digits model: its 3 classes, most probable first
+        ('digit...', 'digit...', 'digit...')
         >>> Predictor.load("runs/small_cnn-20261128-120000/model/model.onnx").runtime.name
         'onnxruntime'
     """

@@ -180,8 +180,14 @@ def create_app(model: Predictor | Callable[[], Predictor], settings: ServeSettin
     """The FastAPI app serving `model` (a loaded `Predictor`, or a function that loads one on the worker).
 
     Example:
-        >>> app = create_app(Predictor.load("runs/x/model/model.onnx"), ServeSettings(max_batch=16))
-        >>> uvicorn.run(app, host="127.0.0.1", port=8000)
+        >>> predictor = Predictor.load("runs/small_cnn-20261128-120000/model/model.onnx")
+        >>> app = create_app(predictor, ServeSettings(max_batch=16))
+        >>> from fastapi.testclient import TestClient
+        >>> with TestClient(app) as client, open("cat.jpg", "rb") as image:  # in this process, for a try
+        ...     client.post("/predict", files={"file": image}).status_code
+        200
+        >>> import uvicorn
+        >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # serves until stopped  # doctest: +SKIP
     """
     settings = settings or ServeSettings()
     app = FastAPI(

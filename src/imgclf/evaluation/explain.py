@@ -49,7 +49,8 @@ class CamLayer(NamedTuple):
         """The layer and its map size, and on a second line a warning when the map is coarse.
 
         Example:
-            >>> cam_layer(model, 28).caption()  # a default small_cnn
+            >>> from imgclf.models.small_cnn import SmallCNN
+            >>> cam_layer(SmallCNN(num_classes=3, in_chans=1), 28).caption()  # a default small_cnn
             'Grad-CAM of features.1 (7x7 map, upsampled to 28 px)'
         """
         cells = "x".join(map(str, self.map_size))
@@ -89,6 +90,7 @@ def cam_layer(model: nn.Module, input_size: int | Sequence[int] | None = None) -
         ImgclfError: the model has no convolution, or no module with a spatial output.
 
     Example:
+        >>> import timm
         >>> cam_layer(timm.create_model("resnet18"), 64).name
         'layer2'
     """
@@ -155,7 +157,10 @@ def target_layer(model: nn.Module, input_size: int | Sequence[int] | None = None
         ImgclfError: the model has no convolution, or no module with a spatial output.
 
     Example:
-        >>> target_layer(timm.create_model("resnet18"), 224)  # model.layer4, 7x7
+        >>> import timm
+        >>> model = timm.create_model("resnet18")
+        >>> target_layer(model, 224) is model.layer4  # 7x7 at 224 px
+        True
     """
     return cam_layer(model, input_size).module
 
@@ -234,7 +239,10 @@ def grad_cam(
         where no location raises the class score.
 
     Example:
-        >>> heatmaps = grad_cam(model, batch)  # then overlay(image, heatmaps[0])
+        >>> from imgclf.models.small_cnn import SmallCNN
+        >>> heatmaps = grad_cam(SmallCNN(num_classes=3, in_chans=1), torch.rand(2, 1, 28, 28))
+        >>> heatmaps.shape, heatmaps.dtype  # then overlay(image, heatmaps[0])
+        ((2, 28, 28), dtype('float32'))
     """
     if inputs.dim() != 4:
         raise ConfigError(f"inputs: expected a batch [n, C, H, W]; received shape {tuple(inputs.shape)}")
@@ -303,7 +311,12 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.n
         uint8 [H, W, 3].
 
     Example:
-        >>> Image.fromarray(overlay(np.asarray(photo), grad_cam(model, batch)[0])).save("cam.png")
+        >>> photo = Image.open("photo.jpg")  # 128 x 128
+        >>> heatmap = np.linspace(0, 1, 28 * 28).reshape(28, 28)  # e.g. grad_cam(model, batch)[0]
+        >>> blended = overlay(np.asarray(photo), heatmap)
+        >>> blended.shape, blended.dtype
+        ((128, 128, 3), dtype('uint8'))
+        >>> Image.fromarray(blended).save("cam.png")
     """
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[2] == 1:

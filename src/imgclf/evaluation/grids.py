@@ -174,7 +174,14 @@ def gradcam_figure(
         The figure: axes[0] holds the tiles, axes[1] is the colour bar.
 
     Example:
-        >>> gradcam_figure(images, grad_cam(model, batch), captions, note=cam_layer(model, 28).caption())
+        >>> import torch
+        >>> from imgclf.evaluation.explain import cam_layer, grad_cam
+        >>> from imgclf.models.small_cnn import SmallCNN
+        >>> model, batch = SmallCNN(num_classes=3, in_chans=1), torch.rand(2, 1, 28, 28)
+        >>> images = [np.uint8(255 * image[0]) for image in batch.numpy()]
+        >>> figure = gradcam_figure(images, grad_cam(model, batch), ["a", "b"], note=cam_layer(model, 28).caption())
+        >>> len(figure.axes)  # the tiles and the colour bar
+        2
     """
     _check_lengths(images=images, heatmaps=heatmaps, captions=captions)
     if not images:

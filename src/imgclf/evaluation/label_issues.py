@@ -131,9 +131,13 @@ def find_label_issues(
         The flagged images, likeliest first, with what the method saw.
 
     Example:
-        >>> found = find_label_issues(SplitManifest.load(Path("runs/x/manifest.csv")).rows, max_pixels=50_000_000)
-        >>> found.issues[0].given, found.issues[0].suggested
-        ('sneaker', 'trouser')
+        >>> import dataclasses
+        >>> from imgclf.data.split import SplitManifest
+        >>> rows = list(SplitManifest.load(Path("runs/small_cnn-20261128-120000/manifest.csv")).rows)
+        >>> rows[0] = dataclasses.replace(rows[0], label="digit1")  # a 0 filed as a 1
+        >>> found = find_label_issues(rows, max_pixels=50_000_000)
+        >>> found.issues[0].path == rows[0].path, found.issues[0].given, found.issues[0].suggested
+        (True, 'digit1', 'digit0')
     """
     started = time.perf_counter()
     rows = list(rows)

@@ -48,6 +48,7 @@ def model_spec(model: ModelConfig, *, num_classes: int, in_chans: int) -> ModelS
     """The spec for the `model` section of a config; only `small_cnn` uses depth, width, pool and early_pool.
 
     Example:
+        >>> from imgclf.config import ModelConfig
         >>> model_spec(ModelConfig(name="resnet18"), num_classes=5, in_chans=3).options
         {'dropout': 0.0}
     """
@@ -66,7 +67,9 @@ def build_model(spec: ModelSpec) -> nn.Module:
     """Create the network with randomly initialised weights and a `spec.num_classes` head.
 
     Example:
-        >>> build_model(ModelSpec("resnet18", num_classes=5, in_chans=3))
+        >>> model = build_model(ModelSpec("resnet18", num_classes=5, in_chans=3))
+        >>> type(model).__name__, model.get_classifier().out_features
+        ('ResNet', 5)
     """
     check_model_name(spec.name)
     if spec.name == SMALL_CNN:

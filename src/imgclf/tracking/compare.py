@@ -60,7 +60,9 @@ def compare_runs(runs: Sequence[Path | str], out: Path | str) -> Comparison:
         ConfigError: fewer than two runs. DataError: a path is not a run folder.
 
     Example:
-        >>> compare_runs(["runs/a", "runs/b"], "comparisons/").differing
+        >>> import imgclf
+        >>> runs = [imgclf.train("data/", {"train": {"epochs": 1, "lr": lr}}, report=False) for lr in (2e-3, 1e-3)]
+        >>> compare_runs([run.run_dir for run in runs], "comparisons/").differing
         {'train.lr': [0.002, 0.001]}
     """
     import yaml

@@ -34,8 +34,9 @@ def environment_info(*, device: str, seed: int, argv: list[str] | None = None) -
         imgclf's): `{"path", "commit", "dirty"}`, or None outside any repository or without git.
 
     Example:
-        >>> environment_info(device="cpu", seed=0)["repository"]
-        {'path': '/home/me/project', 'commit': '3f2a...', 'dirty': False}
+        >>> info = environment_info(device="cpu", seed=0)
+        >>> info["device"], info["seed"], sorted(info["packages"])[:3]
+        ('cpu', 0, ['imgclf', 'numpy', 'pillow'])
     """
     packages = package_versions(
         ("imgclf", "torch", "torchvision", "timm", "numpy", "pillow", "scikit-learn", "safetensors")

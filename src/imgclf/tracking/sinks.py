@@ -74,8 +74,8 @@ def load_callback(path: str) -> Callback:
     """Import 'package.module:name' and call it with no arguments (a Callback class or a factory).
 
     Example:
-        >>> load_callback("my_project.tracking:WandbSink")
-        <my_project.tracking.WandbSink object at ...>
+        >>> load_callback("imgclf.training.state:Callback")  # a sink of your own: "my_project.tracking:WandbSink"
+        <imgclf.training.state.Callback object at ...>
     """
     module_name, _, name = path.partition(":")
     try:

@@ -42,8 +42,12 @@ def record_status(paths: RunPaths) -> Iterator[StatusNote]:
     A process killed outright leaves "running"; `read_status` then sees that the pid is gone and says "crashed".
 
     Example:
+        >>> from imgclf.tracking.paths import find_run
+        >>> paths = find_run(Path("runs/small_cnn-20261128-120000"))
         >>> with record_status(paths) as note:
         ...     note.reason = "early stopping: val_loss did not improve for 10 epochs"
+        >>> read_status_file(paths)["status"], read_status_file(paths)["reason"]
+        ('finished', 'early stopping: val_loss did not improve for 10 epochs')
     """
     before = read_status_file(paths)
     started = time.time()

@@ -321,8 +321,10 @@ class GracefulStop:
     `should_stop`); a second SIGINT stops at once (KeyboardInterrupt), without touching written checkpoints.
 
     Example:
-        >>> with GracefulStop() as stop:
-        ...     fit(state, ..., should_stop=stop.requested)
+        >>> with GracefulStop() as stop:  # around fit(state, ..., should_stop=stop.requested)
+        ...     signal.raise_signal(signal.SIGTERM)  # as `kill` would
+        ...     stop.requested()
+        'SIGTERM'
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -67,7 +67,10 @@ def build_optimizer(
         layer_decay: per-layer LR factor below the head, or None.
 
     Example:
-        >>> build_optimizer("sgd", model, lr=0.1, weight_decay=5e-4)
+        >>> from imgclf.models.small_cnn import SmallCNN
+        >>> optimizer = build_optimizer("sgd", SmallCNN(num_classes=3, in_chans=1), lr=0.1, weight_decay=5e-4)
+        >>> type(optimizer).__name__, sorted({group["weight_decay"] for group in optimizer.param_groups})
+        ('SGD', [0.0, 0.0005])
     """
     factories = {
         "adamw": lambda groups: AdamW(groups, lr=lr),

@@ -130,10 +130,12 @@ class Callback:
     each does nothing unless overridden.
 
     Example:
-        >>> class PrintBest(Callback):
+        >>> import imgclf
+        >>> class PrintEnd(Callback):
         ...     def on_run_end(self, run, metrics, status):
-        ...         print(run.root.name, status, metrics and metrics["accuracy"])
-        >>> imgclf.train("data/", callbacks=[PrintBest()])
+        ...         print(run.root.name, status, run.classes)
+        >>> result = imgclf.train("data/", {"train": {"epochs": 1}}, report=False, callbacks=[PrintEnd()])
+        small_cnn-... finished ('digit0', 'digit1', 'digit2')
     """
 
     def on_run_start(self, run: RunInfo) -> None:

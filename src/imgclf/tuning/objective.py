@@ -57,6 +57,7 @@ def epoch_value(row: Mapping[str, Any], monitor: Monitor) -> float:
         The value (NaN when the chosen weights' accuracy is not finite).
 
     Example:
+        >>> from imgclf.training.callbacks import Monitor
         >>> row = {"val_acc": 0.7, "val_acc_ema": 0.8, "val_loss": 0.9, "val_loss_ema": 0.6}
         >>> epoch_value(row, Monitor.resolve("val_loss"))  # the average has the lower loss: it would ship
         0.8

@@ -40,6 +40,7 @@ def make_pruner(optuna: Any, name: str) -> Any:
         An `optuna.pruners.BasePruner`.
 
     Example:
+        >>> import optuna
         >>> make_pruner(optuna, "median")._n_warmup_steps
         2
     """

@@ -78,8 +78,12 @@ def tune(
         The best trial's run and values; its test metrics once the study has all its trials.
 
     Example:
-        >>> imgclf.tune("data/", {"train": {"epochs": 5}}, trials=20).best_params
-        {'train.lr': 0.0031, 'augment.preset': 'standard', ...}
+        >>> import imgclf
+        >>> found = imgclf.tune("data/", {"train": {"epochs": 1}}, trials=2)
+        >>> found.best_params
+        {'train.lr': ..., 'train.weight_decay': ..., 'train.label_smoothing': ..., 'augment.preset': '...'}
+        >>> found.counts
+        {'COMPLETE': 2}
     """
     optuna = load_optuna()
     from imgclf import workflow

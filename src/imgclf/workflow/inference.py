@@ -117,8 +117,10 @@ def report(run: Path | str, *, device: str = "cpu", progress: Progress = NO_PROG
         A `Report` (paths of both files and the diagnosis).
 
     Example:
-        >>> imgclf.report("runs/small_cnn-20261128-120000").verdicts[0].kind
-        'good_fit'
+        >>> import imgclf
+        >>> built = imgclf.report("runs/small_cnn-20261128-120000")
+        >>> built.html, built.verdicts[0].kind  # a run of 2 epochs is too short to judge
+        (PosixPath('runs/small_cnn-20261128-120000/report.html'), 'too_early')
     """
     from imgclf.device import select_device
     from imgclf.evaluation.report import build_report
@@ -130,9 +132,10 @@ def load_model(path: Path | str, device: str = "auto"):
     """Load a run folder or model bundle as a `Predictor` (same preprocessing as evaluation).
 
     Example:
+        >>> import imgclf
         >>> model = imgclf.load_model("runs/small_cnn-20261128-120000")
         >>> model.predict(["a.png"])[0].label
-        '7'
+        'digit...'
     """
     from imgclf.deploy.predict import Predictor
 
@@ -176,8 +179,11 @@ def predict(
         One `Prediction` per input file, in order; unreadable files carry an error message.
 
     Example:
-        >>> imgclf.predict("runs/x/model/model.onnx", ["photos/"], top_k=3, out="preds.csv")[0].label
-        'cat'
+        >>> import imgclf
+        >>> onnx = "runs/small_cnn-20261128-120000/model/model.onnx"
+        >>> predictions = imgclf.predict(onnx, ["photos/"], top_k=3, out="preds.csv")
+        >>> len(predictions), predictions[0].source, predictions[0].label, Path("preds.csv").is_file()
+        (90, 'photos/digit0/0000.png', 'digit...', True)
     """
     from imgclf.data.layout import collect_inputs
     from imgclf.deploy.predict import OUTPUT_FORMATS, Predictor, write_predictions
@@ -228,6 +234,7 @@ def export(
         `ExportResult`s: the fp32 file's, then the int8 file's.
 
     Example:
+        >>> import imgclf
         >>> imgclf.export("runs/small_cnn-20261128-120000")[0].path
         PosixPath('runs/small_cnn-20261128-120000/model/model.onnx')
     """
@@ -256,7 +263,10 @@ def serve_app(
     is the run's `data.max_pixels`.
 
     Example:
-        >>> uvicorn.run(imgclf.workflow.serve_app("runs/x/model/model.onnx"), host="127.0.0.1", port=8000)
+        >>> import imgclf
+        >>> import uvicorn
+        >>> app = imgclf.workflow.serve_app("runs/small_cnn-20261128-120000/model/model.onnx")
+        >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # serves until stopped  # doctest: +SKIP
     """
     from dataclasses import replace
 

@@ -219,7 +219,12 @@ def reproduce(
         DataError: the folder differs from the manifest (nothing is trained); ConfigError: a refused setting.
 
     Example:
-        >>> imgclf.reproduce("runs/small_cnn-20261128-120000").history == old_history  # up to the seconds
+        >>> import imgclf
+        >>> from imgclf.evaluation.diagnose.curves import read_history
+        >>> old = read_history("runs/small_cnn-20261128-120000/history.csv")
+        >>> new = read_history(imgclf.reproduce("runs/small_cnn-20261128-120000", report=False).run_dir / "history.csv")
+        >>> [row["train_loss"] for row in new] == [row["train_loss"] for row in old]  # all but the seconds
+        True
     """
     paths = find_run(Path(run))
     given = {key: value for key, value in (settings or {}).items() if value is not None}

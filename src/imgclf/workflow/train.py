@@ -73,9 +73,10 @@ def train(
         The run folder, test metrics, history and best epoch.
 
     Example:
-        >>> result = imgclf.train("data/", {"train": {"epochs": 5}})
-        >>> result.metrics["accuracy"]
-        0.97
+        >>> import imgclf
+        >>> result = imgclf.train("data/", {"train": {"epochs": 2}})
+        >>> result.run_dir, result.metrics["n"], result.metrics["accuracy"] > 0.5  # 9 test images; chance is 1/3
+        (PosixPath('runs/small_cnn-...'), 9, True)
     """
     if resume is not None:
         from imgclf.workflow.resume import _resume  # here: resume.py imports this module (reproduce trains)
@@ -223,8 +224,10 @@ def lr_find(
         An `LRFinderResult` (curve, suggestion, why the ramp stopped).
 
     Example:
-        >>> imgclf.lr_find("data/", {"model": {"name": "resnet18"}}).suggestion
-        0.0021
+        >>> import imgclf
+        >>> found = imgclf.lr_find("data/", num_steps=30)
+        >>> found.method, sorted(path.name for path in Path(".").glob("lr_find.*"))  # then train at found.suggestion
+        ('steepest descent', ['lr_find.csv', 'lr_find.png'])
     """
     from imgclf import (
         builders,

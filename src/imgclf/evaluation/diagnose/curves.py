@@ -41,8 +41,8 @@ def read_history(path: Path | str) -> list[dict[str, Any]]:
         DataError: the file is missing, has no epoch column, or holds a value that is not a number.
 
     Example:
-        >>> read_history("runs/small_cnn-20261128-120000/history.csv")[0]["val_loss"]  # doctest: +SKIP
-        0.6931
+        >>> [(row["epoch"], row["phase"]) for row in read_history("runs/small_cnn-20261128-120000/history.csv")]
+        [(1, 'train'), (2, 'train')]
     """
     path = Path(path)
     try:

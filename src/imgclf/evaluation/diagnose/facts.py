@@ -71,7 +71,7 @@ def count_leaks(path: Path | str) -> int:
     file is absent).
 
     Example:
-        >>> count_leaks("runs/small_cnn-20261128-120000/duplicates.csv")  # doctest: +SKIP
+        >>> count_leaks("runs/small_cnn-20261128-120000/duplicates.csv")
         0
     """
     return len(read_leaks(path)) + len(read_near_leaks(path))
