@@ -105,6 +105,8 @@ def test_messages_below_the_cli_name_keys_and_the_cli_spells_them_as_flags():
     assert keys_to_flags(message) == "--lr, --model would make it another run; these apply: --epochs, --device"
     for kept in (
         "unknown key 'train.learning_rate'; did you mean train.lr?",  # for a YAML file or --set: a key
+        "unknown key 'train.calibrat'; did you mean train.calibrate or train.lr?",  # every suggestion stays a key
+        "did you mean train.calibrate, train.lr or model.name",
         "augment.preset = 'heavy' is not a valid setting",
         "invalid configuration: train.lr: must be positive",
         "--set train.lr=0.1",

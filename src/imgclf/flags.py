@@ -195,6 +195,9 @@ def flags_by_param() -> dict[str, Flag]:
 _KEY = re.compile(r"(?<![\w.-])((?:data|augment|model|train|tracking)\.[a-z_]+(?:\.[a-z_]+)?)(?![\w.])")
 
 
+_SUGGESTED = re.compile(r"did you mean (?:[\w.]+(?:,\s*|\s+or\s+))*$")  # inside a "did you mean A, B or C" list
+
+
 def keys_to_flags(message: str) -> str:
     """A message that names config keys (as the layers below the CLI do) with each key that has a flag written as
     that flag: "train.lr would change the run" -> "--lr would change the run". Keys without a flag, keys in an
@@ -204,12 +207,19 @@ def keys_to_flags(message: str) -> str:
     Example:
         >>> keys_to_flags("train.lr, model.name would make it another run; did you mean train.epochs?")
         '--lr, --model would make it another run; did you mean train.epochs?'
+        >>> keys_to_flags("unknown key train.calibrat: did you mean train.calibrate or train.lr? train.lr is 0.1")
+        'unknown key train.calibrat: did you mean train.calibrate or train.lr? --lr is 0.1'
     """
 
     def spell(match: re.Match[str]) -> str:
         key = match.group(1)
         before, after = message[: match.start()], message[match.end() :].lstrip(" ")[:1]
-        if key not in _BY_KEY or after in ("=", ":", "'") or before.endswith(("--set ", "did you mean ", "'")):
+        if (
+            key not in _BY_KEY
+            or after in ("=", ":", "'")
+            or before.endswith(("--set ", "'"))
+            or _SUGGESTED.search(before)
+        ):
             return key  # a key as a key: assigned, quoted, or suggested for a YAML file or --set
         return _BY_KEY[key].spelling
 
