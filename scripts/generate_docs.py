@@ -410,7 +410,7 @@ def config_markdown() -> str:
     lines = [
         "# Configuration",
         "",
-        GENERATED.format(source="the pydantic models in src/imgclf/config.py"),
+        GENERATED.format(source="the pydantic models in src/imgclf/config/sections.py"),
         "",
         *(line for block in paragraphs(RunConfig.__doc__) for line in (prose(block), "")),
         "A run's configuration is one typed object (`imgclf.RunConfig`, pydantic) of the sections below. Each value "

@@ -339,7 +339,7 @@ def test_the_shell_parsing_of_guide_lines():
 
 
 def test_the_guide_states_the_defaults_and_flags_the_code_has():
-    """The guide's hyperparameter table (`| key | default | flag | ... |`) agrees with config.py and cli.py."""
+    """The guide's hyperparameter table (`| key | default | flag | ... |`) agrees with the config and the flag table."""
     gen = generator()
     documented = gen.config_table()
     rows = re.findall(r"^\| `([a-z_.]+)` \| `([^`]*)` \| (`[^`]*`|—) \|", GUIDE.read_text(encoding="utf-8"), re.M)

@@ -1,10 +1,5 @@
-"""The one typed configuration of a run, grouped by concern; every default is documented here and only here.
-
-Precedence: defaults < YAML file (`--config`) < CLI flags. The resolved configuration (every default written
-out) is saved as `config.yaml` in the run folder; `imgclf config` prints the documented defaults.
-
-Below the CLI, functions receive the fields they use, never a whole `RunConfig`, and never mutate it.
-"""
+"""The one typed configuration of a run, grouped by concern: every field, its default and its meaning, documented
+here and only here (`imgclf config` prints them; docs/config.md is generated from them)."""
 
 from __future__ import annotations
 
@@ -12,16 +7,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from imgclf.config.text import parse_duration
 from imgclf.errors import ConfigError
-from imgclf.files import write_text_atomic
 
 __all__ = [
     "BUDGET_EPOCHS",
+    "MAX_LR",
     "MIN_STEPS_PER_EPOCH",
-    "NULL",
     "AugmentConfig",
     "DataConfig",
     "EarlyStoppingConfig",
@@ -29,16 +23,7 @@ __all__ = [
     "RunConfig",
     "TrackingConfig",
     "TrainConfig",
-    "all_keys",
     "auto_batch_size",
-    "build_config",
-    "check_key",
-    "dump_config",
-    "load_config",
-    "parse_assignments",
-    "parse_duration",
-    "read_config_file",
-    "save_config",
 ]
 
 
@@ -478,237 +463,3 @@ class RunConfig(_Section):
                 f"{self.augment.min_res} and time_budget {self.train.time_budget}: drop one of them"
             )
         return self
-
-
-def build_config(
-    base: RunConfig | Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None
-) -> RunConfig:
-    """Validate a configuration from a base (model, nested dict or None) plus dotted overrides.
-
-    Args:
-        base: a `RunConfig`, a nested mapping as in `config.yaml`, or None for the defaults.
-        overrides: `{"train.epochs": 5, "model.name": "resnet18"}`; None values are ignored (a flag not given),
-            `NULL` sets a key to null (`--set train.early_stopping.patience=null`).
-
-    Returns:
-        A new validated `RunConfig`.
-
-    Raises:
-        ConfigError: naming the key, what was expected and what was received.
-
-    Example:
-        >>> build_config(None, {"train.epochs": 3}).train.epochs
-        3
-    """
-    tree = base.model_dump(mode="python") if isinstance(base, RunConfig) else _plain(base or {})
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        if value is NULL:  # `--set key=null`: the setting is given, and it is null
-            value = None
-        node = tree
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            child = node.setdefault(key, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"cannot set '{dotted}': '{key}' is a value, not a section")
-            node = child
-        node[leaf] = value
-    try:
-        return RunConfig.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
-
-
-def load_config(path: Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Read a YAML config file (any subset of the sections) and apply dotted overrides on top."""
-    return build_config(read_config_file(path), overrides)
-
-
-def read_config_file(path: Path) -> dict[str, Any]:
-    """A YAML config file's nested mapping of sections; a missing, invalid or non-mapping file: a ConfigError."""
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections; received {type(tree).__name__}")
-    return tree
-
-
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
-
-
-def parse_duration(text: str | float | int, what: str = "--time") -> float:
-    """Seconds in a duration written `90s`, `10m`, `2h`, `1.5h` or a plain number of seconds.
-
-    Raises:
-        ConfigError: naming `what`, the expected form and what was received.
-
-    Example:
-        >>> [parse_duration(t) for t in ("90s", "10m", "1.5h", 45)]
-        [90.0, 600.0, 5400.0, 45.0]
-    """
-    raw = str(text).strip().lower()
-    unit = raw[-1:] if raw[-1:] in _DURATION_UNITS else "s"
-    number = raw[:-1] if raw[-1:] in _DURATION_UNITS else raw
-    try:
-        seconds = float(number) * _DURATION_UNITS[unit]
-    except ValueError:
-        seconds = float("nan")
-    if not seconds > 0 or seconds == float("inf"):
-        raise ConfigError(f"{what} takes a positive duration such as 90s, 10m or 2h; received '{text}'")
-    return seconds
-
-
-class _Null:
-    """An override that sets a key to null, where None means "not given" (`parse_assignments` makes it)."""
-
-    def __repr__(self) -> str:
-        return "null"
-
-
-NULL = _Null()
-
-_YAML_WORDS = frozenset({"on", "off", "yes", "no", "y", "n"})
-
-
-def parse_assignments(assignments: list[str]) -> dict[str, Any]:
-    """Turn `["train.lr=0.01", "augment.hflip=false"]` into dotted overrides; values are parsed as YAML."""
-    result: dict[str, Any] = {}
-    for item in assignments:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects KEY=VALUE such as train.lr=0.01; received '{item}'")
-        text = raw.strip()
-        # YAML 1.1 reads on/off/yes/no as booleans; here they are words (data.cache=off), only true/false are not
-        value = text if text.lower() in _YAML_WORDS else yaml.safe_load(raw) if text else None
-        result[key.strip()] = NULL if value is None else value
-    return result
-
-
-def dump_config(config: RunConfig, *, comments: bool = True) -> str:
-    """YAML text of a config; with `comments`, each key carries its one-line meaning."""
-    lines: list[str] = []
-    _dump_section(config, lines, indent=0, comments=comments)
-    return "\n".join(lines) + "\n"
-
-
-def save_config(config: RunConfig, path: Path) -> None:
-    write_text_atomic(path, dump_config(config))
-
-
-def _dump_section(section: BaseModel, lines: list[str], indent: int, comments: bool) -> None:
-    pad = "  " * indent
-    for name, field in type(section).model_fields.items():
-        value = getattr(section, name)
-        if isinstance(value, BaseModel):
-            doc = _summary(type(value).__doc__) if comments else ""
-            if indent == 0 and lines:
-                lines.append("")
-            lines.append(f"{pad}{name}:" + (f"  # {doc}" if doc else ""))
-            _dump_section(value, lines, indent + 1, comments)
-            continue
-        plain = list(value) if isinstance(value, tuple) else str(value) if isinstance(value, Path) else value
-        text = yaml.safe_dump(plain, default_flow_style=True, width=1000).strip()
-        text = text.removesuffix("\n...").removesuffix("...").strip()
-        line = f"{pad}{name}: {text}"
-        if comments and field.description:
-            line = f"{line:<40}  # {field.description}"
-        lines.append(line)
-
-
-def _plain(tree: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: _plain(value) if isinstance(value, Mapping) else value for key, value in tree.items()}
-
-
-def _describe(exc: ValidationError) -> str:
-    problems = []
-    for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"]) or "config"
-        if error["type"] == "extra_forbidden":
-            problems.append(_unknown_key(where))
-            continue
-        message = error["msg"].removeprefix("Value error, ")
-        if "received" in message or (error["type"] == "value_error" and isinstance(error.get("input"), Mapping)):
-            problems.append(f"{where}: {message}")  # a validator of ours already names what it received
-        else:
-            problems.append(f"{where}: {message}; received {error.get('input')!r}")
-    return "invalid configuration: " + "; ".join(problems)
-
-
-def _summary(doc: str | None) -> str:
-    """A docstring's first sentence, whole (it may run over several lines)."""
-    text = " ".join((doc or "").split())
-    end = text.find(". ")
-    return text if end < 0 else text[: end + 1]
-
-
-def all_keys() -> list[str]:
-    """Every dotted configuration key (`train.lr`, `train.early_stopping.patience`, ...)."""
-
-    def walk(model: type[BaseModel], prefix: str) -> list[str]:
-        keys = []
-        for name, info in model.model_fields.items():
-            kind = info.annotation
-            if isinstance(kind, type) and issubclass(kind, BaseModel):
-                keys += walk(kind, f"{prefix}{name}.")
-            else:
-                keys.append(f"{prefix}{name}")
-        return keys
-
-    return walk(RunConfig, "")
-
-
-def check_key(key: str, where: str = "config") -> None:
-    """Raise a ConfigError naming `key` and the closest valid keys unless it is a dotted config key (a leaf)."""
-    if key not in all_keys():
-        raise ConfigError(f"{where}: {_unknown_key(key)}")
-
-
-def _unknown_key(key: str) -> str:
-    hint = _closest_keys(key)
-    return (
-        f"unknown key '{key}'"
-        + (f"; did you mean {' or '.join(hint)}?" if hint else "")
-        + " (`imgclf config` lists every key)"
-    )
-
-
-# What people type for our keys (other tools' names): `train.learning_rate` means `train.lr`.
-_SYNONYMS = {
-    "learning_rate": "lr",
-    "bs": "batch_size",
-    "batch": "batch_size",
-    "wd": "weight_decay",
-    "num_epochs": "epochs",
-    "max_epochs": "epochs",
-    "image_size": "img_size",
-    "imgsz": "img_size",
-    "size": "img_size",
-    "workers": "num_workers",
-    "augmentation": "preset",
-    "arch": "name",
-    "architecture": "name",
-    "model": "name",
-}
-
-
-def _closest_keys(key: str) -> list[str]:
-    """Valid keys a mistyped or misplaced one probably meant: the same last name in another section
-    (`epochs` -> `train.epochs`), another tool's name for it (`train.learning_rate` -> `train.lr`), else close
-    spellings, within its section first."""
-    import difflib
-
-    keys = all_keys()
-    last = key.rsplit(".", 1)[-1]
-    for name in (last, _SYNONYMS.get(last.lower())):
-        same_name = [k for k in keys if name and k.rsplit(".", 1)[-1] == name]
-        if same_name:
-            section = key.split(".", 1)[0]
-            return sorted(same_name, key=lambda k: not k.startswith(section + "."))
-    section_keys = [k for k in keys if k.startswith(key.rsplit(".", 1)[0] + ".")] if "." in key else keys
-    close = difflib.get_close_matches(key, section_keys, n=3, cutoff=0.6)
-    return close or difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
