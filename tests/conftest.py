@@ -117,6 +117,17 @@ def trained_run(tmp_path_factory, digits_source) -> Path:
     return imgclf.train(digits_source, FAST, out=out, name="shared", report=False).run_dir
 
 
+@pytest.fixture(scope="session")
+def serve_run(tmp_path_factory, digits_source) -> Path:
+    """A run exported to ONNX, served by the tests of test_serve.py and test_serve_ops.py."""
+    import imgclf
+
+    settings = {"augment": {"hflip": False}, "train": {"epochs": 6, "batch_size": 16}}
+    run = imgclf.train(digits_source, settings, out=tmp_path_factory.mktemp("serve"), name="s", report=False).run_dir
+    imgclf.export(run)
+    return run
+
+
 def file_digests(folder: Path) -> dict[str, str]:
     """sha256 of every file below `folder`, to prove user files were not modified."""
     import hashlib

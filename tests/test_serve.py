@@ -4,6 +4,7 @@ still, a real uvicorn server in this process), and its web page in headless Chro
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import os
 import shutil
@@ -22,13 +23,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import imgclf
 from conftest import run_cli
 from imgclf.deploy.predict import Predictor
 from imgclf.deploy.serve import ServeSettings, create_app
 from imgclf.files import read_csv
-
-SERVE_RUN = {"augment": {"hflip": False}, "train": {"epochs": 6, "batch_size": 16}}
 
 
 def free_port() -> int:
@@ -49,13 +47,6 @@ def wait_ready(url: str, process: subprocess.Popen | None = None, timeout: float
             pass
         time.sleep(0.2)
     raise AssertionError(f"{url} not ready after {timeout} s")
-
-
-@pytest.fixture(scope="session")
-def serve_run(tmp_path_factory, digits_source) -> Path:
-    run = imgclf.train(digits_source, SERVE_RUN, out=tmp_path_factory.mktemp("serve"), name="s", report=False).run_dir
-    imgclf.export(run)
-    return run
 
 
 @pytest.fixture(scope="session")
@@ -400,10 +391,25 @@ def test_concurrent_requests_share_forward_passes_and_health_answers_meanwhile(s
         assert stats["batches"] <= 2  # the held forward pass, then all that queued behind it in one more
 
 
-def test_a_full_queue_answers_503_with_retry_after_and_a_slow_model_504(serve_run):
+def post_image(url: str, body: bytes, route: str = "rest", timeout: float = 30) -> httpx.Response:
+    """POST one image to the REST route, or to the Open Inference Protocol's (a base64 BYTES element in JSON)."""
+    if route == "rest":
+        return httpx.post(f"{url}/predict", files={"files": ("x.png", body, "image/png")}, timeout=timeout)
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(body).decode()]}
+    return httpx.post(f"{url}/v2/models/imgclf/infer", json={"inputs": [tensor]}, timeout=timeout)
+
+
+def error_of(response: httpx.Response) -> str:
+    """The error message of either protocol: {"detail": ...} (REST) or {"error": ...} (v2)."""
+    body = response.json()
+    return body.get("detail") or body["error"]
+
+
+@pytest.mark.parametrize("route", ["rest", "v2"])
+def test_a_full_queue_answers_503_with_retry_after_and_a_slow_model_504(serve_run, route):
     """One request held in the model, one in the queue behind it (queue_size=1): a third finds the queue full (503
     with Retry-After), and the first two answer 504 at their deadline, since the gate holds the model until both
-    have answered; once the gate opens, the server answers again."""
+    have answered; once the gate opens, the server answers again. The same on /predict and on /v2/.../infer."""
     gate = threading.Event()
     gate.set()
     path, _ = known_image(serve_run)
@@ -422,32 +428,30 @@ def test_a_full_queue_answers_503_with_retry_after_and_a_slow_model_504(serve_ru
                 assert time.monotonic() < deadline, what
                 time.sleep(0.01)
 
-        held = BackgroundPost(server.url, body)
+        held = BackgroundPost(server.url, body, route)
         until(lambda: stats()["running"] == 1, "the first request never reached the model")
-        queued = BackgroundPost(server.url, body)
+        queued = BackgroundPost(server.url, body, route)
         until(lambda: stats()["queued"] == 1, "the second request never queued")
-        full = httpx.post(f"{server.url}/predict", files={"files": ("x.png", body, "image/png")}, timeout=30)
+        full = post_image(server.url, body, route)
         assert full.status_code == 503 and full.headers.get("retry-after") == "1", full.text
         for sender in (held, queued):
             sender.join(timeout=60)
         assert [sender.response.status_code for sender in (held, queued)] == [504, 504]
-        assert all("longer than 2.0 s" in sender.response.json()["detail"] for sender in (held, queued))
+        assert all("longer than 2.0 s" in error_of(sender.response) for sender in (held, queued))
         gate.set()
-        ok = httpx.post(f"{server.url}/predict", files={"files": ("x.png", body, "image/png")}, timeout=30)
-        assert ok.status_code == 200
+        assert post_image(server.url, body, route).status_code == 200
 
 
 class BackgroundPost(threading.Thread):
     """POST one image from a thread, started at once; `response` once `join` returns."""
 
-    def __init__(self, url: str, body: bytes) -> None:
+    def __init__(self, url: str, body: bytes, route: str = "rest") -> None:
         super().__init__(daemon=True)
-        self.url, self.body, self.response = url, body, None
+        self.url, self.body, self.route, self.response = url, body, route, None
         self.start()
 
     def run(self) -> None:
-        files = {"files": ("x.png", self.body, "image/png")}
-        self.response = httpx.post(f"{self.url}/predict", files=files, timeout=30)
+        self.response = post_image(self.url, self.body, self.route)
 
 
 # --- the web page --------------------------------------------------------------------------------------------

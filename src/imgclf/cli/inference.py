@@ -211,11 +211,20 @@ def serve(
     timeout: Annotated[float, typer.Option(min=0.001, help="seconds per request (504 after)")] = 30.0,
     top_k: Annotated[int, typer.Option(min=1, help="classes per image unless ?top_k= says")] = 5,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="log every request")] = True,
+    workers: Annotated[
+        int, typer.Option(min=1, help="processes sharing the port; each gets its share of the cores as threads")
+    ] = 1,
+    drain_timeout: Annotated[
+        float, typer.Option(min=0, help="after SIGTERM, seconds the accepted requests may take to finish")
+    ] = 30.0,
+    model_name: Annotated[str, typer.Option(help="the model's name in the /v2 routes (Open Inference Protocol)")] = (
+        "imgclf"
+    ),
 ) -> None:
     """Serve the model over HTTP (FastAPI + uvicorn): POST /predict, GET /health, /ready, /metadata, OpenAPI at
-    /docs, and at / a page to drop images on. A model that cannot be loaded stops here, before listening."""
-    import uvicorn
-
+    /docs, and at / a page to drop images on; the Open Inference Protocol (KServe v2: /v2/models/NAME/infer, as
+    Triton's clients speak it); Prometheus metrics at /metrics. SIGTERM drains: readiness turns 503, accepted
+    requests finish, then it exits 0. A model that cannot be loaded stops here, before listening."""
     from imgclf import workflow
     from imgclf.deploy.serve import ServeSettings
 
@@ -228,8 +237,25 @@ def serve(
         max_files=max_files,
         timeout_s=timeout,
         top_k=top_k,
+        drain_timeout_s=drain_timeout,
+        model_name=model_name,
         **({"max_pixels": max_pixels} if max_pixels else {}),
     )
-    application = workflow.serve_app(model, settings, device=device, threads=threads)
-    console.print(f"serving {escape(str(model))} on http://{host}:{port}/ (Ctrl-C stops)")
-    uvicorn.run(application, host=host, port=port, log_level="info", access_log=access_log, timeout_graceful_shutdown=5)
+
+    def loaded() -> None:  # the model loaded: the port opens next
+        console.print(
+            f"serving {escape(str(model))} on http://{host}:{port}/ as '{escape(model_name)}' (/v2), "
+            f"{workers} worker{'s' * (workers > 1)} (Ctrl-C stops)"
+        )
+
+    workflow.serve(
+        model,
+        settings,
+        host=host,
+        port=port,
+        workers=workers,
+        device=device,
+        threads=threads,
+        access_log=access_log,
+        on_loaded=loaded,
+    )

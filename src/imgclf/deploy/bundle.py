@@ -60,6 +60,8 @@ class ModelBundle:
     hflip_valid: bool | None = None
     # the out-of-distribution threshold chosen on validation (`evaluation.ood.OodThreshold.to_dict()`), or None
     ood: dict[str, Any] | None = None
+    # what the model answered on validation (`evaluation.baseline.prediction_baseline`): the server's drift baseline
+    baseline: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The description `model.json` and an export's metadata share."""
@@ -73,6 +75,7 @@ class ModelBundle:
             "calibration": {"temperature": self.temperature},
             "tta": {"hflip": self.hflip_valid},
             "ood": self.ood,
+            "baseline": self.baseline,
         }
 
     @classmethod
@@ -89,6 +92,7 @@ class ModelBundle:
                 temperature=float(info.get("calibration", {}).get("temperature", 1.0)),
                 hflip_valid=info.get("tta", {}).get("hflip"),
                 ood=info.get("ood"),
+                baseline=info.get("baseline"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{where} lacks or garbles a field of the model description ({exc!r})") from None

@@ -10,7 +10,10 @@ LitServe's shape (setup, decode, predict, encode; batching a setting, not a code
 - the worker groups waiting requests into one forward pass of up to `max_batch` images, waiting at most
   `max_delay_ms` for more (`batching=False`: one request, one forward pass); inference never runs on the event
   loop, so `/health` answers while the model works;
-- every request has a deadline (`timeout_s`, 504 past it).
+- every request has a deadline (`timeout_s`, 504 past it);
+- the Open Inference Protocol (KServe v2: `deploy.v2`) beside these routes, under the same limits; Prometheus
+  metrics at `/metrics` (`deploy.metrics`); `/livez` and `/readyz` as aliases of `/health` and `/ready`;
+- SIGTERM drains (`deploy.drain`): readiness 503, new requests 503 with Retry-After, accepted ones finish.
 """
 
 from __future__ import annotations
@@ -18,10 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import threading
-import time
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -29,17 +29,31 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from imgclf.data.images import load_image
 from imgclf.data.preprocessing import eval_array
+from imgclf.deploy.batching import BatchWorker
+from imgclf.deploy.drain import Drain
+from imgclf.deploy.metrics import CONTENT_TYPE_LATEST, MetricsMiddleware, ServeMetrics
 from imgclf.deploy.predict import Predictor
 from imgclf.errors import ConfigError, ImageError
 
-__all__ = ["STATUS_BY_KIND", "BatchWorker", "BodyTooLarge", "ServeSettings", "create_app"]
+__all__ = [
+    "STATUS_BY_KIND",
+    "BatchWorker",
+    "BodyTooLarge",
+    "RequestProblem",
+    "ServeSettings",
+    "create_app",
+    "decode_upload",
+    "read_body",
+    "run_model",
+    "serve_request",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,118 +76,22 @@ class ServeSettings:
     max_pixels: int | None = None
     timeout_s: float = 30.0  # per request, reading excluded (504)
     top_k: int = 5  # classes per image unless the request asks (?top_k=)
+    drain_timeout_s: float = 30.0  # after SIGTERM, how long accepted requests may take to finish
+    model_name: str = "imgclf"  # the model's name in the Open Inference Protocol's routes (/v2/models/{name})
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "queue_size", "max_body_bytes", "max_files", "max_pixels", "top_k"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"serve {name} must be at least 1; received {getattr(self, name)}")
-        if self.max_delay_ms < 0 or self.timeout_s <= 0:
+        if self.max_delay_ms < 0 or self.timeout_s <= 0 or self.drain_timeout_s < 0:
             raise ConfigError(
-                f"serve max_delay_ms must be >= 0 and timeout_s > 0; received {self.max_delay_ms}, {self.timeout_s}"
+                "serve max_delay_ms and drain_timeout_s must be >= 0 and timeout_s > 0; received "
+                f"{self.max_delay_ms}, {self.drain_timeout_s}, {self.timeout_s}"
             )
 
 
 class BodyTooLarge(Exception):
     pass
-
-
-@dataclass
-class _Job:
-    images: np.ndarray  # float32 [n, C, H, W]
-    future: Future
-
-
-class BatchWorker:
-    """One thread that owns the model: loads it, warms it up, then runs queued jobs in batches."""
-
-    def __init__(self, model: Predictor | Callable[[], Predictor], settings: ServeSettings) -> None:
-        self.settings = settings
-        self.predictor: Predictor | None = model if isinstance(model, Predictor) else None
-        self._loader = None if isinstance(model, Predictor) else model
-        self.jobs: queue.Queue[_Job] = queue.Queue(maxsize=settings.queue_size)
-        self.ready = threading.Event()
-        self.load_error: str | None = None
-        self.warmup_ms: float | None = None
-        self.batches = 0  # forward passes run
-        self.requests = 0  # requests answered by them
-        self.images = 0
-        self.running = 0  # requests in the forward pass under way
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="imgclf-model", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def submit(self, images: np.ndarray) -> Future:
-        """Queue one request's images; raises `queue.Full` when `queue_size` requests already wait."""
-        job = _Job(images, Future())
-        self.jobs.put_nowait(job)
-        return job.future
-
-    def _run(self) -> None:
-        try:
-            if self.predictor is None:
-                assert self._loader is not None
-                self.predictor = self._loader()
-            pre = self.predictor.bundle.preprocessing
-            started = time.perf_counter()
-            self.predictor.predict_batch(np.zeros((1, pre.in_chans, pre.img_size, pre.img_size), np.float32))
-            self.warmup_ms = (time.perf_counter() - started) * 1000
-        except Exception as exc:  # a model that cannot load or run: /ready says why, the server stays up
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            log.error("the model could not be loaded: %s", self.load_error)
-            return
-        self.ready.set()
-        log.info("model ready (%s, warm-up %.0f ms)", self.predictor.runtime.name, self.warmup_ms)
-        while not self._stop.is_set():
-            try:
-                first = self.jobs.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            self._forward(self._gather(first))
-
-    def _gather(self, first: _Job) -> list[_Job]:
-        """The first job and, when batching, those that arrive within `max_delay_ms`, up to `max_batch` images."""
-        jobs, count = [first], len(first.images)
-        if not self.settings.batching:
-            return jobs
-        deadline = time.perf_counter() + self.settings.max_delay_ms / 1000
-        while count < self.settings.max_batch:
-            try:
-                job = self.jobs.get(timeout=max(0.0, deadline - time.perf_counter()))
-            except queue.Empty:
-                break
-            jobs.append(job)
-            count += len(job.images)
-        return jobs
-
-    def _forward(self, jobs: list[_Job]) -> None:
-        live = [job for job in jobs if job.future.set_running_or_notify_cancel()]  # timed-out ones are skipped
-        if not live:
-            return
-        assert self.predictor is not None
-        self.running = len(live)
-        try:
-            probs, ood = self.predictor.infer(np.concatenate([job.images for job in live]))
-        except Exception as exc:
-            log.exception("inference failed")
-            for job in live:
-                job.future.set_exception(exc)
-            return
-        finally:
-            self.running = 0
-        self.batches += 1
-        self.requests += len(live)
-        self.images += sum(len(job.images) for job in live)
-        start = 0
-        for job in live:
-            end = start + len(job.images)
-            job.future.set_result((probs[start:end], ood[start:end]))
-            start = end
 
 
 def create_app(model: Predictor | Callable[[], Predictor], settings: ServeSettings | None = None):
@@ -189,6 +107,8 @@ def create_app(model: Predictor | Callable[[], Predictor], settings: ServeSettin
         >>> import uvicorn
         >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # serves until stopped  # doctest: +SKIP
     """
+    from imgclf.deploy.v2 import add_v2_routes
+
     settings = settings or ServeSettings()
     app = FastAPI(
         title="imgclf",
@@ -197,37 +117,50 @@ def create_app(model: Predictor | Callable[[], Predictor], settings: ServeSettin
         "images on.",
         lifespan=_lifespan,
     )
-    app.state.worker = worker = BatchWorker(model, settings)
-    _add_status_routes(app, worker, settings)
-    _add_predict_route(app, worker, settings)
+    metrics = ServeMetrics()
+    app.state.worker = worker = BatchWorker(model, settings, metrics)
+    app.state.drain = drain = Drain(settings.drain_timeout_s)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    _add_status_routes(app, worker, settings, drain, metrics)
+    _add_predict_route(app, worker, settings, drain)
+    add_v2_routes(app, worker, settings, drain)
     return app
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """The worker thread runs while the app does: it loads the model once the server starts."""
+    """The worker thread runs while the app does: it loads the model once the server starts; SIGTERM drains."""
+    app.state.drain.install()
     app.state.worker.start()
     yield
     app.state.worker.stop()
 
 
 def _problem(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error in the REST routes' form: {"detail": ...}."""
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
-def _add_status_routes(app: FastAPI, worker: BatchWorker, settings: ServeSettings) -> None:
-    """The page, and what the server says about itself: health, readiness, counters, the model's metadata."""
+def _add_status_routes(
+    app: FastAPI, worker: BatchWorker, settings: ServeSettings, drain: Drain, metrics: ServeMetrics
+) -> None:
+    """The page, and what the server says about itself: health, readiness, counters, metrics, the model's
+    metadata."""
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(resources.files("imgclf.deploy").joinpath("static/index.html").read_text("utf-8"))
 
     @app.get("/health", summary="The process is alive (answers while the model works)")
+    @app.get("/livez", summary="The process is alive (the Kubernetes spelling of /health)")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready", summary="200 once the model is loaded and one warm-up batch ran, 503 before")
+    @app.get("/ready", summary="200 once the model is loaded and one warm-up batch ran; 503 before and draining")
+    @app.get("/readyz", summary="/ready under the Kubernetes spelling")
     async def ready():
+        if drain.draining.is_set():
+            return _problem(503, "the server is stopping", {"Retry-After": "1"})
         if worker.ready.is_set():
             return {"status": "ready", "warmup_ms": worker.warmup_ms}
         if worker.load_error:
@@ -243,6 +176,10 @@ def _add_status_routes(app: FastAPI, worker: BatchWorker, settings: ServeSetting
             "queued": worker.jobs.qsize(),
             "running": worker.running,
         }
+
+    @app.get("/metrics", summary="Prometheus metrics: requests, latency, queue and compute time, classes, confidence")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/metadata", summary="Classes, preprocessing, model, backend and limits")
     async def metadata():
@@ -285,7 +222,7 @@ _PREDICT_OPENAPI = {
 }
 
 
-def _add_predict_route(app: FastAPI, worker: BatchWorker, settings: ServeSettings) -> None:
+def _add_predict_route(app: FastAPI, worker: BatchWorker, settings: ServeSettings, drain: Drain) -> None:
     """POST /predict: the limits while the body streams in, then decoding, the worker and the answer, within the
     request's deadline."""
 
@@ -303,26 +240,76 @@ def _add_predict_route(app: FastAPI, worker: BatchWorker, settings: ServeSetting
         or "unknown" for those with `?abstain=true`. A file that is not a usable image gets its `error` and no
         classes, while the others are predicted. When every file fails, the answer is 415 (not images), 413 (too
         many pixels) or 422 (corrupt)."""
+        return await serve_request(
+            request,
+            worker,
+            settings,
+            drain,
+            read=lambda: _read_files(request, settings),
+            answer=lambda files: _answer(worker, settings, files, top_k or settings.top_k, abstain),
+            problem=_problem,
+        )
+
+
+class RequestProblem(Exception):
+    """A request the server answers with `status` and `detail` (its own words: no path, no trace)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+async def serve_request(
+    request: Request,
+    worker: BatchWorker,
+    settings: ServeSettings,
+    drain: Drain,
+    *,
+    read: Callable[[], Awaitable[Any]],
+    answer: Callable[[Any], Awaitable[Any]],
+    problem: Callable[[int, str, dict[str, str] | None], Response],
+) -> Any:
+    """What every inference route shares, in this order: refused while draining or loading (503, Retry-After),
+    a declared body over the limit (413), `read()` (the byte limit counted as the body streams in: 413), then
+    `answer(read's result)` within the request's deadline (504) with a full queue answered 503. `problem` writes
+    an error in the route's protocol; a `RequestProblem` from either step is answered with its status."""
+    with drain.admit() as accepted:
+        if not accepted:
+            return problem(503, "the server is stopping", {"Retry-After": "1", "Connection": "close"})
         if not worker.ready.is_set():
-            return _problem(503, "the model is not ready yet", {"Retry-After": "1"})
+            return problem(503, "the model is not ready yet", {"Retry-After": "1"})
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
-            return _problem(413, f"request body of {int(declared):,} bytes exceeds {settings.max_body_bytes:,}")
+            return problem(413, f"request body of {int(declared):,} bytes exceeds {settings.max_body_bytes:,}", None)
         try:
-            files = await _read_files(request, settings)
+            body = await read()
+            return await asyncio.wait_for(answer(body), timeout=settings.timeout_s)
         except BodyTooLarge:
-            return _problem(413, f"request body exceeds {settings.max_body_bytes:,} bytes")
-        except ValueError as exc:
-            return _problem(413 if "Too many files" in str(exc) else 400, str(exc))
-        if not files:
-            return _problem(400, "no file in the request: send multipart/form-data with image files")
-        k = top_k or settings.top_k
-        try:
-            return await asyncio.wait_for(_answer(worker, settings, files, k, abstain), timeout=settings.timeout_s)
+            return problem(413, f"request body exceeds {settings.max_body_bytes:,} bytes", None)
+        except RequestProblem as exc:
+            return problem(exc.status, exc.detail, None)
         except asyncio.TimeoutError:
-            return _problem(504, f"the request took longer than {settings.timeout_s} s")
+            return problem(504, f"the request took longer than {settings.timeout_s} s", None)
         except queue.Full:
-            return _problem(503, "the server is busy: too many requests wait for the model", {"Retry-After": "1"})
+            return problem(503, "the server is busy: too many requests wait for the model", {"Retry-After": "1"})
+
+
+async def run_model(worker: BatchWorker, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, OOD scores) of preprocessed images from the worker's next forward pass; `queue.Full` when
+    `queue_size` requests already wait."""
+    return await asyncio.wrap_future(worker.submit(images))
+
+
+async def decode_upload(
+    worker: BatchWorker, settings: ServeSettings, files: list[tuple[str, bytes]]
+) -> list[np.ndarray | ImageError]:
+    """Each uploaded file as the model's input, or why it cannot be one, decoded on the thread pool."""
+    predictor = worker.predictor
+    assert predictor is not None
+    pre = predictor.bundle.preprocessing
+    limit = settings.max_pixels or predictor.max_pixels  # not set: the predictor's own (DEFAULT_MAX_PIXELS)
+    return await run_in_threadpool(lambda: [_decode(data, name, pre, limit) for name, data in files])
 
 
 async def _answer(
@@ -330,16 +317,16 @@ async def _answer(
 ) -> dict[str, Any] | JSONResponse:
     """Decode the files on the thread pool, run the good ones through the worker, and answer one entry per file
     (or the error status when no file is a usable image)."""
+    if not files:
+        raise RequestProblem(400, "no file in the request: send multipart/form-data with image files")
     predictor = worker.predictor
     assert predictor is not None
-    pre = predictor.bundle.preprocessing
-    limit = settings.max_pixels or predictor.max_pixels  # not set: the predictor's own (DEFAULT_MAX_PIXELS)
-    decoded = await run_in_threadpool(lambda: [_decode(data, name, pre, limit) for name, data in files])
+    decoded = await decode_upload(worker, settings, files)
     good = [array for array in decoded if isinstance(array, np.ndarray)]
     if not good:
         first = next(error for error in decoded if isinstance(error, ImageError))
-        return _problem(STATUS_BY_KIND.get(first.kind, 422), str(first))
-    probs, ood = await asyncio.wrap_future(worker.submit(np.stack(good)))
+        raise RequestProblem(STATUS_BY_KIND.get(first.kind, 422), str(first))
+    probs, ood = await run_model(worker, np.stack(good))
     rows, scores, results = iter(probs), iter(ood), []
     threshold = predictor.ood_threshold
     for (name, _), outcome in zip(files, decoded):
@@ -379,23 +366,17 @@ async def _read_files(request: Request, settings: ServeSettings) -> list[tuple[s
     """(filename, bytes) of every file of a multipart body, or the raw body as one file; the byte limit is
     counted while the body streams in, so a chunked upload without Content-Length stops at the limit."""
 
-    async def limited() -> AsyncIterator[bytes]:
-        total = 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > settings.max_body_bytes:
-                raise BodyTooLarge
-            yield chunk
-
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
-        body = b"".join([chunk async for chunk in limited()])
+        body = await read_body(request, settings)
         return [("body", body)] if body else []
-    parser = MultiPartParser(request.headers, limited(), max_files=settings.max_files, max_fields=settings.max_files)
+    parser = MultiPartParser(
+        request.headers, _limited(request, settings), max_files=settings.max_files, max_fields=settings.max_files
+    )
     try:
         form = await parser.parse()
     except MultiPartException as exc:
-        raise ValueError(str(exc)) from None
+        raise RequestProblem(413 if "Too many files" in str(exc) else 400, str(exc)) from None
     files = []
     try:
         for _, value in form.multi_items():
@@ -404,6 +385,21 @@ async def _read_files(request: Request, settings: ServeSettings) -> list[tuple[s
     finally:
         await form.close()
     return files
+
+
+async def read_body(request: Request, settings: ServeSettings) -> bytes:
+    """The whole request body, `BodyTooLarge` as soon as it streams past the limit."""
+    return b"".join([chunk async for chunk in _limited(request, settings)])
+
+
+async def _limited(request: Request, settings: ServeSettings) -> AsyncIterator[bytes]:
+    """The body's chunks as they arrive, counted against the limit (a chunked upload without Content-Length too)."""
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > settings.max_body_bytes:
+            raise BodyTooLarge
+        yield chunk
 
 
 def _decode(data: bytes, name: str, pre: Any, max_pixels: int) -> np.ndarray | ImageError:

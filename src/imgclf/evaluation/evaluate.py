@@ -129,20 +129,24 @@ def score_rows(predictor, rows, split: str, *, batch_size: int, tta: bool, progr
 def fit_ood_threshold(
     predictor, paths: RunPaths, manifest: SplitManifest, *, coverage: float, batch_size: int, progress: Progress
 ):
-    """Choose the out-of-distribution threshold on the validation split (`coverage` of its images below it), store it
-    in the bundle's model.json and return the predictor that carries it; without validation images, unchanged."""
+    """Choose the out-of-distribution threshold on the validation split (`coverage` of its images below it), record
+    the split's prediction baseline (`evaluation.baseline`: what a server's live answers are compared with), store
+    both in the bundle's model.json and return the predictor that carries them; without validation images,
+    unchanged."""
     from dataclasses import replace
 
     from imgclf.deploy.bundle import rewrite_description
+    from imgclf.evaluation.baseline import prediction_baseline
     from imgclf.evaluation.ood import choose_threshold
 
     rows = [(row.path, row.label) for row in manifest.split("val")]
     if not rows:
         log.warning("no validation split: no out-of-distribution threshold is stored (predict --abstain needs one)")
         return predictor
-    _, ood, errors, _ = score_rows(predictor, rows, "val", batch_size=batch_size, tta=False, progress=progress)
+    probs, ood, errors, _ = score_rows(predictor, rows, "val", batch_size=batch_size, tta=False, progress=progress)
     threshold = choose_threshold(ood[[error is None for error in errors]], coverage)
-    bundle = replace(predictor.bundle, ood=threshold.to_dict())
+    baseline = prediction_baseline(probs, predictor.classes, predictor.bundle.temperature)
+    bundle = replace(predictor.bundle, ood=threshold.to_dict(), baseline=baseline)
     rewrite_description(paths.model, bundle)
     log.info(
         "out-of-distribution threshold: energy %.3f (%.0f %% of %d validation images below it); predict --abstain "
@@ -243,7 +247,10 @@ def calibrate(
     predictor that applies it. Without validation images the model is returned unchanged (warned); a temperature
     fitted on too few images, or one that raises validation ECE, is refused (T stays 1, warned, recorded) unless
     `force`."""
+    from dataclasses import replace
+
     from imgclf.deploy.bundle import read_model_json, rewrite_description
+    from imgclf.evaluation.baseline import prediction_baseline
     from imgclf.evaluation.calibration import (
         apply_temperature,
         calibration_decision,
@@ -293,7 +300,10 @@ def calibrate(
         )
     else:
         log.info("calibration: %s", figures)
-    calibrated = predictor.with_temperature(temperature)
+    # the baseline's confidences at the temperature the model now answers with (its classes are the same)
+    baseline = prediction_baseline(apply_temperature(probs, temperature), predictor.classes, temperature)
+    bundle = replace(predictor.bundle, temperature=temperature, baseline=baseline)
+    calibrated = type(predictor)(bundle, predictor.runtime, max_pixels=predictor.max_pixels)
     rewrite_description(paths.model, calibrated.bundle)
     exports = sorted(read_model_json(paths.model).get("exports", {}))
     if exports and temperature != predictor.bundle.temperature:

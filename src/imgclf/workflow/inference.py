@@ -4,7 +4,7 @@ from the run folder), `load_model`, `predict` (files, folders, globs; sliced ove
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,17 @@ from imgclf.tracking.runs import find_run
 from imgclf.training import distributed
 from imgclf.workflow.results import EvalResult
 
-__all__ = ["SPLIT_NAMES", "evaluate", "export", "load_model", "predict", "report", "serve_app"]
+__all__ = [
+    "SPLIT_NAMES",
+    "app_from_environment",
+    "evaluate",
+    "export",
+    "load_model",
+    "predict",
+    "report",
+    "serve",
+    "serve_app",
+]
 
 SPLIT_NAMES = ("train", "val", "valid", "validation", "test")
 
@@ -274,9 +284,95 @@ def serve_app(
     from imgclf.deploy.serve import ServeSettings, create_app
 
     path = Path(model)
+    if threads and device in ("auto", "cpu") and path.suffix != ".onnx":
+        import torch
+
+        torch.set_num_threads(threads)  # a PyTorch model on the CPU: this worker's share of the cores
     predictor = Predictor.load(path, device=device, threads=threads)
     settings = settings or ServeSettings()
     if settings.max_pixels is None:  # not given (a limit equal to the default is still an answer)
         settings = replace(settings, max_pixels=evaluation.run_max_pixels(path))
     predictor.max_pixels = settings.max_pixels
     return create_app(predictor, settings)
+
+
+_SERVE_ENV = "IMGCLF_SERVE"  # what each worker process of `serve(workers > 1)` serves, as JSON
+
+
+def serve(
+    model: Path | str,
+    settings: Any = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    device: str = "auto",
+    threads: int | None = None,
+    access_log: bool = True,
+    on_loaded: Callable[[], None] | None = None,
+) -> None:
+    """Serve `model` with uvicorn until SIGINT or SIGTERM (which drains: `deploy.drain`), in `workers` processes
+    sharing the port. Each worker gets `threads` intra-op threads, by default its share of the usable cores (2
+    workers on 2 cores: 1 each), so the workers do not oversubscribe the CPU. The model is loaded here first, so
+    a model that cannot be loaded stops before any port is opened; with several workers, each loads its own
+    copy, and /metrics adds up every worker's values (prometheus-client's multiprocess mode, in a temporary
+    folder removed at the end). `on_loaded` is called once the model loaded, before the port opens."""
+    import json
+    import os
+    import shutil
+    import signal
+    import tempfile
+    from dataclasses import asdict
+
+    import uvicorn
+
+    from imgclf.cpus import usable_cpus
+    from imgclf.deploy.serve import ServeSettings
+
+    settings = settings or ServeSettings()
+    if workers < 1:
+        raise ConfigError(f"serve workers must be at least 1; received {workers}")
+    threads = threads or max(1, usable_cpus() // workers)
+    application = serve_app(model, settings, device=device, threads=threads)
+    if on_loaded is not None:
+        on_loaded()
+    options = dict(host=host, port=port, log_level="info", access_log=access_log)
+    options["timeout_graceful_shutdown"] = max(1, int(settings.drain_timeout_s))
+    # uvicorn raises the stopping signal again once it has shut down: ignored meanwhile, a drained stop returns
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        if workers == 1:
+            uvicorn.run(application, **options)
+            return
+        del application  # each worker loads its own copy
+        spec = {"model": str(model), "settings": asdict(settings), "device": device, "threads": threads}
+        metrics_dir = tempfile.mkdtemp(prefix="imgclf-metrics-")
+        os.environ[_SERVE_ENV], os.environ["PROMETHEUS_MULTIPROC_DIR"] = json.dumps(spec), metrics_dir
+        try:
+            target = "imgclf.workflow.inference:app_from_environment"
+            uvicorn.run(target, factory=True, workers=workers, **options)
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+            os.environ.pop(_SERVE_ENV, None), os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def app_from_environment():
+    """The app of one worker process of `serve(workers > 1)`: the model and settings its parent put in
+    IMGCLF_SERVE."""
+    import json
+    import logging
+    import os
+
+    from imgclf.deploy.serve import ServeSettings
+
+    spec = json.loads(os.environ[_SERVE_ENV])
+    package_log = logging.getLogger("imgclf")
+    if not package_log.handlers:  # a fresh process: imgclf's lines (model ready, draining) next to uvicorn's
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+        package_log.addHandler(handler)
+        package_log.setLevel(logging.INFO)
+    settings = ServeSettings(**spec["settings"])
+    return serve_app(spec["model"], settings, device=spec["device"], threads=spec["threads"])
