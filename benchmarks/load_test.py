@@ -55,27 +55,32 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_server(model: Path, batching: bool) -> tuple[subprocess.Popen, str]:
-    import httpx
-
+def start_server(model: Path, batching: bool, options: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """`imgclf serve MODEL` on a free loopback port, once /ready answers 200."""
     port = free_port()
-    command = [sys.executable, "-m", "imgclf", "serve", str(model), "--port", str(port), "--no-access-log"]
+    command = [sys.executable, "-m", "imgclf", "serve", str(model), "--port", str(port), "--no-access-log", *options]
     if not batching:
         command.append("--no-batching")
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return wait_for(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, "/ready")
+
+
+def wait_for(process: subprocess.Popen, port: int, route: str) -> tuple[subprocess.Popen, str]:
+    """The server process and its URL once GET `route` answers 200 (within 120 s, else the script stops)."""
+    import httpx
+
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            sys.exit(f"imgclf serve exited with {process.returncode}")
+            sys.exit(f"{process.args[:4]} exited with {process.returncode}")
         try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{route}", timeout=2).status_code == 200:
                 return process, url
         except httpx.TransportError:
             pass
         time.sleep(0.2)
     process.kill()
-    sys.exit("imgclf serve was not ready within 120 s")
+    sys.exit(f"{process.args[:4]} was not ready within 120 s")
 
 
 def multipart(body: bytes, boundary: str = "imgclf-load-test") -> tuple[bytes, str]:

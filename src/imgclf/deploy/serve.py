@@ -164,7 +164,7 @@ def _add_status_routes(
         if worker.ready.is_set():
             return {"status": "ready", "warmup_ms": worker.warmup_ms}
         if worker.load_error:
-            return _problem(503, f"the model failed to load: {worker.load_error}")
+            return _problem(503, "the model failed to load (the server's log says why)")
         return _problem(503, "loading the model", {"Retry-After": "1"})
 
     @app.get("/stats", summary="Forward passes, requests and images served so far; requests waiting and running")
