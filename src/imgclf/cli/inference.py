@@ -199,7 +199,7 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port")] = 8000,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps (PyTorch models)")] = "auto",
     threads: Annotated[
-        int | None, typer.Option(min=1, help="ONNX Runtime intra-op threads (default: all cores)")
+        int | None, typer.Option(min=1, help="intra-op threads per worker (default: the usable cores / --workers)")
     ] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="images per forward pass when batching")] = 32,
     max_delay_ms: Annotated[float, typer.Option(min=0, help="wait this long for more requests to batch")] = 5.0,
