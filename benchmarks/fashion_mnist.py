@@ -280,8 +280,8 @@ def default_model():
     """imgclf's default small_cnn for 10 grayscale classes, as `imgclf train` builds it on this machine (early
     pooling is `auto`: on where training computes in fp32 on a CPU)."""
     from imgclf.config import ModelConfig
-    from imgclf.device import resolve_compute
-    from imgclf.models.registry import auto_early_pool, build_model, model_spec
+    from imgclf.device import auto_early_pool, resolve_compute
+    from imgclf.models.registry import build_model, model_spec
 
     early_pool = auto_early_pool(resolve_compute("auto", "auto", True))
     return build_model(model_spec(ModelConfig(early_pool=early_pool), num_classes=10, in_chans=1))

@@ -70,3 +70,26 @@ def test_modules_and_functions_stay_within_a_readable_size():
                 long_functions.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({_body_lines(node)})")
     assert not long_modules, f"modules over {MODULE_LINES} lines: {long_modules}"
     assert not long_functions, f"function bodies over {FUNCTION_BODY_LINES} lines: {long_functions}"
+
+
+def test_benchmarks_and_scripts_import_only_what_imgclf_has():
+    """The benchmarks are not run by the tests, so a name moved between modules would break them silently
+    (fashion_mnist.py imported `auto_early_pool` from models.registry after it had moved to device)."""
+    root = PACKAGE.parent.parent
+    missing = []
+    for path in sorted([*root.glob("benchmarks/*.py"), *root.glob("scripts/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "imgclf":
+                module = importlib.import_module(node.module)
+                missing += [f"{path.name}: {node.module}.{a.name}" for a in node.names if not _has(module, a.name)]
+    assert not missing, f"imports of names imgclf does not have: {missing}"
+
+
+def _has(module, name: str) -> bool:
+    if hasattr(module, name):
+        return True
+    try:
+        importlib.import_module(f"{module.__name__}.{name}")
+        return True
+    except ImportError:
+        return False
