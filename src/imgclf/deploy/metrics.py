@@ -79,12 +79,14 @@ class ServeMetrics:
 
     def observe_answers(self, probs: np.ndarray, ood: np.ndarray, predictor: Any) -> None:
         """The answers of one forward pass: each image's top class and confidence, and whether it was unknown."""
+        counts = np.bincount(probs.argmax(axis=1), minlength=len(predictor.classes))
+        for index in np.flatnonzero(counts):  # one increment per class seen, not per image
+            self.predictions.labels(label=predictor.classes[index]).inc(int(counts[index]))
+        for confidence in probs.max(axis=1).tolist():
+            self.confidence.observe(confidence)
         threshold = predictor.ood_threshold
-        for row, score in zip(probs, ood):
-            self.predictions.labels(label=predictor.classes[int(row.argmax())]).inc()
-            self.confidence.observe(float(row.max()))
-            if threshold is not None and score > threshold.threshold:
-                self.unknown.inc()
+        if threshold is not None and (unknown := int((ood > threshold.threshold).sum())):
+            self.unknown.inc(unknown)
 
     def render(self) -> bytes:
         """The exposition text: this process's registry, or with several workers every worker's values summed."""

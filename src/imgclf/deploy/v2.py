@@ -240,14 +240,15 @@ def _preprocessed(worker: BatchWorker, tensor: dict[str, Any], raw: bytes | None
         raise RequestProblem(
             400, f"'{TENSOR_INPUT}' must have shape [N, {expected[1]}, {expected[2]}, {expected[3]}]; received {shape}"
         )
-    try:
-        values = np.asarray(tensor.get("data"), dtype=np.float32).reshape(-1) if raw is None else None
-    except (TypeError, ValueError):
-        raise RequestProblem(400, "'data' must be a list of numbers") from None
     if raw is not None:
         if len(raw) != 4 * count:
             raise RequestProblem(400, f"an FP32 tensor of shape {shape} is {4 * count} bytes; received {len(raw)}")
         values = np.frombuffer(raw, dtype="<f4")
+    else:
+        try:
+            values = np.asarray(tensor.get("data"), dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError):
+            raise RequestProblem(400, "'data' must be a list of numbers") from None
     if values.size != count:
         raise RequestProblem(400, f"'data' holds {values.size} numbers; shape {shape} needs {count}")
     if not np.isfinite(values).all():

@@ -353,7 +353,8 @@ def serve(
             uvicorn.run(target, factory=True, workers=workers, **options)
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
-            os.environ.pop(_SERVE_ENV, None), os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            for name in (_SERVE_ENV, "PROMETHEUS_MULTIPROC_DIR"):
+                os.environ.pop(name, None)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
