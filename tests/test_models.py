@@ -44,7 +44,7 @@ def test_unknown_model_suggests_close_names():
 def test_spec_round_trips():
     spec = small_cnn_spec(3, 1, depth=4, width=16, dropout=0.1, pool=1, early_pool=False)
     assert ModelSpec.from_dict(spec.to_dict()) == spec
-    assert spec.options == {"dropout": 0.1, "depth": 4, "width": 16, "pool": 1, "early_pool": False}
+    assert spec.options == {"dropout": 0.1, "depth": 4, "width": 16, "pool": 1, "early_pool": False, "whiten": False}
     assert model_spec(ModelConfig(name="resnet18"), num_classes=3, in_chans=1).options == {"dropout": 0.0}
 
 
@@ -89,3 +89,21 @@ def test_early_pool_auto_must_be_resolved_before_a_build():
     with pytest.raises(ConfigError, match="early_pool must be resolved"):
         model_spec(ModelConfig(), num_classes=3, in_chans=1)
     assert model_spec(ModelConfig(name="resnet18"), num_classes=3, in_chans=1).options == {"dropout": 0.0}
+
+
+def test_patch_whitening_decorrelates_patches_and_stays_frozen():
+    torch.manual_seed(0)
+    images = torch.randn(200, 1, 16, 16).cumsum(-1) / 4  # neighbouring pixels strongly correlated
+    model = SmallCNN(3, in_chans=1, whiten=True)
+    assert "whiten.weight" in model.state_dict()
+    assert "whiten.weight" not in dict(model.named_parameters())  # a buffer: no optimizer moves it
+    model.whiten.fit(images)
+    outputs = torch.nn.functional.conv2d(images, model.whiten.weight)  # the valid windows
+    flat = outputs[:, :4].permute(0, 2, 3, 1).reshape(-1, 4)
+    covariance = flat.T @ flat / len(flat)
+    assert torch.allclose(covariance, torch.eye(4), atol=0.05)
+    assert torch.equal(outputs[:, 4:], -outputs[:, :4])
+    assert model(images[:2]).shape == (2, 3)
+    spec = model_spec(ModelConfig(whiten=True, early_pool=False), num_classes=3, in_chans=1)
+    assert spec.options["whiten"] is True
+    assert isinstance(build_model(spec).whiten, torch.nn.Module)

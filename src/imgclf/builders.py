@@ -24,7 +24,16 @@ from imgclf.progress import NO_PROGRESS, Progress
 from imgclf.training import distributed
 from imgclf.training.distributed import SINGLE, Group
 
-__all__ = ["Loaders", "epoch_steps", "find_learning_rate", "is_pretrained", "make_fit_state", "make_loaders", "mixing"]
+__all__ = [
+    "Loaders",
+    "epoch_steps",
+    "find_learning_rate",
+    "is_pretrained",
+    "make_fit_state",
+    "make_loaders",
+    "mixing",
+    "whitening_sample",
+]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +100,33 @@ def make_loaders(
     if mode == "off":
         return _streaming_loaders(config, manifest, pre, compute, batch_size, group)
     return _cached_loaders(config, manifest, pre, compute, batch_size, mode, group, progress)
+
+
+WHITENING_IMAGES = 5000  # training images that fit small_cnn's whitening layer (airbench's count)
+
+
+def whitening_sample(config: RunConfig, train: Iterable, pre: Preprocessing, weights) -> torch.Tensor | None:
+    """The training images that fit small_cnn's whitening layer, when this fresh model has one (None otherwise:
+    another network, weights given, or `model.whiten` off)."""
+    from imgclf.models.registry import SMALL_CNN
+
+    wanted = config.model.name == SMALL_CNN and config.model.whiten and weights is None
+    return _training_sample(train, pre) if wanted else None
+
+
+def _training_sample(train: Iterable, pre: Preprocessing, count: int = WHITENING_IMAGES) -> torch.Tensor:
+    """Up to `count` training images spread evenly over the split, normalized as for evaluation (no augmentation):
+    the statistics a data-dependent initialisation reads. Cached images are read directly; streamed ones are
+    decoded (their training transform applied)."""
+    from imgclf.data.batch_transforms import eval_batch
+
+    images = getattr(train, "images", None)
+    total = len(images) if images is not None else len(train.loader.dataset)
+    picks = torch.linspace(0, total - 1, min(count, total)).long()
+    if images is not None:
+        return eval_batch(images.index_select(0, picks.to(images.device)), pre)
+    samples = [train.loader.dataset[int(i)] for i in picks[: count // 10]]  # decoding costs: a tenth of them
+    return torch.stack([sample[0] for sample in samples if isinstance(sample, tuple)])
 
 
 def epoch_steps(train_images: int, batch_size: int) -> tuple[int, int]:
@@ -231,12 +267,15 @@ def make_fit_state(
     *,
     extend_from: int | None = None,
     group: Group = SINGLE,
+    train_sample: torch.Tensor | None = None,
 ):
     """A freshly initialised (seeded) model with pretrained weights if given, its optimizer, the training loss,
     and the phase plan whose `enter` sets trainable layers, learning rates and the LR schedule. `extend_from`:
     the epochs a finished run had; the plan gets an extension phase up to `train.epochs` (`extend_phases`).
     Under torchrun (`group`) the phases wrap the model in DDP, `train.lr_scaling: linear` multiplies the learning
     rates by the number of processes, and `train.sync_batchnorm` makes BatchNorm layers synchronised.
+    `train_sample`: normalized training images that fit small_cnn's whitening layer (`model.whiten`; without
+    them it waits for a checkpoint's weights).
 
     Returns:
         (FitState, ModelSpec, loss, Phases callback).
@@ -255,6 +294,8 @@ def make_fit_state(
     model = _placed_model(
         spec, weights, seed=train.seed, sync_batchnorm=train.sync_batchnorm, compute=compute, group=group
     )
+    if getattr(model, "whiten", None) is not None and weights is None and train_sample is not None:
+        model.whiten.fit(train_sample.to(compute.device))
     average = WeightAverage(model, train.ema_decay) if train.ema else None  # before compile: a plain copy
     if train.compile:
         compile_in_place(model, compute.device)
@@ -374,7 +415,10 @@ def find_learning_rate(
     from imgclf.training.optim import find_lr
 
     probe = build_config(config, {"train.lr": 1.0})  # the finder sets the LR itself
-    state, _, loss_fn, phases = make_fit_state(probe, manifest, pre, steps_per_epoch, "min", compute, weights)
+    sample = whitening_sample(config, train_loader, pre, weights)
+    state, _, loss_fn, phases = make_fit_state(
+        probe, manifest, pre, steps_per_epoch, "min", compute, weights, train_sample=sample
+    )
     phases.enter(state, 1)
     log.info("LR finder: up to %d steps from 1e-7 to 10", num_steps)
     result = find_lr(

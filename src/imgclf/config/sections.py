@@ -210,6 +210,11 @@ class ModelConfig(_Section):
     weights: Path | None = Field(
         None, description="start from this weights file (safetensors, or a .pth/.bin state dict); implies pretrained"
     )
+    whiten: bool = Field(
+        False,
+        description="small_cnn: a frozen first layer that whitens 2x2 patches, fitted to 5,000 training images "
+        "before training (airbench's first layer; Fashion-MNIST, 5 minutes: 0.9370 against 0.9327 without)",
+    )
 
 
 class EarlyStoppingConfig(_Section):

@@ -59,7 +59,9 @@ def model_spec(model: ModelConfig, *, num_classes: int, in_chans: int) -> ModelS
             raise ConfigError(
                 "internal: model.early_pool must be resolved (device.resolve_auto_settings) before the model is built"
             )
-        options.update(depth=model.depth, width=model.width, pool=model.pool, early_pool=model.early_pool)
+        options.update(
+            depth=model.depth, width=model.width, pool=model.pool, early_pool=model.early_pool, whiten=model.whiten
+        )
     return ModelSpec(name=model.name, num_classes=num_classes, in_chans=in_chans, options=options)
 
 

@@ -6,9 +6,50 @@ import itertools
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SmallCNN", "conv_block"]
+__all__ = ["PatchWhitening", "SmallCNN", "conv_block"]
+
+WHITEN_PATCH = 2  # airbench's 2x2 patches: 4 values per channel
+WHITEN_EPS = 5e-4  # added to the eigenvalues, so near-constant directions are not blown up
+
+
+class PatchWhitening(nn.Module):
+    """A frozen first layer whose filters whiten the image's 2x2 patches (airbench's first layer for CIFAR-10).
+
+    `fit(images)` sets the filters from the training images: the eigenvectors of the patches' covariance, each
+    scaled by 1/sqrt(its eigenvalue), and their negatives (so a ReLU-like activation after it loses nothing).
+    The filters are a buffer (saved with the weights, never trained); the bias trains. The output has the input's
+    size (the image's last row and column are repeated for the 2x2 windows).
+    """
+
+    def __init__(self, in_chans: int, patch: int = WHITEN_PATCH) -> None:
+        super().__init__()
+        dims = in_chans * patch * patch
+        self.register_buffer("weight", torch.zeros(2 * dims, in_chans, patch, patch))
+        self.bias = nn.Parameter(torch.zeros(2 * dims))
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor, eps: float = WHITEN_EPS) -> None:
+        """Set the filters from normalized training images [N, C, H, W] (a few thousand are plenty)."""
+        channels, patch = self.weight.shape[1], self.weight.shape[-1]
+        patches = images.float().unfold(2, patch, 1).unfold(3, patch, 1)  # N, C, H', W', p, p
+        flat = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, channels * patch * patch)
+        covariance = flat.T @ flat / len(flat)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        scaled = eigenvectors.T.reshape(-1, channels, patch, patch) / torch.sqrt(eigenvalues.view(-1, 1, 1, 1) + eps)
+        self.weight.copy_(torch.cat((scaled, -scaled)).to(self.weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the last row and column repeated, so the map keeps the image's size (every block's pooling then halves it
+        # as without this layer, down to depth 5 at 32 px)
+        x = F.pad(x, (0, 1, 0, 1), mode="replicate")
+        return F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
 
 
 def conv_block(in_channels: int, out_channels: int, convs: int = 2, *, early_pool: bool = False) -> nn.Sequential:
@@ -47,6 +88,8 @@ class SmallCNN(nn.Module):
             average pooling (any position); 2 keeps where things are, which centred, aligned images (Fashion-MNIST)
             use.
         early_pool: pool after each block's first conv instead of after its last (see `conv_block`).
+        whiten: start with `PatchWhitening` (+ GELU), fitted to the training images before training
+            (`fit_whitening`).
     """
 
     def __init__(
@@ -58,11 +101,14 @@ class SmallCNN(nn.Module):
         dropout: float = 0.1,
         pool: int = 1,
         early_pool: bool = False,
+        whiten: bool = False,
     ):
         super().__init__()
         if not 3 <= depth <= 5:
             raise ValueError(f"small_cnn depth must be 3 to 5; received {depth}")
-        channels = [in_chans] + [width * 2**i for i in range(depth)]
+        self.whiten = PatchWhitening(in_chans) if whiten else None
+        first = self.whiten.out_channels if self.whiten is not None else in_chans
+        channels = [first] + [width * 2**i for i in range(depth)]
         self.features = nn.Sequential(
             *(
                 conv_block(a, b, convs=1 if i == 0 else 2, early_pool=early_pool)
@@ -82,5 +128,7 @@ class SmallCNN(nn.Module):
         return {"blocks": r"^features\.(\d+)"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.whiten is not None:
+            x = F.gelu(self.whiten(x))
         x = self.pool(self.features(x)).flatten(1)
         return self.head(self.dropout(x))

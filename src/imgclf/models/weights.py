@@ -204,8 +204,8 @@ def load_pretrained(model: nn.Module, weights: PretrainedWeights, *, name: str) 
     ]
     if missing or unexpected or mismatched:
         hint = (
-            "; small_cnn weights from a run with the other pooling layout: set model.early_pool to that run's value "
-            "(its config.yaml), e.g. --set model.early_pool=false"
+            "; small_cnn weights from a run with another layout: set model.early_pool and model.whiten to that run's "
+            "values (its config.yaml), e.g. --set model.early_pool=false --set model.whiten=false"
             if isinstance(model, SmallCNN)
             else ""
         )

@@ -123,8 +123,18 @@ def _fit_run(
     # 3. model (pretrained weights under a new head), optimizer, loss, phases; or the saved state when resuming
     stopping = config.train.early_stopping
     monitor = cb.Monitor.resolve(stopping.monitor, stopping.mode)
+    sample = builders.whitening_sample(config, loaders.train, pre, weights) if checkpoint is None else None
     state, spec, loss_fn, phases = builders.make_fit_state(
-        config, manifest, pre, steps, monitor.mode, compute, weights, extend_from=extend_from, group=group
+        config,
+        manifest,
+        pre,
+        steps,
+        monitor.mode,
+        compute,
+        weights,
+        extend_from=extend_from,
+        group=group,
+        train_sample=sample,
     )
     if checkpoint is not None:
         restore_fit(state, phases, checkpoint)
