@@ -248,13 +248,7 @@ def model_rate(precision: str, seconds: float) -> dict:
     images = torch.randn(BATCH, 1, 28, 28, device=compute.device).contiguous(memory_format=compute.memory_format)
     targets = torch.randint(0, 10, (BATCH,), device=compute.device)
 
-    def step() -> None:
-        with compute.autocast():
-            loss = torch.nn.functional.cross_entropy(model(images), targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
+    step = training_step(model, optimizer, images, targets, compute)
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops() / BATCH
@@ -274,6 +268,20 @@ def model_rate(precision: str, seconds: float) -> dict:
         "mflop_per_image": flops / 1e6,
         "gflop_per_s": flops * rate / 1e9,
     }
+
+
+def training_step(model, optimizer, images, targets, compute):
+    """One forward + backward + optimizer step of `model` on fixed tensors at `compute`'s precision, as a callable."""
+    import torch
+
+    def step() -> None:
+        with compute.autocast():
+            loss = torch.nn.functional.cross_entropy(model(images), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return step
 
 
 def default_model():

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from fashion_mnist import _machine, _peak_rss, _precision, _sync
+from fashion_mnist import _machine, _peak_rss, _precision, _sync, training_step
 
 MODEL = "tf_efficientnet_lite0"
 PER_CLASS_TEST = 30
@@ -240,13 +240,7 @@ def _step_ms(compute, *, in_chans: int, batch: int) -> float:
     )
     targets = torch.randint(0, 2, (batch,), device=compute.device)
 
-    def step() -> None:
-        with compute.autocast():
-            loss = torch.nn.functional.cross_entropy(model(images), targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
+    step = training_step(model, optimizer, images, targets, compute)
     for _ in range(3):
         step()
     _sync(compute.device)
