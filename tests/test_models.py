@@ -13,7 +13,9 @@ from imgclf.models.small_cnn import SmallCNN
 
 def small_cnn_spec(num_classes: int, in_chans: int, **options) -> ModelSpec:
     return model_spec(
-        ModelConfig(**{"width": 8, "early_pool": False, **options}), num_classes=num_classes, in_chans=in_chans
+        ModelConfig(**{"width": 8, "early_pool": False, "whiten": True, **options}),
+        num_classes=num_classes,
+        in_chans=in_chans,
     )
 
 
@@ -44,7 +46,7 @@ def test_unknown_model_suggests_close_names():
 def test_spec_round_trips():
     spec = small_cnn_spec(3, 1, depth=4, width=16, dropout=0.1, pool=1, early_pool=False)
     assert ModelSpec.from_dict(spec.to_dict()) == spec
-    assert spec.options == {"dropout": 0.1, "depth": 4, "width": 16, "pool": 1, "early_pool": False, "whiten": False}
+    assert spec.options == {"dropout": 0.1, "depth": 4, "width": 16, "pool": 1, "early_pool": False, "whiten": True}
     assert model_spec(ModelConfig(name="resnet18"), num_classes=3, in_chans=1).options == {"dropout": 0.0}
 
 
@@ -60,7 +62,8 @@ def test_small_cnn_early_pool_halves_the_flops():
     assert 0.4 < flops(early) / flops(classic) < 0.6
     # the same parameters and the same last feature map (28 -> 14 -> 7 -> 3 px): only the pooling moved
     assert [p.shape for p in early.parameters()] == [p.shape for p in classic.parameters()]
-    assert early.features(torch.zeros(1, 1, 28, 28)).shape == classic.features(torch.zeros(1, 1, 28, 28)).shape
+    image = torch.zeros(1, 1, 28, 28)
+    assert early.forward_features(image).shape == classic.forward_features(image).shape
 
 
 def test_bundles_without_early_pool_rebuild_the_classic_layout():
@@ -88,6 +91,8 @@ def test_early_pool_auto_must_be_resolved_before_a_build():
     assert ModelConfig().early_pool == "auto"
     with pytest.raises(ConfigError, match="early_pool must be resolved"):
         model_spec(ModelConfig(), num_classes=3, in_chans=1)
+    with pytest.raises(ConfigError, match="whiten must be resolved"):  # the data decide it (test_data_settings)
+        model_spec(ModelConfig(early_pool=False), num_classes=3, in_chans=1)
     assert model_spec(ModelConfig(name="resnet18"), num_classes=3, in_chans=1).options == {"dropout": 0.0}
 
 
@@ -107,3 +112,14 @@ def test_patch_whitening_decorrelates_patches_and_stays_frozen():
     spec = model_spec(ModelConfig(whiten=True, early_pool=False), num_classes=3, in_chans=1)
     assert spec.options["whiten"] is True
     assert isinstance(build_model(spec).whiten, torch.nn.Module)
+
+
+def test_whiten_auto_follows_the_weights_else_the_number_of_training_images():
+    from imgclf.data.settings import WHITEN_FROM_IMAGES, auto_whiten
+    from imgclf.models.weights import PretrainedWeights
+
+    assert not auto_whiten(WHITEN_FROM_IMAGES - 1, None) and auto_whiten(WHITEN_FROM_IMAGES, None)
+    whitened = SmallCNN(3, in_chans=1, whiten=True).state_dict()
+    classic = SmallCNN(3, in_chans=1).state_dict()
+    assert auto_whiten(10, PretrainedWeights(whitened, "file a")) is True  # few images, but the weights need it
+    assert auto_whiten(10**6, PretrainedWeights(classic, "file b")) is False

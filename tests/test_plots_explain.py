@@ -298,7 +298,7 @@ def test_confusion_matrix_of_50_classes_is_capped_and_labelled(tmp_path):
 
 def small_cnn(in_chans: int = 3, classes: int = 3, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    config = ModelConfig(width=8, dropout=0.1, pool=1, early_pool=False)
+    config = ModelConfig(width=8, dropout=0.1, pool=1, early_pool=False, whiten=True)
     return build_model(model_spec(config, num_classes=classes, in_chans=in_chans))
 
 
@@ -357,7 +357,7 @@ def test_target_layer_is_the_last_spatial_conv_stage(name, expected):
 @pytest.mark.parametrize("early_pool", [False, True])  # model.early_pool: auto picks either by the machine
 def test_default_small_cnn_at_28_px_weighs_a_7x7_map_not_its_3x3_last_one(early_pool):
     # the defaults: 3 blocks, width 32
-    model = build_model(model_spec(ModelConfig(early_pool=early_pool), num_classes=10, in_chans=1))
+    model = build_model(model_spec(ModelConfig(early_pool=early_pool, whiten=True), num_classes=10, in_chans=1))
     _, batch = digit_images(28)
     layer = cam_layer(model, 28)
     assert (layer.name, layer.map_size, layer.input_size) == ("features.1", (7, 7), (28, 28))
@@ -365,7 +365,7 @@ def test_default_small_cnn_at_28_px_weighs_a_7x7_map_not_its_3x3_last_one(early_
     assert layer.caption() == "Grad-CAM of features.1 (7x7 map, upsampled to 28 px)"
     assert cam_layer(model, (28, 28)) == layer  # a side or (height, width)
     with torch.no_grad():
-        assert model.eval().features(batch).shape[-2:] == (3, 3)  # the last map, which drew bands
+        assert model.eval().forward_features(batch).shape[-2:] == (3, 3)  # the last map, which drew bands
     heatmaps = grad_cam(model, batch)  # the default layer is chosen at the inputs' own size
     np.testing.assert_allclose(heatmaps, grad_cam(model, batch, layer=layer.module), atol=1e-6)
     assert heatmaps.shape == (4, 28, 28)

@@ -377,6 +377,25 @@ def test_explicit_color_adapts_the_pretrained_stem(tmp_path, trained_run, digits
     assert "adapted the pretrained stem features.0.0.weight from 1 to 3 input channel(s)" in caplog.text
 
 
+def test_a_whitening_layer_for_gray_images_is_fitted_again_for_rgb_ones(tmp_path, digits_source, caplog):
+    """small_cnn's whitening layer has 8 filters per input channel, so it cannot be adapted like a conv stem: with
+    weights trained on gray images and RGB input, it is fitted again to the RGB images, and `model.whiten: auto`
+    follows the weights (on) although these 90 images alone would leave it off."""
+    caplog.set_level("INFO", logger="imgclf.models.weights")
+    gray = {**FAST, "model": {"width": 8, "whiten": True}, "train": {"epochs": 1, "batch_size": 8}}
+    source = imgclf.train(digits_source, gray, out=tmp_path / "gray", report=False)
+    path = small_cnn_weights(tmp_path, source.run_dir, ".safetensors")
+    assert read_state_dict(path)["whiten.weight"].shape == (8, 1, 2, 2)
+    rgb = {**gray, "data": {"img_size": 16, "color": "rgb"}, "model": {"width": 8, "weights": str(path)}}
+    result = imgclf.train(digits_source, rgb, out=tmp_path / "runs", report=False)
+    assert yaml.safe_load((result.run_dir / "config.yaml").read_text())["model"]["whiten"] is True
+    assert "takes 1 input channel(s), these images 3: it is fitted again" in caplog.text
+    weights = read_state_dict(result.run_dir / "model" / "weights.safetensors")
+    layer = weights["whiten.weight"]
+    assert layer.shape == (24, 3, 2, 2)
+    assert not torch.equal(layer, torch.cat((torch.eye(12), -torch.eye(12))).reshape(24, 3, 2, 2))  # fitted
+
+
 def test_small_cnn_weights_of_the_other_pooling_layout_are_refused_naming_early_pool(
     tmp_path, trained_run, digits_source
 ):

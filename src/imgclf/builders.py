@@ -106,27 +106,45 @@ WHITENING_IMAGES = 5000  # training images that fit small_cnn's whitening layer 
 
 
 def whitening_sample(config: RunConfig, train: Iterable, pre: Preprocessing, weights) -> torch.Tensor | None:
-    """The training images that fit small_cnn's whitening layer, when this fresh model has one (None otherwise:
-    another network, weights given, or `model.whiten` off)."""
+    """The training images that fit small_cnn's whitening layer, when the model has one that its weights do not
+    bring (None otherwise: another network, `model.whiten` off, or weights with a layer for these channels)."""
     from imgclf.models.registry import SMALL_CNN
+    from imgclf.models.weights import whitening_fits
 
-    wanted = config.model.name == SMALL_CNN and config.model.whiten and weights is None
+    whitened = config.model.name == SMALL_CNN and config.model.whiten is True
+    wanted = whitened and not whitening_fits(weights, pre.in_chans)
     return _training_sample(train, pre) if wanted else None
 
 
 def _training_sample(train: Iterable, pre: Preprocessing, count: int = WHITENING_IMAGES) -> torch.Tensor:
     """Up to `count` training images spread evenly over the split, normalized as for evaluation (no augmentation):
     the statistics a data-dependent initialisation reads. Cached images are read directly; streamed ones are
-    decoded (their training transform applied)."""
+    decoded again with the evaluation transform (no random draw, so a seed gives the same layer), a tenth of
+    `count` of them since decoding costs, and any that fail to load are left to the training loop to report."""
     from imgclf.data.batch_transforms import eval_batch
+    from imgclf.data.loaders import BadSample, ImageDataset
+    from imgclf.data.transforms import eval_transform
 
     images = getattr(train, "images", None)
-    total = len(images) if images is not None else len(train.loader.dataset)
-    picks = torch.linspace(0, total - 1, min(count, total)).long()
     if images is not None:
+        picks = torch.linspace(0, len(images) - 1, min(count, len(images))).long()
         return eval_batch(images.index_select(0, picks.to(images.device)), pre)
-    samples = [train.loader.dataset[int(i)] for i in picks[: count // 10]]  # decoding costs: a tenth of them
-    return torch.stack([sample[0] for sample in samples if isinstance(sample, tuple)])
+    streamed = train.loader.dataset
+    picks = torch.linspace(0, len(streamed) - 1, min(count // 10, len(streamed))).long()
+    decoder = ImageDataset(
+        [streamed.paths[i] for i in picks],
+        [streamed.labels[i] for i in picks],
+        eval_transform(pre),
+        color=streamed.color,
+        max_pixels=streamed.max_pixels,
+    )
+    good = [sample[0] for sample in (decoder[i] for i in range(len(decoder))) if not isinstance(sample, BadSample)]
+    if not good:
+        raise DataError(
+            f"none of the {len(decoder)} training images sampled to fit small_cnn's whitening layer could be "
+            f"loaded (the first: {decoder.paths[0]}); check the folder, or set model.whiten=false"
+        )
+    return torch.stack(good)
 
 
 def epoch_steps(train_images: int, batch_size: int) -> tuple[int, int]:
@@ -274,8 +292,8 @@ def make_fit_state(
     the epochs a finished run had; the plan gets an extension phase up to `train.epochs` (`extend_phases`).
     Under torchrun (`group`) the phases wrap the model in DDP, `train.lr_scaling: linear` multiplies the learning
     rates by the number of processes, and `train.sync_batchnorm` makes BatchNorm layers synchronised.
-    `train_sample`: normalized training images that fit small_cnn's whitening layer (`model.whiten`; without
-    them it waits for a checkpoint's weights).
+    `train_sample`: normalized training images that fit small_cnn's whitening layer (`whitening_sample`; without
+    them the layer comes from the weights or the checkpoint).
 
     Returns:
         (FitState, ModelSpec, loss, Phases callback).
@@ -294,7 +312,7 @@ def make_fit_state(
     model = _placed_model(
         spec, weights, seed=train.seed, sync_batchnorm=train.sync_batchnorm, compute=compute, group=group
     )
-    if getattr(model, "whiten", None) is not None and weights is None and train_sample is not None:
+    if getattr(model, "whiten", None) is not None and train_sample is not None:
         model.whiten.fit(train_sample.to(compute.device))
     average = WeightAverage(model, train.ema_decay) if train.ema else None  # before compile: a plain copy
     if train.compile:

@@ -102,7 +102,8 @@ def cam_layer(model: nn.Module, input_size: int | Sequence[int] | None = None) -
         )
     size = _input_size(model, input_size)
     parameter = convs[0].weight
-    dummy = torch.zeros(1, convs[0].in_channels, *size, device=parameter.device, dtype=parameter.dtype)
+    channels = getattr(model, "in_chans", None) or convs[0].in_channels  # small_cnn's whitening layer comes first
+    dummy = torch.zeros(1, channels, *size, device=parameter.device, dtype=parameter.dtype)
     holders = _conv_holders(model)
     spatial: list[tuple[nn.Module, torch.Size]] = []  # every spatial layer, in the order its forward finished
 

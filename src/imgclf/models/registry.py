@@ -59,6 +59,11 @@ def model_spec(model: ModelConfig, *, num_classes: int, in_chans: int) -> ModelS
             raise ConfigError(
                 "internal: model.early_pool must be resolved (device.resolve_auto_settings) before the model is built"
             )
+        if model.whiten == "auto":
+            raise ConfigError(
+                "internal: model.whiten must be resolved (data.settings.resolve_data_settings) before the model is "
+                "built"
+            )
         options.update(
             depth=model.depth, width=model.width, pool=model.pool, early_pool=model.early_pool, whiten=model.whiten
         )
@@ -152,7 +157,7 @@ def describe_model(name: str) -> ModelInfo:
 
     with torch.device("meta"):  # shapes only: no memory, no initialisation time
         if name == SMALL_CNN:
-            model = build_model(model_spec(ModelConfig(early_pool=False), num_classes=10, in_chans=3))
+            model = build_model(model_spec(ModelConfig(early_pool=False, whiten=False), num_classes=10, in_chans=3))
         else:
             import timm
 

@@ -21,13 +21,15 @@ class PatchWhitening(nn.Module):
     `fit(images)` sets the filters from the training images: the eigenvectors of the patches' covariance, each
     scaled by 1/sqrt(its eigenvalue), and their negatives (so a ReLU-like activation after it loses nothing).
     The filters are a buffer (saved with the weights, never trained); the bias trains. The output has the input's
-    size (the image's last row and column are repeated for the 2x2 windows).
+    size (the image's last row and column are repeated for the 2x2 windows). Until fitted, the filters pass each
+    pixel of the patch through, and its negative, so a layer built without `fit` still gives a working network.
     """
 
     def __init__(self, in_chans: int, patch: int = WHITEN_PATCH) -> None:
         super().__init__()
         dims = in_chans * patch * patch
-        self.register_buffer("weight", torch.zeros(2 * dims, in_chans, patch, patch))
+        pixels = torch.eye(dims).reshape(dims, in_chans, patch, patch)
+        self.register_buffer("weight", torch.cat((pixels, -pixels)))
         self.bias = nn.Parameter(torch.zeros(2 * dims))
 
     @property
@@ -89,7 +91,7 @@ class SmallCNN(nn.Module):
             use.
         early_pool: pool after each block's first conv instead of after its last (see `conv_block`).
         whiten: start with `PatchWhitening` (+ GELU), fitted to the training images before training
-            (`fit_whitening`).
+            (`PatchWhitening.fit`, from `builders.whitening_sample`).
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class SmallCNN(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(channels[-1] * pool * pool, num_classes)
         self.num_classes = num_classes
+        self.in_chans = in_chans  # the image's channels (the first conv reads more where the whitening layer is)
 
     # The parts of timm's model interface that fine-tuning uses: where the head and the stem are, and layer groups.
     pretrained_cfg: ClassVar[dict[str, str]] = {"classifier": "head", "first_conv": "features.0.0"}
@@ -127,8 +130,12 @@ class SmallCNN(nn.Module):
         """Layer groups in timm's format: one per conv block; the head, unmatched, comes last."""
         return {"blocks": r"^features\.(\d+)"}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map (timm's name for it), from the image."""
         if self.whiten is not None:
             x = F.gelu(self.whiten(x))
-        x = self.pool(self.features(x)).flatten(1)
+        return self.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.forward_features(x)).flatten(1)
         return self.head(self.dropout(x))

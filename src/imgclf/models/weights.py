@@ -30,6 +30,7 @@ __all__ = [
     "CONNECT_TIMEOUT_S",
     "HUB_FILES",
     "OFFLINE_PACKAGES",
+    "WHITENED_STEM",
     "OfflinePackage",
     "PretrainedWeights",
     "adapt_stem",
@@ -41,6 +42,7 @@ __all__ = [
     "pretrained_config",
     "read_state_dict",
     "stem_channels",
+    "whitening_fits",
 ]
 
 log = logging.getLogger(__name__)
@@ -186,6 +188,7 @@ def load_pretrained(model: nn.Module, weights: PretrainedWeights, *, name: str) 
     expected = model.state_dict()
     new_head = [key for key in expected if _under(key, classifier)]
     source = {key: value for key, value in weights.state_dict.items() if not _under(key, classifier)}
+    refitted = _whitening_for_other_channels(model, source, weights.source)
     stem_key = f"{first_conv}.weight" if first_conv else None
     if stem_key in source and stem_key in expected and source[stem_key].shape[1] != expected[stem_key].shape[1]:
         source[stem_key] = adapt_stem(source[stem_key], expected[stem_key].shape[1])
@@ -195,7 +198,7 @@ def load_pretrained(model: nn.Module, weights: PretrainedWeights, *, name: str) 
             weights.state_dict[stem_key].shape[1],
             expected[stem_key].shape[1],
         )
-    missing = [key for key in expected if key not in source and key not in new_head]
+    missing = [key for key in expected if key not in source and key not in new_head and key not in refitted]
     unexpected = [key for key in source if key not in expected]
     mismatched = [
         f"{key} {tuple(source[key].shape)} vs {tuple(expected[key].shape)}"
@@ -228,6 +231,36 @@ def load_pretrained(model: nn.Module, weights: PretrainedWeights, *, name: str) 
     return new_head
 
 
+WHITENED_STEM = ("whiten.weight", "whiten.bias", "features.0.0.weight")  # small_cnn's whitening layer and its reader
+
+
+def _whitening_for_other_channels(model: nn.Module, source: dict, origin: str) -> list[str]:
+    """small_cnn weights whose whitening layer takes another number of input channels than `model`'s: unlike a
+    conv stem it cannot be adapted (it has 8 filters per input channel, so its output changes size too). Those keys
+    are taken out of `source`: the layer is fitted again to this run's images (`builders.whitening_sample`) and
+    the conv that reads it starts afresh. Returns the keys taken out."""
+    whiten = getattr(model, "whiten", None)
+    theirs = source.get(WHITENED_STEM[0])
+    if not isinstance(model, SmallCNN) or whiten is None or theirs is None or theirs.shape == whiten.weight.shape:
+        return []
+    for key in WHITENED_STEM:
+        source.pop(key, None)
+    log.info(
+        "the whitening layer in %s takes %d input channel(s), these images %d: it is fitted again to the "
+        "training images, and features.0.0 (which reads it) starts afresh",
+        origin,
+        theirs.shape[1],
+        whiten.weight.shape[1],
+    )
+    return list(WHITENED_STEM)
+
+
+def whitening_fits(weights: PretrainedWeights | None, in_chans: int) -> bool:
+    """Whether `weights` bring a fitted small_cnn whitening layer for images of `in_chans` channels."""
+    theirs = weights.state_dict.get(WHITENED_STEM[0]) if weights is not None else None
+    return theirs is not None and theirs.ndim == 4 and theirs.shape[1] == in_chans
+
+
 def adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     """First-conv weights for another number of input channels, with the same response to gray images:
     RGB -> 1 channel sums the filters (as timm does); 1 -> k channels repeats them divided by k."""
@@ -245,6 +278,8 @@ def stem_channels(name: str, weights: PretrainedWeights) -> int | None:
     """Input channels the pretrained stem was trained with (3 for ImageNet models), if the weights say."""
     cfg = SmallCNN.pretrained_cfg if name == "small_cnn" else (pretrained_config(name) or {})
     first_conv = cfg.get("first_conv")
+    if name == "small_cnn" and WHITENED_STEM[0] in weights.state_dict:  # the whitening layer reads the image
+        first_conv = "whiten"
     tensor = weights.state_dict.get(f"{first_conv}.weight") if isinstance(first_conv, str) else None
     return int(tensor.shape[1]) if tensor is not None and tensor.ndim == 4 else None
 
