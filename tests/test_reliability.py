@@ -502,3 +502,35 @@ def test_broken_images_are_skipped_inside_worker_processes_too(tmp_path, monkeyp
     config = {**FAST, "data": {"img_size": 16, "cache": "off", "num_workers": 2}, "train": {"epochs": 1}}
     imgclf.train(data, config, out=tmp_path / "runs", report=False)
     assert f"skipped {victim}" in caplog.text
+
+
+def test_a_streamed_whitening_layer_skips_a_broken_image_and_is_the_same_for_the_same_seed(tmp_path, monkeypatch):
+    """Without the cache, small_cnn's whitening layer is fitted to images decoded again (no augmentation, so no
+    random draw): one broken after the scan is left out, and two runs with one seed fit the same filters."""
+    import imgclf.workflow as workflow
+
+    original = workflow._prepare
+    broken = []
+
+    def prepare_then_break(*args, **kwargs):
+        prepared = original(*args, **kwargs)
+        for victim in broken:
+            victim.write_bytes(b"garbage")
+        return prepared
+
+    monkeypatch.setattr(workflow, "_prepare", prepare_then_break)
+    config = {
+        **FAST,
+        "data": {"img_size": 16, "cache": "off", "num_workers": 0, "max_bad_images": 5},
+        "model": {"width": 8, "whiten": True},
+        "train": {"epochs": 1, "batch_size": 8},
+    }
+    layers = []
+    for name in ("a", "b"):  # each run its own copy of the images, two of them broken after its scan
+        data = write_digits(tmp_path / f"data-{name}", per_class=20)
+        broken[:] = sorted((data / "digit0").iterdir())[:2]
+        result = imgclf.train(data, config, out=tmp_path / name, report=False)
+        layers.append(load_file(str(result.run_dir / "model" / "weights.safetensors"))["whiten.weight"])
+    pixels = torch.cat((torch.eye(4), -torch.eye(4))).reshape(8, 1, 2, 2)
+    assert not torch.equal(layers[0], pixels)  # fitted, not the pass-through it starts as
+    assert torch.equal(layers[0], layers[1])

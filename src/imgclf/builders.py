@@ -5,6 +5,7 @@ the fields it needs from the config and changes nothing in it.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import Counter
 from collections.abc import Iterable
@@ -122,27 +123,21 @@ def _training_sample(train: Iterable, pre: Preprocessing, count: int = WHITENING
     decoded again with the evaluation transform (no random draw, so a seed gives the same layer), a tenth of
     `count` of them since decoding costs, and any that fail to load are left to the training loop to report."""
     from imgclf.data.batch_transforms import eval_batch
-    from imgclf.data.loaders import BadSample, ImageDataset
+    from imgclf.data.loaders import BadSample
     from imgclf.data.transforms import eval_transform
 
     images = getattr(train, "images", None)
     if images is not None:
         picks = torch.linspace(0, len(images) - 1, min(count, len(images))).long()
         return eval_batch(images.index_select(0, picks.to(images.device)), pre)
-    streamed = train.loader.dataset
-    picks = torch.linspace(0, len(streamed) - 1, min(count // 10, len(streamed))).long()
-    decoder = ImageDataset(
-        [streamed.paths[i] for i in picks],
-        [streamed.labels[i] for i in picks],
-        eval_transform(pre),
-        color=streamed.color,
-        max_pixels=streamed.max_pixels,
-    )
-    good = [sample[0] for sample in (decoder[i] for i in range(len(decoder))) if not isinstance(sample, BadSample)]
+    decoder = copy.copy(train.loader.dataset)  # the training set, read with the evaluation transform
+    decoder.transform = eval_transform(pre)
+    picks = torch.linspace(0, len(decoder) - 1, min(count // 10, len(decoder))).long().tolist()
+    good = [sample[0] for sample in map(decoder.__getitem__, picks) if not isinstance(sample, BadSample)]
     if not good:
         raise DataError(
-            f"none of the {len(decoder)} training images sampled to fit small_cnn's whitening layer could be "
-            f"loaded (the first: {decoder.paths[0]}); check the folder, or set model.whiten=false"
+            f"none of the {len(picks)} training images sampled to fit small_cnn's whitening layer could be "
+            f"loaded (the first: {decoder.paths[picks[0]]}); check the folder, or set model.whiten=false"
         )
     return torch.stack(good)
 

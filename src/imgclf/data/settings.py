@@ -30,6 +30,7 @@ def resolve_data_settings(
     batch size counts the training images of one of `processes` processes (torchrun: the batch is per process)."""
     from imgclf.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD
     from imgclf.data.transforms import auto_img_size, resolve_preset
+    from imgclf.models.registry import SMALL_CNN
     from imgclf.models.weights import pretrained_config, stem_channels
 
     data = config.data
@@ -62,7 +63,7 @@ def resolve_data_settings(
         mean, std = (round(sum(mean) / 3, 4),), (round(sum(std) / 3, 4),)
     preset = resolve_preset(config.augment.preset, img_size)
     whiten = config.model.whiten
-    if whiten == "auto" and config.model.name == "small_cnn":
+    if whiten == "auto" and config.model.name == SMALL_CNN:
         whiten = auto_whiten(len(train_records), weights)
     batch_size = config.train.batch_size
     if batch_size == "auto":
