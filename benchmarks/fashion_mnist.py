@@ -292,7 +292,9 @@ def default_model():
     from imgclf.models.registry import build_model, model_spec
 
     early_pool = auto_early_pool(resolve_compute("auto", "auto", True))
-    return build_model(model_spec(ModelConfig(early_pool=early_pool, whiten=True), num_classes=10, in_chans=1))
+    return build_model(
+        model_spec(ModelConfig(width=32, early_pool=early_pool, whiten=True), num_classes=10, in_chans=1)
+    )
 
 
 def matmul_rates(device=None, n: int | None = None) -> dict:

@@ -171,6 +171,46 @@ def test_a_time_budget_needs_the_cosine_schedule_and_a_duration():
     assert bad.exit_code == 2 and "positive duration" in " ".join(bad.output.split())
 
 
+def test_small_cnn_widens_only_where_a_budget_holds_many_epochs_of_a_large_training_set():
+    from imgclf.training.budget import WIDEN_FROM_EPOCHS, WIDEN_FROM_IMAGES, budget_epochs, width_for_budget
+
+    # 90 steps of 10 ms and 20 validation batches at half a step each: 1 s an epoch
+    assert budget_epochs(100.0, 0.01, steps_per_epoch=90, val_batches=20) == pytest.approx(100.0)
+    assert width_for_budget(None, 10**6) == 32  # no budget: the default
+    assert width_for_budget(WIDEN_FROM_EPOCHS, WIDEN_FROM_IMAGES) == 64
+    assert width_for_budget(WIDEN_FROM_EPOCHS - 0.5, 10**6) == 32  # the budget buys epochs, not width
+    assert width_for_budget(10**4, WIDEN_FROM_IMAGES - 1) == 32  # small data: not measured, left as it was
+
+
+@pytest.mark.slow
+def test_width_auto_is_timed_under_a_budget_recorded_and_followed_by_weights(tmp_path, digits_ten, monkeypatch, caplog):
+    """`model.width: auto` under `--time`: the default width's step is timed on the training batches and a budget
+    that holds far more than 30 epochs widens small_cnn (the image threshold lowered to these 600 digits); the
+    choice is in config.yaml; without a budget it stays 32; weights bring their own width."""
+    caplog.set_level("INFO", logger="imgclf.workflow.run")
+    monkeypatch.setattr("imgclf.training.budget.WIDEN_FROM_IMAGES", 100)
+    common = {
+        "data": {"img_size": 16},
+        "train": {"epochs": 1, "early_stopping": {"patience": None}},
+        "augment": {"preset": "light"},
+    }
+
+    def width(run: Path) -> int:
+        return yaml.safe_load((run / "config.yaml").read_text())["model"]["width"]
+
+    budgeted = {**common, "train": {**common["train"], "time_budget": "1000h"}}  # --epochs 1 caps it
+    wide = imgclf.train(digits_ten, budgeted, out=tmp_path / "runs", report=False)
+    assert width(wide.run_dir) == 64
+    assert "small_cnn width: 64 (auto: the 1000h budget holds" in caplog.text
+    plain = imgclf.train(digits_ten, common, out=tmp_path / "runs", report=False)
+    assert width(plain.run_dir) == 32
+    weights = wide.run_dir / "model" / "weights.safetensors"
+    tuned = imgclf.train(
+        digits_ten, {**common, "model": {"weights": str(weights)}}, out=tmp_path / "runs", report=False
+    )
+    assert width(tuned.run_dir) == 64 and "small_cnn width: 64 (auto: that of the weights)" in caplog.text
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 0.0

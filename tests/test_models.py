@@ -93,6 +93,8 @@ def test_early_pool_auto_must_be_resolved_before_a_build():
         model_spec(ModelConfig(), num_classes=3, in_chans=1)
     with pytest.raises(ConfigError, match="whiten must be resolved"):  # the data decide it (test_data_settings)
         model_spec(ModelConfig(early_pool=False), num_classes=3, in_chans=1)
+    with pytest.raises(ConfigError, match="width must be resolved"):  # the budget decides it (test_budget)
+        model_spec(ModelConfig(early_pool=False, whiten=False), num_classes=3, in_chans=1)
     assert model_spec(ModelConfig(name="resnet18"), num_classes=3, in_chans=1).options == {"dropout": 0.0}
 
 
@@ -109,7 +111,7 @@ def test_patch_whitening_decorrelates_patches_and_stays_frozen():
     assert torch.allclose(covariance, torch.eye(4), atol=0.05)
     assert torch.equal(outputs[:, 4:], -outputs[:, :4])
     assert model(images[:2]).shape == (2, 3)
-    spec = model_spec(ModelConfig(whiten=True, early_pool=False), num_classes=3, in_chans=1)
+    spec = model_spec(ModelConfig(width=32, whiten=True, early_pool=False), num_classes=3, in_chans=1)
     assert spec.options["whiten"] is True
     assert isinstance(build_model(spec).whiten, torch.nn.Module)
 

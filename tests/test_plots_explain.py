@@ -357,7 +357,9 @@ def test_target_layer_is_the_last_spatial_conv_stage(name, expected):
 @pytest.mark.parametrize("early_pool", [False, True])  # model.early_pool: auto picks either by the machine
 def test_default_small_cnn_at_28_px_weighs_a_7x7_map_not_its_3x3_last_one(early_pool):
     # the defaults: 3 blocks, width 32
-    model = build_model(model_spec(ModelConfig(early_pool=early_pool, whiten=True), num_classes=10, in_chans=1))
+    model = build_model(
+        model_spec(ModelConfig(width=32, early_pool=early_pool, whiten=True), num_classes=10, in_chans=1)
+    )
     _, batch = digit_images(28)
     layer = cam_layer(model, 28)
     assert (layer.name, layer.map_size, layer.input_size) == ("features.1", (7, 7), (28, 28))

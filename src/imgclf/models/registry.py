@@ -64,6 +64,10 @@ def model_spec(model: ModelConfig, *, num_classes: int, in_chans: int) -> ModelS
                 "internal: model.whiten must be resolved (data.settings.resolve_data_settings) before the model is "
                 "built"
             )
+        if model.width == "auto":
+            raise ConfigError(
+                "internal: model.width must be resolved (workflow.run._resolve_width) before the model is built"
+            )
         options.update(
             depth=model.depth, width=model.width, pool=model.pool, early_pool=model.early_pool, whiten=model.whiten
         )
@@ -157,7 +161,9 @@ def describe_model(name: str) -> ModelInfo:
 
     with torch.device("meta"):  # shapes only: no memory, no initialisation time
         if name == SMALL_CNN:
-            model = build_model(model_spec(ModelConfig(early_pool=False, whiten=False), num_classes=10, in_chans=3))
+            model = build_model(
+                model_spec(ModelConfig(width=32, early_pool=False, whiten=False), num_classes=10, in_chans=3)
+            )
         else:
             import timm
 

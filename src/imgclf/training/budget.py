@@ -28,13 +28,16 @@ from imgclf.training import distributed
 from imgclf.training.optim import PlannedCosine
 from imgclf.training.state import Callback, FitState
 
-__all__ = ["TimeBudget", "budget_cap"]
+__all__ = ["TimeBudget", "budget_cap", "budget_epochs", "width_for_budget"]
 
 log = logging.getLogger(__name__)
 
 PROBE_STEPS = 10  # steps timed before the first plan (the first step, with its one-off costs, is not counted)
 REPLAN_STEPS = 25  # steps between two plans within an epoch
 VALIDATION_COST = 0.5  # an unmeasured validation batch (2x the batch, no backward) ~ half a training step
+SMALL_CNN_WIDTHS = (32, 64)  # model.width: auto: small_cnn's default, and its width for budgets that buy many epochs
+WIDEN_FROM_EPOCHS = 30  # ... when the budget buys this many epochs of the default width
+WIDEN_FROM_IMAGES = 10_000  # ... on a training set this large (where it was measured)
 
 
 class TimeBudget(Callback):
@@ -183,6 +186,26 @@ class TimeBudget(Callback):
         if done < plan.warmup:  # a plan that shrank keeps its warmup within a fifth of it
             plan.warmup = max(done, min(plan.warmup, plan.total // 5))
         state.budget["planned"] = plan.total
+
+
+def budget_epochs(seconds: float, step_seconds: float, *, steps_per_epoch: int, val_batches: int) -> float:
+    """The epochs `seconds` hold at `step_seconds` per training step, each with its validation (estimated from the
+    training speed, as the first plan does)."""
+    epoch = steps_per_epoch * step_seconds + val_batches * step_seconds * VALIDATION_COST
+    return seconds / epoch
+
+
+def width_for_budget(epochs_at_default: float | None, train_images: int) -> int:
+    """`model.width: auto` for a fresh small_cnn: 64 where a time budget buys at least WIDEN_FROM_EPOCHS epochs of
+    the default width 32 on at least WIDEN_FROM_IMAGES training images, else 32 (`epochs_at_default` None: no
+    budget). Past ~30 epochs the default stops gaining and capacity pays instead: Fashion-MNIST's 54,000 images,
+    2 bf16 CPU cores, 20 minutes, one run each: width 32 trains 38 epochs to 0.9426 test accuracy, width 64 14
+    epochs to 0.9464;
+    at 5 minutes (9 epochs of width 32) a wider network lost (docs/benchmarks.md)."""
+    default, wide = SMALL_CNN_WIDTHS
+    if epochs_at_default is None or train_images < WIDEN_FROM_IMAGES:
+        return default
+    return wide if epochs_at_default >= WIDEN_FROM_EPOCHS else default
 
 
 def budget_cap(state: FitState, steps: int) -> None:

@@ -1,4 +1,5 @@
-"""Factories for the optimizer, the learning-rate schedule and the loss; the LR range test (LR finder)."""
+"""Factories for the optimizer, the learning-rate schedule and the loss; the LR range test (LR finder) and the
+timer of a training step (what a time budget buys)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import copy
 import logging
 import math
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -37,6 +39,8 @@ __all__ = [
     "current_lr",
     "find_lr",
     "planned_schedule",
+    "seconds_per_step",
+    "train_step",
 ]
 
 log = logging.getLogger(__name__)
@@ -271,7 +275,7 @@ def find_lr(
             lr = start_lr * (end_lr / start_lr) ** (step / max(1, num_steps - 1))
             for group, scale in zip(optimizer.param_groups, scales):
                 group["lr"] = lr * scale
-            value = _train_step(model, next(batches), optimizer, loss_fn, compute)
+            value = train_step(model, next(batches), optimizer, loss_fn, compute)
             if not math.isfinite(value):
                 stopped = f"loss became {value} at lr {lr:.2e}"
                 break
@@ -297,7 +301,22 @@ def find_lr(
     return LRFinderResult(lrs, losses, smoothed, _steepest_descent(lrs, smoothed), "steepest descent", stopped)
 
 
-def _train_step(
+def seconds_per_step(
+    model: nn.Module, loader: DataLoader, optimizer: Optimizer, loss_fn: nn.Module, compute: Compute, *, steps: int
+) -> float:
+    """The mean seconds of one training step of `model` on `loader`'s batches (cycled), timed over `steps` steps
+    after an untimed first one (its one-off costs: the loader's start, the kernels' first choice). The steps train
+    the model: give it one that is thrown away afterwards."""
+    batches = _cycle(loader)
+    model.train()
+    train_step(model, next(batches), optimizer, loss_fn, compute)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, next(batches), optimizer, loss_fn, compute)  # .item() in it: each step has finished
+    return (time.perf_counter() - start) / steps
+
+
+def train_step(
     model: nn.Module,
     batch: tuple[torch.Tensor, torch.Tensor],
     optimizer: Optimizer,

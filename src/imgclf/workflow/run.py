@@ -21,7 +21,8 @@ from imgclf.tracking.runs import RunPaths, record_status
 from imgclf.training import distributed
 from imgclf.workflow.results import TrainResult
 
-__all__: list[str] = []  # the workflow's internals: `_train_run` (train, resume), `_resolve_for_compute` (lr_find)
+__all__: list[str] = []  # the workflow's internals: `_train_run` (train, resume), `_resolve_for_compute` and
+# `_resolve_width` (lr_find)
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,8 @@ def _fit_run(
     extend_from: int | None = None,
     evaluate_test: bool = True,
 ) -> TrainResult:
-    """The recipe: compute -> loaders (-> LR finder) -> model, optimizer, phases (or the checkpoint's state) ->
-    callbacks -> fit -> bundle (OOD threshold, -> temperature) -> test evaluation -> report."""
+    """The recipe: compute -> loaders (-> small_cnn's width, LR finder) -> model, optimizer, phases (or the
+    checkpoint's state) -> callbacks -> fit -> bundle (OOD threshold, -> temperature) -> test evaluation -> report."""
     from imgclf import builders
     from imgclf.deploy.bundle import kept_weights
     from imgclf.training import callbacks as cb
@@ -116,9 +117,11 @@ def _fit_run(
     # 1. where it computes, and the settings whose `auto` depends on it (recorded in config.yaml)
     config, compute = _compute_for(paths, config, group)
     pre = preprocessing_of(config)
-    # 2. data (this process's slice of it); an LR from the LR finder (run by rank 0) when asked for
+    # 2. data (this process's slice of it); small_cnn's width for the budget and an LR from the LR finder (both
+    # decided by rank 0) when asked for
     loaders = builders.make_loaders(config, manifest, pre, compute, group=group, progress=progress)
     steps = len(loaders.train)
+    config = _width(paths, config, manifest, pre, compute, loaders, weights, group)
     config = _learning_rate(paths, config, manifest, pre, compute, loaders.train, weights, group, progress=progress)
     # 3. model (pretrained weights under a new head), optimizer, loss, phases; or the saved state when resuming
     stopping = config.train.early_stopping
@@ -188,6 +191,56 @@ def _compute_for(paths: RunPaths, config: RunConfig, group):
     if resolved != config:  # config.yaml records what was used
         distributed.on_main(group, partial(save_config, resolved, paths.config))
     return resolved, compute
+
+
+def _width(paths: RunPaths, config: RunConfig, manifest, pre, compute, loaders, weights, group) -> RunConfig:
+    """The config with small_cnn's `model.width: auto` decided by rank 0 (`_resolve_width`: from the time
+    budget, timed over a few steps) and recorded in config.yaml; unchanged with a given width or another model."""
+    resolved = distributed.on_main(group, lambda: _resolve_width(config, manifest, pre, compute, loaders, weights))
+    if resolved != config:
+        distributed.on_main(group, partial(save_config, resolved, paths.config))
+    return resolved
+
+
+def _resolve_width(
+    config: RunConfig, manifest: SplitManifest, pre: Preprocessing, compute, loaders, weights
+) -> RunConfig:
+    """The config with small_cnn's `model.width: auto` decided (other models and given widths: unchanged). With
+    small_cnn weights, the width they were trained with. Else, under a time budget on a training set of
+    `budget.WIDEN_FROM_IMAGES` or more, the default width's training step is timed over a few batches of the
+    training loader (a model built for it and thrown away) and `budget.width_for_budget` picks the width from the
+    epochs the budget holds at that speed; without a budget, the default. The choice is logged.
+    """
+    from imgclf import builders
+    from imgclf.config import parse_duration
+    from imgclf.models.registry import SMALL_CNN
+    from imgclf.training.budget import PROBE_STEPS, SMALL_CNN_WIDTHS, WIDEN_FROM_IMAGES, budget_epochs, width_for_budget
+    from imgclf.training.optim import seconds_per_step
+
+    if config.model.width != "auto" or config.model.name != SMALL_CNN:
+        return config
+    default = SMALL_CNN_WIDTHS[0]
+    train_images = len(manifest.split("train"))
+    if weights is not None:
+        first = weights.state_dict.get("features.0.0.weight")
+        width = int(first.shape[0]) if first is not None else default
+        log.info("small_cnn width: %d (auto: that of the weights)", width)
+    elif config.train.time_budget is None or train_images < WIDEN_FROM_IMAGES:
+        width = default
+    else:
+        probe = build_config(config, {"model.width": default, "train.lr": 1e-3})  # its steps are thrown away
+        state, _, loss_fn, _ = builders.make_fit_state(probe, manifest, pre, len(loaders.train), "min", compute)
+        step = seconds_per_step(state.model, loaders.train, state.optimizer, loss_fn, compute, steps=PROBE_STEPS)
+        budget = config.train.time_budget
+        epochs = budget_epochs(
+            parse_duration(budget, "train.time_budget"),
+            step,
+            steps_per_epoch=len(loaders.train),
+            val_batches=len(loaders.val),
+        )
+        width = width_for_budget(epochs, train_images)
+        log.info("small_cnn width: %d (auto: the %s budget holds ~%.0f epochs of width 32)", width, budget, epochs)
+    return build_config(config, {"model.width": width})
 
 
 def _learning_rate(

@@ -18,7 +18,7 @@ from imgclf.tracking.runs import RunPaths, create_run_dir, environment_info, wri
 from imgclf.training import distributed
 from imgclf.workflow.data import ScannedData, _look_for_label_issues, _Prepared, _write_data_records
 from imgclf.workflow.results import TrainResult
-from imgclf.workflow.run import _resolve_for_compute, _train_run
+from imgclf.workflow.run import _resolve_for_compute, _resolve_width, _train_run
 
 __all__ = ["FAST_DEV_RUN", "lr_find", "train"]
 
@@ -241,6 +241,7 @@ def lr_find(
     config = _resolve_for_compute(config, compute)
     pre = preprocessing_of(config)
     loaders = builders.make_loaders(config, manifest, pre, compute, progress=progress)
+    config = _resolve_width(config, manifest, pre, compute, loaders, prepared.weights)
     return builders.find_learning_rate(
         config,
         manifest,
