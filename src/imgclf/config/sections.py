@@ -151,6 +151,13 @@ class DataConfig(_Section):
         return self
 
 
+def _at_least_or_auto(value: int | str, low: int) -> int | str:
+    """A field's check for `int | "auto"`: the number at least `low` (the Literal has already checked the word)."""
+    if isinstance(value, int) and value < low:
+        raise ValueError(f"must be at least {low} or 'auto'; received {value}")
+    return value
+
+
 class AugmentConfig(_Section):
     """Training-time augmentation. Validation and test images only get resize + center crop + normalize."""
 
@@ -227,9 +234,7 @@ class ModelConfig(_Section):
     @field_validator("width")
     @classmethod
     def _wide_enough(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 4:
-            raise ValueError(f"must be at least 4 or 'auto'; received {value}")
-        return value
+        return _at_least_or_auto(value, 4)
 
 
 class EarlyStoppingConfig(_Section):
@@ -423,9 +428,7 @@ class TrainConfig(_Section):
     @field_validator("batch_size")
     @classmethod
     def _positive_batch(cls, value: int | str) -> int | str:
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"must be at least 1 or 'auto'; received {value}")
-        return value
+        return _at_least_or_auto(value, 1)
 
 
 class TrackingConfig(_Section):
