@@ -125,3 +125,14 @@ def test_whiten_auto_follows_the_weights_else_the_number_of_training_images():
     classic = SmallCNN(3, in_chans=1).state_dict()
     assert auto_whiten(10, PretrainedWeights(whitened, "file a")) is True  # few images, but the weights need it
     assert auto_whiten(10**6, PretrainedWeights(classic, "file b")) is False
+
+
+def test_small_cnn_weights_tell_their_width_and_whitening():
+    from imgclf.models.weights import PretrainedWeights, has_whitening, small_cnn_width, whitening_fits
+
+    whitened = PretrainedWeights(SmallCNN(3, in_chans=1, width=48, whiten=True).state_dict(), "file a")
+    classic = PretrainedWeights(SmallCNN(3, in_chans=3, width=32).state_dict(), "file b")
+    assert (small_cnn_width(whitened), small_cnn_width(classic)) == (48, 32)
+    assert small_cnn_width(PretrainedWeights({}, "file c")) is None
+    assert has_whitening(whitened) and not has_whitening(classic) and not has_whitening(None)
+    assert whitening_fits(whitened, 1) and not whitening_fits(whitened, 3) and not whitening_fits(classic, 3)

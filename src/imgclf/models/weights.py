@@ -37,10 +37,12 @@ __all__ = [
     "check_pretrained_request",
     "classifier_and_stem",
     "find_weights",
+    "has_whitening",
     "load_pretrained",
     "offline_sources",
     "pretrained_config",
     "read_state_dict",
+    "small_cnn_width",
     "stem_channels",
     "whitening_fits",
 ]
@@ -255,10 +257,24 @@ def _whitening_for_other_channels(model: nn.Module, source: dict, origin: str) -
     return list(WHITENED_STEM)
 
 
+def has_whitening(weights: PretrainedWeights | None) -> bool:
+    """Whether `weights` (small_cnn's) bring a fitted whitening layer, whatever its channels."""
+    return weights is not None and WHITENED_STEM[0] in weights.state_dict
+
+
+def small_cnn_width(weights: PretrainedWeights) -> int | None:
+    """The width small_cnn `weights` were trained at: the filters of the first conv block, which reads the image
+    or the whitening layer (None where the weights have no such block)."""
+    first = weights.state_dict.get(WHITENED_STEM[2])
+    return int(first.shape[0]) if first is not None and first.ndim == 4 else None
+
+
 def whitening_fits(weights: PretrainedWeights | None, in_chans: int) -> bool:
     """Whether `weights` bring a fitted small_cnn whitening layer for images of `in_chans` channels."""
-    theirs = weights.state_dict.get(WHITENED_STEM[0]) if weights is not None else None
-    return theirs is not None and theirs.ndim == 4 and theirs.shape[1] == in_chans
+    if not has_whitening(weights):
+        return False
+    theirs = weights.state_dict[WHITENED_STEM[0]]
+    return theirs.ndim == 4 and theirs.shape[1] == in_chans
 
 
 def adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
@@ -278,7 +294,7 @@ def stem_channels(name: str, weights: PretrainedWeights) -> int | None:
     """Input channels the pretrained stem was trained with (3 for ImageNet models), if the weights say."""
     cfg = SmallCNN.pretrained_cfg if name == "small_cnn" else (pretrained_config(name) or {})
     first_conv = cfg.get("first_conv")
-    if name == "small_cnn" and WHITENED_STEM[0] in weights.state_dict:  # the whitening layer reads the image
+    if name == "small_cnn" and has_whitening(weights):  # the whitening layer reads the image
         first_conv = "whiten"
     tensor = weights.state_dict.get(f"{first_conv}.weight") if isinstance(first_conv, str) else None
     return int(tensor.shape[1]) if tensor is not None and tensor.ndim == 4 else None

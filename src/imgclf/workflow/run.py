@@ -214,6 +214,7 @@ def _resolve_width(
     from imgclf import builders
     from imgclf.config import parse_duration
     from imgclf.models.registry import SMALL_CNN
+    from imgclf.models.weights import small_cnn_width
     from imgclf.training.budget import PROBE_STEPS, SMALL_CNN_WIDTHS, WIDEN_FROM_IMAGES, budget_epochs, width_for_budget
     from imgclf.training.optim import seconds_per_step
 
@@ -222,8 +223,7 @@ def _resolve_width(
     default = SMALL_CNN_WIDTHS[0]
     train_images = len(manifest.split("train"))
     if weights is not None:
-        first = weights.state_dict.get("features.0.0.weight")
-        width = int(first.shape[0]) if first is not None else default
+        width = small_cnn_width(weights) or default
         log.info("small_cnn width: %d (auto: that of the weights)", width)
     elif config.train.time_budget is None or train_images < WIDEN_FROM_IMAGES:
         width = default
