@@ -33,7 +33,9 @@ def tolerance(history: list[dict[str, str]]) -> float:
     return max(TOLERANCE, max(float(row["seconds"]) for row in history))
 
 
+# Label issues are tests/test_label_issues.py's: looking for them costs each run on these 600 digits ~4 s.
 RECIPE = ["--img-size", "16", "--set", "model.width=8", "--set", "train.early_stopping.patience=null", "--no-report"]
+RECIPE += ["--set", "data.label_issues=false"]
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +112,7 @@ def test_epochs_cap_a_budget_and_a_resumed_budget_continues_its_plan(tmp_path, d
 def test_early_stopping_ends_a_budgeted_run_before_its_budget(tmp_path, digits_ten):
     """Early stopping still decides under --time: no improvement of 10 in val loss after epoch 1, patience 1."""
     recipe = ["--img-size", "16", "--set", "model.width=8", "--set", "train.early_stopping.min_delta=10"]
-    recipe += ["--patience", "1", "--no-report"]
+    recipe += ["--patience", "1", "--no-report", "--set", "data.label_issues=false"]
     result = run_cli("train", digits_ten, "--time", "10m", *recipe, "--out", tmp_path, "--name", "es")
     assert result.exit_code == 0, result.output
     run = tmp_path / "es"
@@ -123,7 +125,7 @@ def test_early_stopping_ends_a_budgeted_run_before_its_budget(tmp_path, digits_t
 @pytest.mark.slow
 def test_ema_weights_differ_and_the_better_one_by_validation_is_shipped(tmp_path, digits_ten):
     config = {
-        "data": {"img_size": 16},
+        "data": {"img_size": 16, "label_issues": False},
         "model": {"width": 8},
         "augment": {"preset": "light", "hflip": False},
         "train": {"epochs": 5, "batch_size": 16, "ema": True, "ema_decay": 0.99},
@@ -190,7 +192,7 @@ def test_width_auto_is_timed_under_a_budget_recorded_and_followed_by_weights(tmp
     caplog.set_level("INFO", logger="imgclf.workflow.run")
     monkeypatch.setattr("imgclf.training.budget.WIDEN_FROM_IMAGES", 100)
     common = {
-        "data": {"img_size": 16},
+        "data": {"img_size": 16, "label_issues": False},
         "train": {"epochs": 1, "early_stopping": {"patience": None}},
         "augment": {"preset": "light"},
     }
