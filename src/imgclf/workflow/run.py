@@ -239,7 +239,9 @@ def _resolve_width(
             val_batches=len(loaders.val),
         )
         width = width_for_budget(epochs, train_images)
-        log.info("small_cnn width: %d (auto: the %s budget holds ~%.0f epochs of width 32)", width, budget, epochs)
+        log.info(
+            "small_cnn width: %d (auto: the %s budget holds ~%.0f epochs of width %d)", width, budget, epochs, default
+        )
     return build_config(config, {"model.width": width})
 
 
